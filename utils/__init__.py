@@ -1,0 +1,1 @@
+"""Shared code of the scripts: model loading, datasets, output naming and streaming I/O, class names."""

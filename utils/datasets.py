@@ -1,0 +1,151 @@
+"""Datasets, written once for every script.
+
+``build_dataset(name, data_path, transform)`` understands:
+
+- ``imagenet``: torchvision ``ImageNet`` val split (``data_path`` holds ``val/`` and ``meta.bin`` or the devkit).
+- ``binary_waterbirds``: ``metadata.csv`` (``img_filename, y, split, place``), test split (``split == 2``);
+  labels are ``[B, 2]`` = (class, background).
+- ``CIFAR10`` / ``CIFAR100``: torchvision's test split (downloaded into ``data_path`` if missing).
+- ``sample``: the photos bundled with scikit-image (no ``data_path`` needed).
+- anything else: an ``ImageFolder`` at ``data_path``.
+
+Every dataset has ``.labels`` (a NumPy array in image order), so labels are written without decoding images.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+# (scikit-image loader, class name). All ship inside the scikit-image wheel; no download.
+SAMPLE_IMAGES = [
+    ("astronaut", "astronaut"),
+    ("chelsea", "cat"),
+    ("coffee", "cup of coffee"),
+    ("rocket", "rocket"),
+    ("stereo_motorcycle", "motorcycle"),
+    ("camera", "photographer"),
+    ("hubble_deep_field", "galaxies"),
+    ("horse", "horse"),
+]
+
+
+def _require_dir(data_path: Optional[str], dataset: str) -> Path:
+    if not data_path:
+        raise ValueError(f"--data_path is required for --dataset {dataset}")
+    path = Path(data_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--data_path {path}: no such directory (dataset '{dataset}')")
+    if not any(path.iterdir()):
+        raise ValueError(f"--data_path {path}: directory is empty (dataset '{dataset}')")
+    return path
+
+
+class SampleImages(Dataset):
+    """scikit-image's bundled photos; label i = ``SAMPLE_IMAGES[i]``, class names in ``.classes``."""
+
+    def __init__(self, transform: Optional[Callable] = None):
+        self.transform = transform
+        self.classes = [c for _, c in SAMPLE_IMAGES]
+        self.labels = np.arange(len(SAMPLE_IMAGES), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(SAMPLE_IMAGES)
+
+    def load(self, i: int) -> Image.Image:
+        """The i-th photo as an RGB PIL image."""
+        import skimage.data
+
+        img = getattr(skimage.data, SAMPLE_IMAGES[i][0])()
+        if isinstance(img, tuple):  # stereo pairs: the left view
+            img = img[0]
+        img = np.asarray(img)
+        if img.dtype == bool:
+            img = img.astype(np.uint8) * 255
+        if img.ndim == 2:
+            img = np.stack([img] * 3, -1)
+        return Image.fromarray(img[..., :3]).convert("RGB")
+
+    def __getitem__(self, i: int):
+        img = self.load(i)
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+class BinaryWaterbirds(Dataset):
+    """Waterbirds from its ``metadata.csv``; ``split`` in {train, val, test}; labels [B, 2] = (y, place)."""
+
+    SPLITS = {"train": 0, "val": 1, "test": 2}
+
+    def __init__(self, root: str | Path, split: str = "test", transform: Optional[Callable] = None):
+        self.root = Path(root)
+        self.transform = transform
+        meta = self.root / "metadata.csv"
+        if not meta.is_file():
+            raise FileNotFoundError(f"{meta}: not found (binary_waterbirds needs the dataset's metadata.csv)")
+        with open(meta, newline="") as f:
+            rows = list(csv.DictReader(f))
+        missing = {"img_filename", "y", "split", "place"} - set(rows[0] if rows else {})
+        if missing:
+            raise ValueError(f"{meta}: missing columns {sorted(missing)}")
+        rows = [r for r in rows if int(r["split"]) == self.SPLITS[split]]
+        if not rows:
+            raise ValueError(f"{meta}: no rows in split '{split}'")
+        self.files = [self.root / r["img_filename"] for r in rows]
+        self.labels = np.array([[int(r["y"]), int(r["place"])] for r in rows], dtype=np.int64)
+        self.classes = ["landbird", "waterbird"]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        img = Image.open(self.files[i]).convert("RGB")
+        return (self.transform(img) if self.transform else img), int(self.labels[i, 0])
+
+
+def _cifar(name: str, root: Path, transform):
+    """torchvision CIFAR test split; a present copy is trusted without its md5 check (fixtures, mirrors)."""
+    from torchvision import datasets
+
+    base = {"CIFAR10": datasets.CIFAR10, "CIFAR100": datasets.CIFAR100}[name]
+
+    class _CIFAR(base):
+        def _check_integrity(self) -> bool:
+            folder = Path(self.root) / self.base_folder
+            return all((folder / f).is_file() for f, _ in self.train_list + self.test_list)
+
+    ds = _CIFAR(root=str(root), train=False, download=True, transform=transform)
+    ds.labels = np.asarray(ds.targets, dtype=np.int64)
+    return ds
+
+
+def build_dataset(name: str, data_path: Optional[str], transform: Optional[Callable] = None,
+                  split: str = "val") -> Dataset:
+    """The dataset ``name`` (see module docstring) with ``transform``; ``.labels`` holds its labels."""
+    if name == "sample":
+        return SampleImages(transform)
+    if name in ("CIFAR10", "CIFAR100"):
+        root = Path(data_path or ".")
+        root.mkdir(parents=True, exist_ok=True)
+        return _cifar(name, root, transform)
+    root = _require_dir(data_path, name)
+    if name == "imagenet":
+        from torchvision.datasets import ImageNet
+
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"--data_path {root}: no '{split}/' folder (torchvision ImageNet layout)")
+        ds = ImageNet(root=str(root), split=split, transform=transform)
+    elif name == "binary_waterbirds":
+        return BinaryWaterbirds(root, split="test", transform=transform)
+    else:
+        from torchvision.datasets import ImageFolder
+
+        try:
+            ds = ImageFolder(root=str(root), transform=transform)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise ValueError(f"--data_path {root}: not a usable ImageFolder for dataset '{name}': {e}") from e
+    ds.labels = np.asarray(ds.targets, dtype=np.int64)
+    return ds

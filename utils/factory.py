@@ -1,0 +1,127 @@
+"""Model loading, written once for every script.
+
+``--pretrained`` takes an open_clip tag (``laion2b_s32b_b79k``, ``openai``, ...), a local checkpoint path, or
+``none`` for random init (tests). The QuickGELU trap: OpenAI's CLIP weights were trained with QuickGELU, but
+open_clip's plain ``ViT-B-32`` config uses ``nn.GELU`` and open_clip 3.x only *warns* when the two are mixed.
+The model then runs, with subtly wrong activations. ``load_model`` turns QuickGELU on whenever the tag says
+the weights need it, so ``--model ViT-B-32 --pretrained openai`` is right as is. For a local checkpoint of
+QuickGELU weights pass ``--force_quick_gelu``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from prs_hook import UnsupportedModelError, check_supported
+
+NO_WEIGHTS = ("none", "None", "", "random")
+
+
+def default_device() -> str:
+    """``cuda`` when available, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pretrained_name(pretrained: Optional[str]) -> str:
+    """The ``{pretrained}`` part of output names: the tag, a checkpoint's file stem, or ``none``."""
+    if pretrained is None or pretrained in NO_WEIGHTS:
+        return "none"
+    if os.path.sep in pretrained or os.path.isfile(pretrained):
+        return Path(pretrained).stem
+    return pretrained
+
+
+def _check_config(model_name: str) -> dict:
+    """Fail fast, before any download, on an unknown name or an image tower we cannot decompose."""
+    import open_clip
+
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return {}
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        known = ", ".join(m for m in open_clip.list_models() if m.startswith("ViT"))
+        raise ValueError(f"--model '{model_name}': unknown open_clip model. Known ViTs: {known}")
+    vcfg = cfg.get("vision_cfg", {})
+    if "timm_model_name" in vcfg:
+        raise UnsupportedModelError(f"model '{model_name}': timm image towers are not supported")
+    if isinstance(vcfg.get("layers"), (list, tuple)):
+        raise UnsupportedModelError(f"model '{model_name}': ResNet image towers are not supported")
+    if vcfg.get("attentional_pool"):
+        raise UnsupportedModelError(f"model '{model_name}': attention pooling is not supported")
+    if vcfg.get("pool_type", "tok") != "tok":
+        raise UnsupportedModelError(f"model '{model_name}': pool_type '{vcfg['pool_type']}' (average pooling) "
+                                    f"is not supported; needs CLS-token pooling")
+    custom = [k for k in ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn",
+                          "scale_fc") if vcfg.get(k)]
+    if custom or vcfg.get("block_type") == "custom":
+        raise UnsupportedModelError(f"model '{model_name}': custom attention blocks ({', '.join(custom) or 'custom'})"
+                                    f" are not supported")
+    return cfg
+
+
+def load_model(
+        model_name: str,
+        pretrained: Optional[str],
+        device: str | torch.device = "cpu",
+        force_quick_gelu: bool = False,
+        check_vision: bool = True,
+) -> tuple[torch.nn.Module, Callable, Callable]:
+    """Build an open_clip model in eval mode on ``device``.
+
+    Returns ``(model, preprocess, tokenizer)``: ``preprocess`` is the eval transform for that tag or config.
+    Raises ``ValueError`` (unknown model or tag, missing checkpoint) or ``UnsupportedModelError``.
+    """
+    import open_clip
+
+    cfg = _check_config(model_name) if check_vision else {}
+    kwargs = {}
+    weights = None if pretrained is None or pretrained in NO_WEIGHTS else pretrained
+    if weights is not None and not os.path.isfile(weights):
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, weights)
+        if not tag_cfg:
+            if os.path.sep in weights or weights.endswith((".pt", ".bin", ".safetensors", ".pth")):
+                raise ValueError(f"--pretrained '{weights}': checkpoint file not found")
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            raise ValueError(f"--pretrained '{weights}': not a tag of {model_name} (known: {tags}) nor a file")
+        if tag_cfg.get("quick_gelu", False) and not cfg.get("quick_gelu", False) and not force_quick_gelu:
+            print(f"[load_model] '{weights}' weights were trained with QuickGELU: enabling it for {model_name}")
+            force_quick_gelu = True
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=weights, force_quick_gelu=force_quick_gelu, device=device)
+    model.eval()
+    if check_vision:
+        check_supported(model, model_name)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return model, preprocess, tokenizer
+
+
+def add_model_args(parser, model: str = "ViT-H-14", pretrained: str = "laion2b_s32b_b79k") -> None:
+    """The model flags every script shares: ``--model --pretrained --force_quick_gelu --device``."""
+    parser.add_argument("--model", default=model, type=str, metavar="MODEL", help="open_clip model name")
+    parser.add_argument("--pretrained", default=pretrained, type=str,
+                        help="open_clip pretrained tag, a local checkpoint path, or 'none' (random init)")
+    parser.add_argument("--force_quick_gelu", action="store_true",
+                        help="use QuickGELU whatever the config says (OpenAI weights from a local file)")
+    parser.add_argument("--model_config", default=None, type=str,
+                        help="extra open_clip model config: a .json file or a folder of them (custom models)")
+    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if available)")
+
+
+def register_model_config(path: Optional[str]) -> None:
+    """Register an extra open_clip config file or folder (``--model_config``)."""
+    if not path:
+        return
+    import open_clip
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--model_config {path}: not found")
+    open_clip.add_model_config(path)
+
+
+def load_model_from_args(args) -> tuple[torch.nn.Module, Callable, Callable]:
+    """``load_model`` driven by the shared flags of ``add_model_args``."""
+    register_model_config(getattr(args, "model_config", None))
+    return load_model(args.model, args.pretrained, args.device, force_quick_gelu=args.force_quick_gelu)
