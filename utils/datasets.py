@@ -149,3 +149,21 @@ def build_dataset(name: str, data_path: Optional[str], transform: Optional[Calla
             raise ValueError(f"--data_path {root}: not a usable ImageFolder for dataset '{name}': {e}") from e
     ds.labels = np.asarray(ds.targets, dtype=np.int64)
     return ds
+
+
+# The second paper subsamples ImageNet: every 250th training image (5,124) and every 10th validation image
+# (5,000), in torchvision ImageNet order.
+IMAGENET_SUBSAMPLE_STEP = {"train": 250, "val": 10}
+
+
+def subsample_imagenet(ds: Dataset, split: str) -> Dataset:
+    """Every ``IMAGENET_SUBSAMPLE_STEP[split]``-th image of ``ds`` (len // step images), with ``.labels``."""
+    from torch.utils.data import Subset
+
+    if split not in IMAGENET_SUBSAMPLE_STEP:
+        raise ValueError(f"--split {split}: ImageNet subsampling is defined for {sorted(IMAGENET_SUBSAMPLE_STEP)}")
+    step = IMAGENET_SUBSAMPLE_STEP[split]
+    index = range(0, (len(ds) // step) * step, step)
+    sub = Subset(ds, index)
+    sub.labels = np.asarray(ds.labels)[index.start:index.stop:step]
+    return sub
