@@ -11,6 +11,7 @@ from pathlib import Path
 
 from utils.ablations import load_decomposition, mean_ablation_study
 from utils.io import atomic_write_text
+from utils.cli import run
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -75,4 +76,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run(main, get_args_parser())

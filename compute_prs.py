@@ -20,6 +20,7 @@ from prs_hook import hook_prs_logger
 from utils.datasets import build_dataset
 from utils.factory import add_model_args, load_model_from_args, pretrained_name
 from utils.io import StreamingArrays, atomic_save, labels_path, prs_paths
+from utils.cli import run
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,9 +39,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    ds = build_dataset(args.dataset, args.data_path)  # validate the data before loading any weights
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     model, preprocess, _ = load_model_from_args(args)
-    ds = build_dataset(args.dataset, args.data_path, preprocess)
+    ds.transform = preprocess
     atomic_save(labels_path(args.output_dir, args.dataset), ds.labels)
 
     prs = hook_prs_logger(model, args.device, model_name=args.model)
@@ -66,4 +68,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run(main, get_args_parser())

@@ -12,6 +12,7 @@ from utils.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames
 from utils.factory import add_model_args, load_model_from_args
 from utils.io import atomic_save, classifier_path
 from utils.text import zero_shot_classifier
+from utils.cli import run
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,4 +39,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run(main, get_args_parser())

@@ -89,7 +89,9 @@ class PRSLogger:
     Args:
         model: an open_clip CLIP model (unmodified, from ``open_clip.create_model_and_transforms``).
         device: where the computation runs and the results live.
-        spatial: keep the per-source-token axis of the attention terms (``[b, L, N, H, d]``).
+        spatial: keep the per-source-token axis of the attention terms (``[b, L, N, H, d]``). ``"sum"``: the
+            memory-light spatial mode, the same terms summed over layers and heads inside the forward,
+            ``[b, N, d]`` (each entry takes the share ``L·H / ((2L+1)·N·H)``, so everything still sums to r/||r||).
         attention_maps: also keep the CLS-query attention rows, ``self.attention_maps`` ``[b, L, H, N]``.
         ln_stats: also keep every block's ``ln_1`` statistics per token, ``self.ln_1_mean/std`` ``[b, L, N]``.
         post_gelu_layers: MLP layers whose post-activation values to keep, ``self.post_gelu[l]`` ``[b, N, K]``.
@@ -183,8 +185,9 @@ class PRSLogger:
         b, N, W = x.shape
         L, H, dh, d = self.num_layers, self.num_heads, self.head_dim, self.out_dim
 
-        attn_shape = (b, L, N, H, d) if self.spatial else (b, L, H, d)
-        attentions = torch.empty(attn_shape, dtype=torch.float32, device=self.device)
+        spatial_sum = isinstance(self.spatial, str) and self.spatial == "sum"
+        attn_shape = (b, N, d) if spatial_sum else (b, L, N, H, d) if self.spatial else (b, L, H, d)
+        attentions = (torch.zeros if spatial_sum else torch.empty)(attn_shape, dtype=torch.float32, device=self.device)
         cls_attentions = torch.empty((b, L, d), dtype=torch.float32, device=self.device)
         mlps = torch.empty((b, L + 1, d), dtype=torch.float32, device=self.device)
         if self.keep_attention_maps:
@@ -207,7 +210,13 @@ class PRSLogger:
             if self.keep_attention_maps:
                 self.attention_maps[:, l] = attn_cls
             w_og, b_og = self.head_out[l], self.head_bias[l]
-            if self.spatial:
+            if spatial_sum:
+                # sum_h A[b,h,n] v[b,h,n] W_O,h + b_O / N: one [b, N, H*dh] @ [H*dh, d] product       [b, N, d]
+                weighted = (attn_cls.unsqueeze(-1) * val.float()).transpose(1, 2).reshape(b, N, H * dh)
+                terms = weighted @ w_og.reshape(H * dh, d) + b_og / N
+                attentions += terms
+                cls_attentions[:, l] = terms[:, 0]
+            elif self.spatial:
                 # A[b,h,n] * v[b,h,n] W_O,h  + b_O / (N H)                                          [b, N, H, d]
                 terms = torch.einsum("bhn,bhnk,hkd->bnhd", attn_cls, val.float(), w_og) + b_og / (N * H)
                 attentions[:, l] = terms
@@ -251,7 +260,8 @@ class PRSLogger:
     def finalize(self, representation: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Project the logged terms to the output space and divide by ``||representation||``.
 
-        Returns ``(attentions, mlps)``: ``[b, L, H, d]`` (spatial: ``[b, L, N, H, d]``) and ``[b, L+1, d]``,
+        Returns ``(attentions, mlps)``: ``[b, L, H, d]`` (spatial: ``[b, L, N, H, d]``; spatial="sum":
+        ``[b, N, d]``) and ``[b, L+1, d]``,
         float32, on ``self.device``. ``self.cls_attentions`` becomes ``[b, L, d]``. Summing everything gives
         ``representation / ||representation||``.
         """
@@ -264,7 +274,9 @@ class PRSLogger:
         L, H, N = self.num_layers, self.num_heads, self.num_tokens
         T = 2 * L + 1
         norm = representation.float().norm(dim=-1).to(self.device)  # [b]
-        if self.spatial:
+        if isinstance(self.spatial, str) and self.spatial == "sum":
+            attn = self._project(self.attentions, L / (T * N))  # each entry sums L*H terms of share 1/(T*N*H)
+        elif self.spatial:
             attn = self._project(self.attentions, 1.0 / (T * N * H))
         else:
             attn = self._project(self.attentions, 1.0 / (T * H))

@@ -42,8 +42,11 @@ def _check_config(model_name: str) -> dict:
         return {}
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
-        known = ", ".join(m for m in open_clip.list_models() if m.startswith("ViT"))
-        raise ValueError(f"--model '{model_name}': unknown open_clip model. Known ViTs: {known}")
+        import difflib
+
+        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else " See open_clip.list_models()."
+        raise ValueError(f"--model '{model_name}': unknown open_clip model.{hint}")
     vcfg = cfg.get("vision_cfg", {})
     if "timm_model_name" in vcfg:
         raise UnsupportedModelError(f"model '{model_name}': timm image towers are not supported")
