@@ -69,5 +69,32 @@ def run_script(script: str, *args: str, check: bool = True, timeout: int = 600) 
     return res
 
 
+def run_inprocess(script: str, *args: str) -> tuple[int, str, str]:
+    """Run a script's command line in this process (argv parsing, ``main``, error handling): (code, out, err).
+
+    Same path as the command line (``utils.cli.run``) without paying Python + torch start-up per call.
+    """
+    import contextlib
+    import importlib.util
+    import io
+
+    from utils.cli import run
+
+    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    old_argv = sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run(module.main, module.get_args_parser())
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old_argv
+    return code, out.getvalue(), err.getvalue()
+
+
 TINY_ARGS = ["--model_config", str(CONFIGS), "--model", "prsclip-tiny", "--pretrained", str(GOLDEN_WEIGHTS),
              "--device", "cpu"]

@@ -112,10 +112,10 @@ def _cifar(name: str, root: Path, transform):
 
     base = {"CIFAR10": datasets.CIFAR10, "CIFAR100": datasets.CIFAR100}[name]
 
-    class _CIFAR(base):
-        def _check_integrity(self) -> bool:
-            folder = Path(self.root) / self.base_folder
-            return all((folder / f).is_file() for f, _ in self.train_list + self.test_list)
+    class _CIFAR(base):  # md5 None: torchvision then checks that each file exists
+        train_list = [[f, None] for f, _ in base.train_list]
+        test_list = [[f, None] for f, _ in base.test_list]
+        meta = {**base.meta, "md5": None}
 
     ds = _CIFAR(root=str(root), train=False, download=True, transform=transform)
     ds.labels = np.asarray(ds.targets, dtype=np.int64)
