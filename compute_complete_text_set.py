@@ -1,0 +1,179 @@
+"""TextSpan (paper 1, Algorithm 1): label every head of the last layers with texts, and measure the accuracy
+left when those heads are replaced by their text reconstructions.
+
+Reads from --input_dir (memory-mapped; the attn file is read in chunks of images, never whole):
+  {dataset}_attn_{model}.npy [B, L, H, d], {dataset}_mlp_{model}.npy, {dataset}_labels.npy  (compute_prs.py)
+  {dataset}_classifier_{model}.npy [d, C]                       (compute_text_projection.py)
+  {text_descriptions}_{model}.npy [T, d]                        (compute_text_set_projection.py)
+and the texts from --text_dir/{text_descriptions}.txt (or --text_dir/external/, see text_descriptions/).
+
+Per head of the last --num_of_last_layers layers (all of them at once, on --device): --texts_per_head texts,
+chosen greedily as in the original (utils/textspan.py). The accuracy: MLP terms as they are, the earlier
+attention layers mean-ablated, each head of the last layers replaced by its reconstruction, @ classifier,
+against the labels file. Writes to --output_dir:
+  {dataset}_completeness_{text_descriptions}_top_{m}_heads_{model}.txt    the original's text file
+  {dataset}_completeness_{text_descriptions}_top_{m}_heads_{model}.json   texts, variance explained, accuracies
+  {dataset}_completeness_{text_descriptions}_top_{m}_heads_{model}.png    accuracy against texts per head
+(with --algorithm pclens the names end in _pclens).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from utils.ablations import load_decomposition
+from utils.cli import run
+from utils.factory import default_device
+from utils.io import atomic_write_text, load_array
+from utils.text_sets import read_text_set
+from utils.textspan import pclens_from_stats, replacement_accuracy, scan_decomposition, textspan_from_stats
+
+SEP = "------------------\n"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Completeness part", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-H-14", type=str, metavar="MODEL", help="model name in file names")
+    parser.add_argument("--num_workers", default=10, type=int, help="unused; kept for the original command line")
+    parser.add_argument("--output_dir", default="./output_dir", help="where the results go")
+    parser.add_argument("--input_dir", default="./output_dir", help="where the arrays are")
+    parser.add_argument("--text_descriptions", default="image_descriptions_general", type=str,
+                        help="name of the text set (the paper commands' value; the original default is "
+                             "image_descriptions_per_class)")
+    parser.add_argument("--text_dir", default="./text_descriptions", type=str, help="folder of the .txt text sets")
+    parser.add_argument("--dataset", type=str, default="imagenet", help="dataset name in file names")
+    parser.add_argument("--num_of_last_layers", type=int, default=4,
+                        help="how many attention layers to replace (the paper commands' value; original default 8)")
+    parser.add_argument("--w_ov_rank", type=int, default=80, help="rank of the span the texts are projected on")
+    parser.add_argument("--texts_per_head", type=int, default=20,
+                        help="texts per head (the paper commands' value; original default 10). For pclens: "
+                             "texts listed per pole of each principal component")
+    parser.add_argument("--algorithm", default="textspan", choices=["textspan", "pclens"],
+                        help="textspan (paper 1) or pclens (PCLens' svd_data_approx: principal components up to "
+                             "99%% of the singular-value mass, top and bottom texts per component)")
+    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if available)")
+    parser.add_argument("--chunk", type=int, default=None, help="images per read from the memmaps (default: ~256 MB)")
+    return parser
+
+
+def load_text_set(args: argparse.Namespace, d: int) -> tuple[np.ndarray, list[str]]:
+    """The text embeddings [T, d] and their lines, checked against each other and the model dimension."""
+    emb_path = Path(args.input_dir) / f"{args.text_descriptions}_{args.model}.npy"
+    features = np.asarray(load_array(emb_path, "compute_text_set_projection.py", mmap=False), np.float32)
+    if features.ndim != 2 or features.shape[1] != d:
+        raise ValueError(f"{emb_path}: text embeddings of shape {list(features.shape)} do not match the model "
+                         f"dimension d={d} of the attn file (embedded with another model?)")
+    txt_path = Path(args.text_dir) / f"{args.text_descriptions}.txt"
+    lines = read_text_set(txt_path, "--text_descriptions")
+    if len(lines) != len(features):
+        raise ValueError(f"{txt_path} has {len(lines)} lines but {emb_path} has {len(features)} rows; "
+                         f"recompute the embeddings with compute_text_set_projection.py")
+    return features, lines
+
+
+def run_textspan(stats, features, lines, args, first, H) -> tuple[list[dict], object, object]:
+    """TextSpan for every head; returns per-head records, the means [h, d] and orthonormal bases [h, m, d]."""
+    res = textspan_from_stats(stats, features, args.texts_per_head, args.w_ov_rank, args.device)
+    heads = []
+    for i in range(len(res.indices)):
+        heads.append({"layer": first + i // H, "head": i % H,
+                      "texts": [lines[j] for j in res.indices[i]], "text_indices": res.indices[i].tolist(),
+                      "variance_explained": res.variance_explained[i].tolist(), "std": res.std[i].tolist(),
+                      "w_ov_rank_used": res.rank[i]})
+    return heads, res.mean, res.basis()
+
+
+def run_pclens(stats, features, lines, args, first, H) -> tuple[list[dict], object, object]:
+    """PCLens for every head; the bases are zero-padded to the largest number of components."""
+    import torch
+
+    results = pclens_from_stats(stats, features, args.texts_per_head, device=args.device)
+    K = max(r.rank for r in results)
+    d = stats.mean.shape[1]
+    basis = torch.zeros(len(results), K, d, dtype=torch.float64, device=results[0].basis.device)
+    heads = []
+    for i, r in enumerate(results):
+        basis[i, :r.rank] = r.basis
+        comps = [{"component": c, "strength_abs": float(r.singular_values[c]),
+                  "strength_rel": float(r.strength_rel[c]), "variance_explained": float(r.variance_explained[c]),
+                  "positive": [lines[j] for j in r.top[c]], "positive_values": r.top_values[c].tolist(),
+                  "negative": [lines[j] for j in r.bottom[c]], "negative_values": r.bottom_values[c].tolist()}
+                 for c in range(r.rank)]
+        heads.append({"layer": first + i // H, "head": i % H, "rank": r.rank,
+                      "texts": [lines[j] for j in r.indices], "text_indices": r.indices.tolist(),
+                      "variance_explained": r.variance_explained.tolist(), "components": comps})
+    return heads, torch.stack([r.mean for r in results]), basis
+
+
+def plot_curve(curve: list[float], baseline: float, title: str, xlabel: str, path: Path) -> None:
+    """Accuracy against the number of texts per head, with the unablated baseline as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(len(curve)), curve, marker="o", markersize=3, label="last layers replaced by their texts")
+    ax.axhline(baseline, color="gray", linestyle="--", label="baseline (nothing ablated)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("zero-shot top-1 accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".partial.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(args: argparse.Namespace) -> dict:
+    arrays = load_decomposition(args.input_dir, args.dataset, args.model)
+    attn, mlp, classifier, labels = arrays["attn"], arrays["mlp"], arrays["classifier"], arrays["labels"]
+    B, L, H, d = attn.shape
+    if not 1 <= args.num_of_last_layers <= L:
+        raise ValueError(f"--num_of_last_layers {args.num_of_last_layers}: the model has {L} layers")
+    if args.texts_per_head < 1 or args.w_ov_rank < 1:
+        raise ValueError("--texts_per_head and --w_ov_rank must be >= 1")
+    if B < 2:
+        raise ValueError(f"{args.input_dir}: TextSpan needs at least 2 images, the attn file has {B}")
+    features, lines = load_text_set(args, d)
+    first = L - args.num_of_last_layers
+    print(f"Number of layers: {L}; replacing layers {first}..{L - 1} ({args.num_of_last_layers * H} heads) "
+          f"with {args.algorithm}, {args.texts_per_head} texts per head, {len(lines)} texts, {B} images")
+
+    scan = scan_decomposition(attn, mlp, classifier, labels, first, args.device, args.chunk)
+    algo = run_textspan if args.algorithm == "textspan" else run_pclens
+    heads, means, basis = algo(scan["stats"], features, lines, args, first, H)
+    correct = replacement_accuracy(attn, mlp, classifier, labels, first, scan["early_mean"], means, basis,
+                                   args.device, args.chunk)
+    curve = [float(c) / B * 100.0 for c in correct]
+    baseline = float(scan["baseline_correct"]) / B * 100.0
+    current_accuracy = curve[-1]
+    all_texts = {t for h in heads for t in h["texts"]}
+    print("Current accuracy:", current_accuracy, "\nNumber of texts:", len(all_texts))
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.dataset}_completeness_{args.text_descriptions}_top_{args.texts_per_head}_heads_{args.model}"
+    stem += "_pclens" if args.algorithm == "pclens" else ""
+    blocks = "".join(f"{SEP}Layer {h['layer']}, Head {h['head']}\n{SEP}" + "".join(f"{t}\n" for t in h["texts"])
+                     for h in heads)
+    atomic_write_text(out / f"{stem}.txt", blocks + f"{SEP}Current accuracy: {current_accuracy}\n"
+                                                    f"Number of texts: {len(all_texts)}")
+    result = {"args": vars(args), "algorithm": args.algorithm, "num_images": B, "num_texts_in_set": len(lines),
+              "layers_replaced": list(range(first, L)),
+              "accuracy": {"baseline": baseline, "replaced_heads_mean_ablated": curve[0], "final": current_accuracy},
+              "accuracy_curve": {"texts_per_head": list(range(len(curve))), "accuracy": curve},
+              "number_of_texts": len(all_texts), "heads": heads}
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
+    xlabel = "texts per head" if args.algorithm == "textspan" else "principal components (texts) per head"
+    plot_curve(curve, baseline, f"{args.model} on {args.dataset}: last {args.num_of_last_layers} layers, "
+                                f"{args.text_descriptions}", xlabel, out / f"{stem}.png")
+    print(f"wrote {out / stem}.txt, .json and .png")
+    return result
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

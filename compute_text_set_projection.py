@@ -1,0 +1,49 @@
+"""Embed a text set: one normalised text embedding per line of --data_path.
+
+Writes {text_set}_{model}.npy [T, d] (float32, unit rows) in --output_dir, where {text_set} is the file name
+without .txt: row i is line i. Empty lines and a missing file are errors. A --data_path under
+text_descriptions/ that is not there is also looked for in text_descriptions/external/ (where
+text_descriptions/fetch_original.py puts the authors' sets).
+
+The model is loaded by the shared loader, so `--pretrained openai` runs with QuickGELU (the second paper's
+own script embedded its texts with plain GELU for those weights). The original ran the text tower under CUDA
+autocast (float16); this runs it in float32 (differences ~1e-3 on GPU).
+"""
+import argparse
+from pathlib import Path
+
+from utils.cli import run
+from utils.factory import add_model_args, load_model_from_args
+from utils.io import atomic_save
+from utils.text import encode_texts
+from utils.text_sets import read_text_set, resolve_text_file
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Get text list weights", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_size", default=2048, type=int, help="texts per encode_text batch")
+    add_model_args(parser)
+    parser.add_argument("--data_path", default="text_descriptions/image_descriptions_3500.txt", type=str,
+                        help="the text set, one description per line (the original default, "
+                             "text_descriptions/image_descriptions_general.txt, is the authors' set: fetch it)")
+    parser.add_argument("--num_workers", default=10, type=int, help="unused; kept for the original command line")
+    parser.add_argument("--output_dir", default="./output_dir", help="where to save")
+    return parser
+
+
+def main(args: argparse.Namespace) -> Path:
+    lines = read_text_set(args.data_path, "--data_path")
+    name = resolve_text_file(args.data_path).name
+    name = name[:-len(".txt")] if name.endswith(".txt") else name
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    model, _, tokenizer = load_model_from_args(args)
+    features = encode_texts(model, tokenizer, lines, args.device, args.batch_size)  # [T, d], unit rows
+    path = Path(args.output_dir) / f"{name}_{args.model}.npy"
+    atomic_save(path, features.cpu().numpy())
+    print(f"wrote {path} {list(features.shape)} ({len(lines)} lines of {args.data_path})")
+    return path
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

@@ -1,0 +1,163 @@
+"""Text sets: reading them (one description per line) and fetching the authors' own sets, hash-pinned.
+
+The project ships its own sets in ``text_descriptions/`` (see its README). The sets the papers used belong
+to the authors' repositories and are not committed here: ``fetch_original`` downloads them from those
+repositories' public URLs (pinned to a commit), checks each file's SHA-256 and writes it to
+``text_descriptions/external/`` (git-ignored). Scripts that are given ``text_descriptions/NAME.txt`` also
+look in ``text_descriptions/external/NAME.txt``, so the original command lines work after a fetch.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+TEXT_DIR = Path(__file__).resolve().parent.parent / "text_descriptions"
+EXTERNAL = "external"  # sub-folder of a text folder where fetched (not committed) sets go
+
+
+# ----------------------------------------------------------------------------- reading
+def resolve_text_file(path: str | Path) -> Path:
+    """``path`` if it exists, else the same name in ``external/`` beside it (where the fetch writes)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    alt = path.parent / EXTERNAL / path.name
+    if alt.is_file():
+        return alt
+    hint = ""
+    if path.name in ORIGINAL_TEXT_SETS:
+        hint = f" It is one of the authors' sets: fetch it with `python text_descriptions/fetch_original.py`."
+    raise FileNotFoundError(f"{path}: text set not found (nor {alt}).{hint}")
+
+
+def read_text_set(path: str | Path, what: str = "--data_path") -> list[str]:
+    """The lines of a text set, one description per line, in file order (row i of the embeddings = line i).
+
+    A final newline is fine; an empty (or blank) line anywhere else is an error, since it would silently
+    become an embedding of nothing and shift nothing else.
+    """
+    path = resolve_text_file(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path}: not UTF-8 text ({e})") from e
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline
+    lines = [l[:-1] if l.endswith("\r") else l for l in lines]
+    if not lines:
+        raise ValueError(f"{what} {path}: the text set is empty")
+    empty = [i + 1 for i, l in enumerate(lines) if not l.strip()]
+    if empty:
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise ValueError(f"{what} {path}: empty line(s) at line {', '.join(map(str, empty[:5]))}{more}; "
+                         f"remove them (each line must be one description)")
+    return lines
+
+
+# ----------------------------------------------------------------------------- the authors' sets
+CLIP_TEXT_SPAN = ("yossigandelsman/clip_text_span", "49f70f31bb13437a870ff8de340626b225500a22")
+SECOND_ORDER_LENS = ("yossigandelsman/second_order_lens", "1d4fe4de23111feee8a62d6855ffec2105c4b710")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one of the authors' text files lives, and its SHA-256 when known (None: not pinned)."""
+    repo: str
+    commit: str
+    sha256: Optional[str]
+
+    def url(self, name: str) -> str:
+        return f"https://raw.githubusercontent.com/{self.repo}/{self.commit}/text_descriptions/{name}"
+
+
+# The one hash pinned here was computed from the repository's indexed copy of the file (3,498 lines,
+# 25,078 bytes, no final newline); the others could not be read in full offline, so they are unpinned and
+# refused unless --allow-unpinned is given (the fetch then prints the hash to pin).
+ORIGINAL_TEXT_SETS: dict[str, Source] = {
+    "google_3498_english.txt": Source(*CLIP_TEXT_SPAN,
+                                      "d9502487f471d07e44b8ae79e01fd03527ab032be2c7d721c1346f97efdaf2c5"),
+    "image_descriptions_general.txt": Source(*CLIP_TEXT_SPAN, None),
+    "30k.txt": Source(*SECOND_ORDER_LENS, None),
+    "image_descriptions_per_class.txt": Source(*SECOND_ORDER_LENS, None),
+    "google_10000_english.txt": Source(*SECOND_ORDER_LENS, None),
+}
+
+
+class HashMismatchError(ValueError):
+    """A downloaded file's SHA-256 differs from the pinned one (the file is not kept)."""
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_original(names: Optional[Iterable[str]] = None, dest: str | Path = TEXT_DIR / EXTERNAL,
+                   allow_unpinned: bool = False, base_url: Optional[str] = None,
+                   sources: Optional[dict[str, Source]] = None,
+                   opener: Callable = urllib.request.urlopen, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Download the authors' text sets into ``dest``, checking each file's SHA-256.
+
+    Args:
+        names: file names (default: all of ``sources``).
+        dest: output folder (created).
+        allow_unpinned: accept a file that has no pinned hash (its hash is printed so it can be pinned).
+        base_url: a folder URL to take the files from instead of the pinned repository URLs (a mirror, or a
+            ``file://`` folder), e.g. ``file:///data/text_descriptions/``; hashes are checked all the same.
+        sources: the table of files (default ``ORIGINAL_TEXT_SETS``).
+        opener: ``urlopen``-like callable (tests pass their own).
+
+    A file already in ``dest`` with the pinned hash is kept. A download is written to ``NAME.partial`` and
+    only renamed once its hash is accepted; a mismatch raises ``HashMismatchError`` and leaves nothing.
+    """
+    sources = ORIGINAL_TEXT_SETS if sources is None else sources
+    names = list(sources) if names is None else list(names)
+    unknown = [n for n in names if n not in sources]
+    if unknown:
+        raise ValueError(f"unknown text set(s) {unknown}; known: {sorted(sources)}")
+    refused = [n for n in names if sources[n].sha256 is None and not allow_unpinned]
+    if refused:
+        raise HashMismatchError(
+            f"no pinned SHA-256 for {refused}: refusing to fetch them. Pass --allow-unpinned to download them "
+            f"anyway (their hashes are printed so you can check and pin them).")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in names:
+        src = sources[name]
+        final = dest / name
+        if final.is_file() and src.sha256 and sha256_of(final) == src.sha256:
+            log(f"{final}: present, sha256 ok")
+            out[name] = final
+            continue
+        url = base_url.rstrip("/") + "/" + name if base_url else src.url(name)
+        tmp = final.with_name(final.name + ".partial")
+        h = hashlib.sha256()
+        try:
+            with opener(url) as response, open(tmp, "wb") as f:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    h.update(block)
+                    f.write(block)
+        except Exception as e:  # network, missing file: nothing is left behind
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"{name}: download from {url} failed: {e}") from e
+        digest = h.hexdigest()
+        if src.sha256 is not None and digest != src.sha256:
+            tmp.unlink(missing_ok=True)
+            raise HashMismatchError(f"{name} from {url}: sha256 {digest} differs from the pinned {src.sha256}; "
+                                    f"refusing it (nothing written)")
+        os.replace(tmp, final)
+        state = "sha256 ok" if src.sha256 else f"UNPINNED, sha256 {digest}"
+        log(f"wrote {final} ({final.stat().st_size:,} bytes, {state})")
+        out[name] = final
+    return out
