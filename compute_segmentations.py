@@ -1,0 +1,164 @@
+"""Zero-shot segmentation on ImageNet-segmentation from the spatial decomposition (paper 1, section 5).
+
+Per image: the spatial attention terms (image tokens, summed over layers and heads) times the zero-shot
+classifier; the predicted class's map minus the mean over classes, upsampled, clipped at 0, min-max
+normalised and thresholded at its mean (utils/segmentation.py). Reports pixel accuracy, mIoU (2 classes)
+and mAP, and saves the precision-recall curve.
+
+Every image is scored on its own: any --batch_size gives the numbers of --batch_size 1, which are the
+original code's (the original normalises over the whole batch and scores only its first image).
+
+Reads  --classifier_dir/{classifier_dataset}_classifier_{model}.npy  [d, C]  (compute_text_projection.py)
+       --data_path gtsegs_ijcv.mat                                         (MATLAB v7.3 / HDF5)
+Writes --output_dir/{train_dataset}_segmentation_{model}_{pretrained}/:
+       result_mIoU_{mIoU:.4f}.txt   the original's three result lines
+       segmentation.json            metrics, per-image counts and AP, args, model
+       precision.npy, recall.npy    sklearn precision_recall_curve over all pixels of all images
+       heatmaps.npy [B, S, S]       the scores behind that curve (normalised heatmap, clamped at --thr)
+       per_image_metrics.npy [B, 8] correct, labeled, inter(bg, fg), union(bg, fg), ap, chosen class
+       images/NNNNN_{input,gt,mask,heatmap}.png   with --save_img
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import tqdm
+from torch.utils.data import DataLoader, Subset
+
+from prs_hook import hook_prs_logger
+from utils.cli import run
+from utils.factory import add_model_args, load_model_from_args, pretrained_name
+from utils.imagenet_segmentation import MASK_RESIZE, ImagenetSegmentation
+from utils.io import StreamingArrays, atomic_save, atomic_write_text, classifier_path, load_array
+from utils.segmentation import (aggregate_metrics, evaluate_batch, grid_and_patch, result_text,
+                                save_segmentation_images, unnormalize)
+
+METRIC_COLUMNS = ["correct", "labeled", "inter_bg", "inter_fg", "union_bg", "union_fg", "ap", "chosen_class"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Segmentation scores", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--save_img", action="store_true", default=False,
+                        help="save input, ground-truth mask, predicted mask and heatmap overlay per image (PNG)")
+    parser.add_argument("--train_dataset", type=str, default="imagenet_seg", help="dataset name in the output folder")
+    parser.add_argument("--classifier_dataset", type=str, default="imagenet",
+                        help="which {dataset}_classifier_{model}.npy to use")
+    parser.add_argument("--image_size", default=224, type=int, help="image size (the model's input size)")
+    parser.add_argument("--thr", type=float, default=0.0,
+                        help="lower clamp of the scores behind the precision-recall curve (as the original)")
+    parser.add_argument("--data_path", default="imagenet_seg/gtsegs_ijcv.mat", type=str, help="gtsegs_ijcv.mat")
+    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    parser.add_argument("--classifier_dir", default="./output_dir/", help="where the classifier is")
+    parser.add_argument("--batch_size", default=1, type=int, help="batch size (does not change the numbers)")
+    add_model_args(parser)
+    parser.add_argument("--output_dir", default="./output_dir", help="path where to save")
+    parser.add_argument("--mask_resize", default="stretch", choices=MASK_RESIZE,
+                        help="stretch: the original's mask resize (misaligned on non-square images); "
+                             "crop: resize + centre crop like the image")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    return parser
+
+
+def load_classifier(args: argparse.Namespace) -> tuple[Path, np.ndarray]:
+    """The [d, C] classifier file, checked for shape (the embedding size is checked once the model is loaded)."""
+    path = classifier_path(args.classifier_dir, args.classifier_dataset, args.model)
+    classifier = np.asarray(load_array(path, "compute_text_projection.py", mmap=False), dtype=np.float32)
+    if classifier.ndim != 2:
+        raise ValueError(f"{path}: classifier of shape {list(classifier.shape)}; expected [d, classes]")
+    return path, classifier
+
+
+def main(args: argparse.Namespace) -> dict:
+    # validate the inputs before loading any weights
+    ds = ImagenetSegmentation(args.data_path, image_size=args.image_size, mask_resize=args.mask_resize)
+    cls_file, classifier = load_classifier(args)
+    model, preprocess, _ = load_model_from_args(args)
+    ds.transform = preprocess
+    grid, patch = grid_and_patch(model)
+    size = (grid[0] * patch[0], grid[1] * patch[1])
+    if size != (args.image_size, args.image_size):
+        raise ValueError(f"--image_size {args.image_size}: {args.model} takes {size[0]}x{size[1]} inputs")
+    prs = hook_prs_logger(model, args.device, spatial="sum", model_name=args.model)
+    if classifier.shape[0] != prs.out_dim:
+        raise ValueError(f"{cls_file}: classifier of shape {list(classifier.shape)}, but {args.model} embeds into "
+                         f"{prs.out_dim} dimensions; expected [{prs.out_dim}, classes] (written for another model?)")
+    weights = torch.from_numpy(classifier).to(args.device)
+
+    out = Path(args.output_dir) / f"{args.train_dataset}_segmentation_{args.model}_{pretrained_name(args.pretrained)}"
+    out.mkdir(parents=True, exist_ok=True)
+    B, S = len(ds), args.image_size
+    meta = {"model": args.model, "pretrained": pretrained_name(args.pretrained), "data_path": str(args.data_path),
+            "classifier": str(cls_file), "image_size": S, "thr": args.thr, "mask_resize": args.mask_resize}
+    maps = StreamingArrays({"heatmaps": out / "heatmaps.npy"}, {"heatmaps": (B, S, S)}, "float32",
+                           resume=args.resume, meta=meta)
+    table = StreamingArrays({"metrics": out / "per_image_metrics.npy"}, {"metrics": (B, len(METRIC_COLUMNS))},
+                            "float64", resume=args.resume, meta=meta)
+    done = min(maps.done, table.done)  # a crash between the two writes: redo that batch
+    maps.done = table.done = done
+    if done:
+        print(f"Resuming at image {done} of {B}")
+
+    totals = table.arrays["metrics"][:done].sum(0) if done else np.zeros(len(METRIC_COLUMNS))
+    aps = list(table.arrays["metrics"][:done, 6])
+    loader = DataLoader(Subset(ds, range(done, B)), batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers)
+    bar = tqdm.tqdm(loader, desc="segmentation", unit="batch")
+    index = done
+    for images, targets in bar:
+        res = evaluate_batch(prs, images, targets, weights, grid, patch, args.thr)
+        rows = np.concatenate([res["correct"][:, None], res["labeled"][:, None], res["inter"], res["union"],
+                               res["ap"][:, None], res["chosen_class"][:, None]], 1).astype(np.float64)
+        if args.save_img:
+            for i in range(len(images)):
+                save_segmentation_images(out / "images", index + i, unnormalize(images[i], preprocess),
+                                         targets[i].numpy(), res["foreground"][i], res["heatmap"][i])
+        maps.write({"heatmaps": res["pred"]})
+        table.write({"metrics": rows})
+        index += len(images)
+        totals += rows.sum(0)
+        aps += list(res["ap"])
+        m = aggregate_metrics(totals[0], totals[1], totals[2:4], totals[4:6], np.asarray(aps))
+        bar.set_description("pixAcc: %.4f, mIoU: %.4f, mAP: %.4f" % (m["pixAcc"], m["mIoU"], m["mAP"]))
+    maps.finish()
+    table.finish()
+
+    per_image = np.load(out / "per_image_metrics.npy")
+    counts = per_image[:, :6].astype(np.int64)
+    metrics = aggregate_metrics(counts[:, 0], counts[:, 1], counts[:, 2:4], counts[:, 4:6], per_image[:, 6])
+
+    # precision-recall curve over every pixel of every image (as the original)
+    from sklearn.metrics import precision_recall_curve
+
+    heatmaps = np.load(out / "heatmaps.npy", mmap_mode="r")
+    masks = np.stack([ds.mask(i) for i in tqdm.trange(B, desc="masks for the PR curve")])  # uint8
+    precision, recall, _ = precision_recall_curve(masks.reshape(-1), np.asarray(heatmaps).reshape(-1))
+    atomic_save(out / "precision.npy", precision)
+    atomic_save(out / "recall.npy", recall)
+
+    text = result_text(metrics)
+    for old in out.glob("result_mIoU_*.txt"):
+        old.unlink()
+    result_file = out / ("result_mIoU_%.4f.txt" % metrics["mIoU"])
+    atomic_write_text(result_file, text)
+    print(text, end="")
+    summary = {
+        "model": args.model, "pretrained": pretrained_name(args.pretrained), "num_images": B,
+        "metrics": metrics, "result_txt": text, "result_file": result_file.name,
+        "classifier": str(cls_file), "per_image_columns": METRIC_COLUMNS,
+        "per_image": [{"correct": int(c[0]), "labeled": int(c[1]), "inter": [int(c[2]), int(c[3])],
+                       "union": [int(c[4]), int(c[5])], "ap": float(r[6]), "chosen_class": int(r[7])}
+                      for c, r in zip(counts, per_image)],
+        "args": {k: v for k, v in vars(args).items()},
+    }
+    atomic_write_text(out / "segmentation.json", json.dumps(summary, indent=1))
+    print(f"wrote {out}/ (segmentation.json, {result_file.name}, precision.npy, recall.npy, heatmaps.npy"
+          f"{', images/' if args.save_img else ''})")
+    return summary
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

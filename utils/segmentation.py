@@ -1,0 +1,255 @@
+"""Zero-shot segmentation from the spatial decomposition (paper 1, section 5), one image at a time.
+
+The heatmap (quirk S1 of tests/golden/README.md), per image:
+
+1. the spatial attention terms, image tokens only, summed over layers and heads: ``[n, d]`` (n = grid²);
+2. times the zero-shot classifier ``[d, C]`` → ``[n, C]``;
+3. the class is the argmax of ``r @ classifier`` (r = the unnormalised embedding);
+4. that class's column minus the mean over classes, reshaped to the patch grid (row-major);
+5. bilinear upsampling by the patch size (``align_corners=False``), clipped below at 0, min–max normalised;
+6. foreground = heatmap > its mean.
+
+Metrics (quirk S2), per image: ``correct`` / ``labeled`` pixels, ``inter`` / ``union`` for the two classes
+(background, object), and the average precision of the scores ``[1 − heatmap, heatmap]`` against the one-hot
+mask (sklearn's definition, computed here batched in torch and checked against sklearn in the tests).
+Dataset level: pixAcc = Σcorrect / Σlabeled, mIoU = mean over the 2 classes of Σinter / Σunion, mAP = mean AP.
+
+The original computes steps 5–6 over the whole batch and scores only the first image of each batch; here every
+step is per image, so any batch size gives the numbers of batch size 1, which are the original's.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+EPS = np.spacing(1)  # the original's guard in pixAcc and IoU
+
+
+# ----------------------------------------------------------------------------- heatmaps
+def grid_and_patch(model: torch.nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(grid_h, grid_w), (patch_h, patch_w)`` of an open_clip ViT image tower."""
+    v = model.visual
+    grid = tuple(int(g) for g in v.grid_size)
+    patch = tuple(int(p) for p in v.patch_size)
+    return grid, patch
+
+
+def upsample_patch_scores(scores: torch.Tensor, grid: Sequence[int], patch: Sequence[int]) -> torch.Tensor:
+    """Patch scores ``[b, n, K]`` (n = grid_h·grid_w, row-major) → bilinear maps ``[b, K, grid_h·ph, grid_w·pw]``."""
+    b, n, k = scores.shape
+    gh, gw = grid
+    if n != gh * gw:
+        raise ValueError(f"upsample_patch_scores: {n} patch scores do not fill a {gh}x{gw} grid")
+    maps = scores.transpose(1, 2).reshape(b, k, gh, gw)
+    return F.interpolate(maps, scale_factor=(float(patch[0]), float(patch[1])), mode="bilinear",
+                         align_corners=False)
+
+
+@torch.no_grad()
+def spatial_image_terms(prs, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hooked forward of ``images`` ``[b, 3, H, W]``: ``(r [b, d], image-token terms [b, n, d])``.
+
+    The terms are summed over layers and heads (``prs`` built with ``spatial="sum"``, or ``spatial=True``
+    and summed here) and normalised by ``||r||``; token 0 (CLS) is dropped.
+    """
+    r = prs.encode_image(images)
+    attn, _ = prs.finalize(r)
+    if attn.dim() == 5:  # [b, L, N, H, d]
+        attn = attn[:, :, 1:].sum((1, 3))
+    elif attn.dim() == 3:  # [b, N, d]
+        attn = attn[:, 1:]
+    else:
+        raise ValueError(f"spatial_image_terms: the hook must be spatial (got attentions {tuple(attn.shape)})")
+    return r, attn
+
+
+def class_heatmaps(terms: torch.Tensor, representation: torch.Tensor, classifier: torch.Tensor,
+                   grid: Sequence[int], patch: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 2–5 of the module docstring, per image.
+
+    Args:
+        terms: ``[b, n, d]`` image-token terms; representation: ``[b, d]``; classifier: ``[d, C]``.
+    Returns:
+        ``(heatmaps [b, H, W] in [0, 1], chosen class [b], degenerate [b] bool)``. A degenerate map (nothing
+        above 0 after clipping, so min = max) is all zeros, as the original's NaN → 0 replacement gives.
+    """
+    chosen = (representation.to(classifier.dtype) @ classifier).argmax(-1)  # [b]
+    logits = terms @ classifier  # [b, n, C]
+    score = logits.gather(2, chosen.view(-1, 1, 1).expand(-1, logits.shape[1], 1)) \
+        - logits.mean(2, keepdim=True)  # [b, n, 1]
+    res = upsample_patch_scores(score, grid, patch)[:, 0].clamp(min=0)  # [b, H, W]
+    lo = res.amin((1, 2), keepdim=True)
+    hi = res.amax((1, 2), keepdim=True)
+    degenerate = (hi == lo).view(-1)
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    res = torch.where(hi > lo, (res - lo) / span, torch.zeros_like(res))
+    return res, chosen, degenerate
+
+
+def curve_scores(heatmaps: torch.Tensor, thr: float) -> torch.Tensor:
+    """The scores behind the precision–recall curve: ``heatmap.clamp(min=thr) / heatmap.max()`` per image.
+
+    (``thr`` only enters here, as in the original.) A degenerate all-zero map is not divided (the original
+    would produce NaN there and stop in sklearn).
+    """
+    hi = heatmaps.amax((1, 2), keepdim=True)
+    clamped = heatmaps.clamp(min=thr)
+    return torch.where(hi > 0, clamped / torch.where(hi > 0, hi, torch.ones_like(hi)), clamped)
+
+
+# ----------------------------------------------------------------------------- metrics
+def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sklearn's ``average_precision_score`` for each row: ``scores`` ``[b, M]``, binary ``labels`` ``[b, M]``.
+
+    AP = Σ_k (R_k − R_{k−1}) P_k over the distinct score thresholds in decreasing order (tied scores form one
+    threshold). Equivalently, the mean over positive samples of the precision at the end of their tie group.
+    Returns float64 ``[b]``; a row without positives gives 0 (sklearn warns and returns NaN, the original
+    then applies ``nan_to_num``).
+    """
+    s, order = scores.sort(dim=1, descending=True, stable=True)
+    y = labels.gather(1, order).to(torch.int64)
+    tps = y.cumsum(1)
+    pos = torch.arange(1, y.shape[1] + 1, device=y.device).expand_as(tps)
+    precision = tps.double() / pos.double()
+    # index of the last element of each tie group (the threshold at which that element is first counted)
+    is_last = torch.ones_like(s, dtype=torch.bool)
+    is_last[:, :-1] = s[:, :-1] != s[:, 1:]
+    big = torch.full_like(tps, y.shape[1])
+    idx = torch.where(is_last, torch.arange(y.shape[1], device=y.device).expand_as(tps), big)
+    group_end = idx.flip(1).cummin(1).values.flip(1)
+    prec_at = precision.gather(1, group_end)
+    n_pos = y.sum(1)
+    ap = (prec_at * y).sum(1) / n_pos.clamp(min=1).double()
+    return torch.where(n_pos > 0, ap, torch.zeros_like(ap))
+
+
+def segmentation_metrics(heatmaps: torch.Tensor, targets: torch.Tensor,
+                         degenerate: Optional[torch.Tensor] = None) -> dict[str, np.ndarray]:
+    """Per-image metrics of normalised heatmaps ``[b, H, W]`` against integer masks ``[b, H, W]`` (1 = object).
+
+    Returns NumPy arrays: ``correct`` [b], ``labeled`` [b], ``inter`` [b, 2], ``union`` [b, 2] (int64; class 0 =
+    background, 1 = object) and ``ap`` [b] (float64), exactly as the original's ``batch_pix_accuracy``,
+    ``batch_intersection_union`` and ``get_ap_scores`` compute them for one image.
+    """
+    if heatmaps.shape != targets.shape:
+        raise ValueError(f"segmentation_metrics: heatmaps {tuple(heatmaps.shape)} vs masks {tuple(targets.shape)}")
+    b = heatmaps.shape[0]
+    t = targets.to(heatmaps.device).long()
+    thr = heatmaps.mean((1, 2), keepdim=True)
+    fg = heatmaps > thr  # the original's Res_1; Res_0 = Res <= mean
+    pred = fg.long()
+    labeled = (t > -1).view(b, -1).sum(1)
+    correct = ((pred == t) & (t > -1)).view(b, -1).sum(1)
+    inter = torch.stack([((pred == c) & (t == c)).view(b, -1).sum(1) for c in (0, 1)], 1)
+    area_pred = torch.stack([(pred == c).view(b, -1).sum(1) for c in (0, 1)], 1)
+    area_lab = torch.stack([(t == c).view(b, -1).sum(1) for c in (0, 1)], 1)
+    union = area_pred + area_lab - inter
+    # AP of [1 - Res, Res] against the one-hot mask, both channels flattened together
+    scores = torch.cat([(1 - heatmaps).reshape(b, -1), heatmaps.reshape(b, -1)], 1)
+    if degenerate is not None and bool(degenerate.any()):
+        scores[degenerate.to(scores.device)] = 0  # the original's NaN -> 0 on both channels
+    onehot = torch.cat([(t == 0).reshape(b, -1), (t == 1).reshape(b, -1)], 1)
+    ap = average_precision(scores, onehot)
+    out = {"correct": correct, "labeled": labeled, "inter": inter, "union": union}
+    out = {k: v.cpu().numpy().astype(np.int64) for k, v in out.items()}
+    out["ap"] = np.nan_to_num(ap.cpu().numpy().astype(np.float64))
+    return out
+
+
+def aggregate_metrics(correct: np.ndarray, labeled: np.ndarray, inter: np.ndarray, union: np.ndarray,
+                      ap: np.ndarray) -> dict[str, float]:
+    """Dataset metrics from per-image counts: ``pixAcc``, ``mIoU``, ``mAP`` (fractions) and ``IoU`` per class."""
+    total_correct = np.int64(np.asarray(correct, dtype=np.int64).sum())
+    total_label = np.int64(np.asarray(labeled, dtype=np.int64).sum())
+    total_inter = np.asarray(inter, dtype=np.int64).reshape(-1, 2).sum(0)
+    total_union = np.asarray(union, dtype=np.int64).reshape(-1, 2).sum(0)
+    pix_acc = np.float64(1.0) * total_correct / (EPS + total_label)
+    iou = np.float64(1.0) * total_inter / (EPS + total_union)
+    return {"pixAcc": float(pix_acc), "mIoU": float(iou.mean()), "mAP": float(np.mean(ap)) if len(ap) else 0.0,
+            "IoU": [float(x) for x in iou]}
+
+
+def result_text(metrics: dict) -> str:
+    """The original's ``result_mIoU_*.txt`` content (three lines, same format)."""
+    return ("Mean IoU over %d classes: %.4f\n" % (2, metrics["mIoU"])
+            + "Pixel-wise Accuracy: %2.2f%%\n" % (metrics["pixAcc"] * 100)
+            + "Mean AP over %d classes: %.4f\n" % (2, metrics["mAP"]))
+
+
+# ----------------------------------------------------------------------------- one batch
+@torch.no_grad()
+def evaluate_batch(prs, images: torch.Tensor, targets: torch.Tensor, classifier: torch.Tensor,
+                   grid: Sequence[int], patch: Sequence[int], thr: float = 0.0) -> dict[str, np.ndarray]:
+    """Heatmaps and metrics of one batch, every image on its own.
+
+    Args:
+        prs: a spatial ``PRSLogger`` (``spatial="sum"`` is the memory-light choice).
+        images: ``[b, 3, H, W]`` preprocessed; targets: ``[b, H, W]`` integer masks; classifier: ``[d, C]``
+        on ``prs.device``.
+    Returns:
+        the ``segmentation_metrics`` arrays plus ``chosen_class`` [b], ``heatmap`` [b, H, W] (normalised,
+        float32), ``pred`` [b, H, W] (the precision–recall scores) and ``foreground`` [b, H, W] (bool).
+    """
+    r, terms = spatial_image_terms(prs, images)
+    res, chosen, degenerate = class_heatmaps(terms, r, classifier, grid, patch)
+    if res.shape[-2:] != targets.shape[-2:]:
+        raise ValueError(f"heatmaps are {tuple(res.shape[-2:])} but masks {tuple(targets.shape[-2:])}: "
+                         f"--image_size must be the model's input size")
+    out = segmentation_metrics(res, targets, degenerate)
+    out["chosen_class"] = chosen.cpu().numpy().astype(np.int64)
+    out["heatmap"] = res.cpu().numpy().astype(np.float32)
+    out["pred"] = curve_scores(res, thr).cpu().numpy().astype(np.float32)
+    out["foreground"] = (res > res.mean((1, 2), keepdim=True)).cpu().numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------- pictures
+def unnormalize(image: torch.Tensor, transform=None) -> np.ndarray:
+    """A preprocessed image ``[3, H, W]`` back to RGB ``[H, W, 3]`` in [0, 1].
+
+    Inverts the ``Normalize`` step of ``transform`` (open_clip's eval transform) when there is one, else
+    min–max scales.
+    """
+    x = image.detach().float().cpu()
+    norm = None
+    for t in getattr(transform, "transforms", []) or []:
+        if type(t).__name__ == "Normalize":
+            norm = t
+    if norm is not None:
+        mean = torch.tensor(norm.mean).view(-1, 1, 1)
+        std = torch.tensor(norm.std).view(-1, 1, 1)
+        x = x * std + mean
+    else:
+        x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
+    return x.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, cmap: str = "jet", alpha: float = 0.5,
+            vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
+    """Blend a colour-mapped heatmap ``[H, W]`` onto an RGB image ``[H, W, 3]`` in [0, 1] → ``[H, W, 3]``."""
+    from matplotlib import colormaps
+
+    span = vmax - vmin if vmax > vmin else 1.0
+    colored = colormaps[cmap](np.clip((heatmap - vmin) / span, 0, 1))[..., :3]
+    return (1 - alpha) * image + alpha * colored
+
+
+def save_segmentation_images(folder, index: int, image: np.ndarray, target: np.ndarray, foreground: np.ndarray,
+                             heatmap: np.ndarray) -> list:
+    """Write ``{index}_input.png``, ``{index}_gt.png``, ``{index}_mask.png`` (predicted) and
+    ``{index}_heatmap.png`` (overlay) into ``folder`` with matplotlib; returns the paths."""
+    from pathlib import Path
+
+    import matplotlib.image as mpimg
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{index:05d}_{k}.png" for k in ("input", "gt", "mask", "heatmap")]
+    mpimg.imsave(paths[0], np.clip(image, 0, 1))
+    mpimg.imsave(paths[1], (np.asarray(target) == 1).astype(np.uint8) * 255, cmap="gray", vmin=0, vmax=255)
+    mpimg.imsave(paths[2], np.asarray(foreground).astype(np.uint8) * 255, cmap="gray", vmin=0, vmax=255)
+    mpimg.imsave(paths[3], np.clip(overlay(image, heatmap), 0, 1))
+    return paths
