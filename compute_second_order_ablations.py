@@ -1,0 +1,107 @@
+"""Second-order ablation study (paper 2, section 4): do the neurons' first PCs and their few significant
+images explain the neurons' second-order effects? (The second paper's compute_ablations.py.)
+
+For each image of --dataset/--split the second-order effects of all neurons of --mlp_layer are computed
+(as compute_second_order_neuron_prs.py does) and zero-shot accuracy is reported for:
+  baseline                     coefficient * r/||r|| @ classifier
+  all_neurons_mean_ablated     every neuron's effect replaced by its training mean
+  only_non_significant_kept    the mean-ablated one plus the centred effects of non-significant neurons
+  only_significant_kept        the mean-ablated one plus the centred effects of significant neurons
+  projected_to_first_pc        each effect replaced by its mean plus its projection on the neuron's first PC
+A neuron is significant on an image when its centred norm exceeds its top_k_pca-th largest training norm.
+
+Reads from --input_dir the training files of compute_second_order_neuron_prs.py and compute_pcas.py
+({train_dataset}_{train_split}_mlps_{model}_{pretrained}_{mlp_layer}[_{top_k_pca}_pca|_norm].npy) and the
+classifier {train_dataset}_classifier_{model}_{pretrained}.npy, else {train_dataset}_classifier_{model}.npy
+(--input_dir first, then --output_dir). Default: ImageNet val, 10% (every 10th image), not the original's
+ImageNet-R. Prints the accuracies and writes them as JSON to --output_dir.
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import tqdm
+from torch.utils.data import DataLoader
+
+from utils.cli import run
+from utils.factory import add_model_args, load_model_from_args, pretrained_name
+from utils.io import atomic_write_text
+from utils.second_order import (ABLATIONS, COEFFICIENT, SecondOrderEffects, ablation_logits,
+                                build_second_order_dataset, class_labels, load_classifier, load_second_order_files,
+                                neuron_means)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Ablations part", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser, model="ViT-B-32", pretrained="openai")
+    parser.add_argument("--mlp_layer", default=9, type=int)
+    parser.add_argument("--coefficient", default=COEFFICIENT, type=float)
+    parser.add_argument("--top_k_pca", default=100, type=int, help="which PCA / norm files (their top k)")
+    parser.add_argument("--batch_size", default=16, type=int)
+    parser.add_argument("--output_dir", default="./output_dir/", help="where the JSON goes")
+    parser.add_argument("--input_dir", default="./output_dir/", help="where the training files are")
+    parser.add_argument("--data_path", default=None, type=str, help="dataset root")
+    parser.add_argument("--split", default="val", type=str, help="the evaluated split")
+    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    parser.add_argument("--dataset", type=str, default="imagenet",
+                        help="evaluated dataset: imagenet (val: every 10th image), CIFAR10/100, or an ImageFolder")
+    parser.add_argument("--train_dataset", default=None, type=str,
+                        help="dataset name of the training files and classifier (default: --dataset without a "
+                             "trailing '_r', as the original)")
+    parser.add_argument("--train_split", default="train", type=str, help="split of the training files")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    train_dataset = args.train_dataset or (args.dataset[:-2] if args.dataset.endswith("_r") else args.dataset)
+    model, preprocess, _ = load_model_from_args(args)
+    effects = SecondOrderEffects(model, args.mlp_layer, args.device, args.coefficient, model_name=args.model)
+    K, d = effects.num_neurons, effects.out_dim
+
+    files = load_second_order_files(args.input_dir, train_dataset, args.train_split, args.model, args.pretrained,
+                                    args.mlp_layer, args.top_k_pca)
+    if files["merged"].shape[1:] != (K, d):
+        raise ValueError(f"{files['paths']['merged']}: shape {files['merged'].shape} does not match {args.model} "
+                         f"layer {args.mlp_layer} ([images, {K}, {d}])")
+    classifier, cpath = load_classifier([args.input_dir, args.output_dir], train_dataset, args.model,
+                                        args.pretrained, d)
+    dev = effects.device
+    mean = torch.from_numpy(neuron_means(files["merged"], progress=True)).to(dev)
+    pcas = torch.from_numpy(files["pca"]).to(dev)
+    thresholds = torch.from_numpy(np.ascontiguousarray(files["norm"][:, 0])).to(dev)  # top_k-th largest norm
+    weights = torch.from_numpy(classifier).to(dev)
+
+    ds = build_second_order_dataset(args.dataset, args.data_path, preprocess, args.split)
+    labels = class_labels(ds, classifier.shape[1], f"{cpath} (--dataset {args.dataset})")
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    correct = dict.fromkeys(ABLATIONS, 0)
+    start = 0
+    for images, _ in tqdm.tqdm(loader, desc=f"second-order ablations {args.dataset} {args.split}", unit="batch"):
+        batch_effects, representation = effects(images)
+        target = torch.from_numpy(labels[start:start + len(images)]).to(dev)
+        start += len(images)
+        logits = ablation_logits(batch_effects, representation, mean, pcas, thresholds, weights, args.coefficient)
+        for k, v in logits.items():
+            correct[k] += int((v.argmax(-1) == target).sum())
+    accuracy = {k: 100.0 * c / max(1, len(labels)) for k, c in correct.items()}
+    print("Please note: evaluated on", len(labels), "images of", args.dataset, args.split)
+    for k, v in accuracy.items():
+        print(f"{ABLATIONS[k]}:", v)
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (f"{args.dataset}_{args.split}_second_order_ablations_{args.model}_"
+                  f"{pretrained_name(args.pretrained)}_{args.mlp_layer}_{args.top_k_pca}.json")
+    result = {"args": vars(args), "num_images": len(labels), "classifier": str(cpath),
+              "accuracy_percent": accuracy, "printed": {ABLATIONS[k]: v for k, v in accuracy.items()}}
+    atomic_write_text(path, json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

@@ -1,0 +1,77 @@
+"""Second-order effects of every neuron of one MLP layer, through all later attention heads (paper 2).
+
+For each image and each neuron k of --mlp_layer: the neuron's output at every token, passed through the
+frozen ln_1, value and attention of each later layer's heads into the CLS token, and projected with the
+frozen ln_post, scaled by --coefficient / ||r|| (DESIGN.md section 4). Computed batched: the sum over
+source tokens comes before the projection, so nothing of size [batch, tokens, neurons, width] is built.
+
+Writes, in --output_dir (the original's names; {pretrained} is the tag or a checkpoint's file stem):
+  {dataset}_{split}_mlps_{model}_{pretrained}_{mlp_layer}_merged.npy  [images, neurons, d]
+  {dataset}_{split}_labels.npy                                         [images]
+--dataset imagenet is the paper's subsample of torchvision ImageNet (train: every 250th image, 5,124;
+val: every 10th, 5,000). For ViT-B-32 on the train subsample the merged file is about 32 GB in float32
+(16 GB with --dtype float16); it is streamed into a memory map and --resume continues a killed run.
+OpenAI weights run with QuickGELU (set automatically for the 'openai' tag; --force_quick_gelu for files).
+"""
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import tqdm
+from torch.utils.data import DataLoader, Subset
+
+from utils.cli import run
+from utils.factory import add_model_args, load_model_from_args, pretrained_name
+from utils.io import StreamingArrays, atomic_save
+from utils.second_order import (COEFFICIENT, SecondOrderEffects, build_second_order_dataset, second_order_paths,
+                                split_labels_path)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Project Second Order Residual Stream", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_size", default=16, type=int, help="images per batch")
+    add_model_args(parser, model="ViT-B-32", pretrained="openai")
+    parser.add_argument("--mlp_layer", default=9, type=int, help="the MLP layer whose neurons to analyse (0-based)")
+    parser.add_argument("--coefficient", default=COEFFICIENT, type=float,
+                        help="scale on the normalised output (the paper's 100)")
+    parser.add_argument("--data_path", default=None, type=str, help="dataset root")
+    parser.add_argument("--dataset", type=str, default="imagenet",
+                        help="imagenet (subsampled), CIFAR10, CIFAR100, sample, or any ImageFolder name")
+    parser.add_argument("--split", type=str, default="train", help="val or train")
+    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    parser.add_argument("--output_dir", default="./output_dir", help="where to save")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    return parser
+
+
+def main(args: argparse.Namespace) -> Path:
+    model, preprocess, _ = load_model_from_args(args)
+    effects = SecondOrderEffects(model, args.mlp_layer, args.device, args.coefficient, model_name=args.model)
+    ds = build_second_order_dataset(args.dataset, args.data_path, preprocess, args.split)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    atomic_save(split_labels_path(args.output_dir, args.dataset, args.split), np.asarray(ds.labels))
+
+    B, K, d = len(ds), effects.num_neurons, effects.out_dim
+    path = second_order_paths(args.output_dir, args.dataset, args.split, args.model, args.pretrained,
+                              args.mlp_layer)["merged"]
+    meta = {"model": args.model, "pretrained": pretrained_name(args.pretrained), "dataset": args.dataset,
+            "split": args.split, "mlp_layer": args.mlp_layer, "coefficient": args.coefficient,
+            "force_quick_gelu": args.force_quick_gelu}
+    writer = StreamingArrays({"merged": path}, {"merged": (B, K, d)}, args.dtype, resume=args.resume, meta=meta)
+    if writer.done:
+        print(f"Resuming at image {writer.done} of {B}")
+    loader = DataLoader(Subset(ds, range(writer.done, B)), batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers)
+    for images, _ in tqdm.tqdm(loader, desc=f"second order {args.model} layer {args.mlp_layer}", unit="batch"):
+        batch_effects, _ = effects(images)
+        writer.write({"merged": batch_effects.cpu().numpy()})
+    writer.finish()
+    print(f"wrote {path} {[B, K, d]} {args.dtype}")
+    return path
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())
