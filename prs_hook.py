@@ -249,12 +249,12 @@ class PRSLogger:
     __call__ = encode_image
 
     # --------------------------------------------------------------- finalize
-    def _project(self, terms: torch.Tensor, share: float) -> torch.Tensor:
-        """Apply the frozen ``ln_post`` to terms already multiplied by ``G``; ``share`` = (#terms summed) / T."""
+    def _project_(self, terms: torch.Tensor, share: float) -> torch.Tensor:
+        """In place: the frozen ``ln_post`` on terms already multiplied by ``G``; ``share`` = (#terms summed) / T."""
         view = (-1,) + (1,) * (terms.dim() - 1)
         mean = self.post_ln_mean.view(view)
         std = self.post_ln_std.view(view)
-        return (terms - share * mean * self.g) / std + share * self.beta_proj
+        return terms.sub_(share * mean * self.g).div_(std).add_(share * self.beta_proj)
 
     @torch.no_grad()
     def finalize(self, representation: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,16 +275,16 @@ class PRSLogger:
         T = 2 * L + 1
         norm = representation.float().norm(dim=-1).to(self.device)  # [b]
         if isinstance(self.spatial, str) and self.spatial == "sum":
-            attn = self._project(self.attentions, L / (T * N))  # each entry sums L*H terms of share 1/(T*N*H)
+            attn = self._project_(self.attentions, L / (T * N))  # each entry sums L*H terms of share 1/(T*N*H)
         elif self.spatial:
-            attn = self._project(self.attentions, 1.0 / (T * N * H))
+            attn = self._project_(self.attentions, 1.0 / (T * N * H))
         else:
-            attn = self._project(self.attentions, 1.0 / (T * H))
-        cls_attn = self._project(self.cls_attentions, 1.0 / (T * N))
-        mlps = self._project(self.mlps, 1.0 / T)
-        self.attentions = attn / norm.view(-1, *([1] * (attn.dim() - 1)))
-        self.cls_attentions = cls_attn / norm[:, None, None]
-        self.mlps = mlps / norm[:, None, None]
+            attn = self._project_(self.attentions, 1.0 / (T * H))
+        cls_attn = self._project_(self.cls_attentions, 1.0 / (T * N))
+        mlps = self._project_(self.mlps, 1.0 / T)
+        self.attentions = attn.div_(norm.view(-1, *([1] * (attn.dim() - 1))))
+        self.cls_attentions = cls_attn.div_(norm[:, None, None])
+        self.mlps = mlps.div_(norm[:, None, None])
         self._finalized = True
         return self.attentions, self.mlps
 
