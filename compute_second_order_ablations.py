@@ -14,7 +14,7 @@ Reads from --input_dir the training files of compute_second_order_neuron_prs.py 
 ({train_dataset}_{train_split}_mlps_{model}_{pretrained}_{mlp_layer}[_{top_k_pca}_pca|_norm].npy) and the
 classifier {train_dataset}_classifier_{model}_{pretrained}.npy, else {train_dataset}_classifier_{model}.npy
 (--input_dir first, then --output_dir). Default: ImageNet val, 10% (every 10th image), not the original's
-ImageNet-R. Prints the accuracies and writes them as JSON to --output_dir.
+ImageNet-R. Prints the accuracies and writes them as JSON, with a bar chart (PNG), to --output_dir.
 """
 import argparse
 import json
@@ -23,13 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import tqdm
-from torch.utils.data import DataLoader
 
 from utils.cli import run
 from utils.factory import add_model_args, load_model_from_args, pretrained_name
 from utils.io import atomic_write_text
-from utils.second_order import (ABLATIONS, COEFFICIENT, SecondOrderEffects, ablation_logits,
+from utils.second_order import (ABLATIONS, COEFFICIENT, SecondOrderEffects, ablation_logits, accuracy_over_dataset,
                                 build_second_order_dataset, class_labels, load_classifier, load_second_order_files,
                                 neuron_means)
 
@@ -56,6 +54,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plot_accuracies(accuracy: dict, title: str, path: Path) -> None:
+    """One bar per ablation (zero-shot top-1 %), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [k.replace("_", " ") for k in accuracy]
+    bars = ax.barh(names[::-1], list(accuracy.values())[::-1], color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=8)
+    ax.set_xlabel("zero-shot top-1 accuracy (%)")
+    ax.set_xlim(0, 110)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".partial.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def main(args: argparse.Namespace) -> dict:
     train_dataset = args.train_dataset or (args.dataset[:-2] if args.dataset.endswith("_r") else args.dataset)
     model, preprocess, _ = load_model_from_args(args)
@@ -77,17 +96,9 @@ def main(args: argparse.Namespace) -> dict:
 
     ds = build_second_order_dataset(args.dataset, args.data_path, preprocess, args.split)
     labels = class_labels(ds, classifier.shape[1], f"{cpath} (--dataset {args.dataset})")
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
-    correct = dict.fromkeys(ABLATIONS, 0)
-    start = 0
-    for images, _ in tqdm.tqdm(loader, desc=f"second-order ablations {args.dataset} {args.split}", unit="batch"):
-        batch_effects, representation = effects(images)
-        target = torch.from_numpy(labels[start:start + len(images)]).to(dev)
-        start += len(images)
-        logits = ablation_logits(batch_effects, representation, mean, pcas, thresholds, weights, args.coefficient)
-        for k, v in logits.items():
-            correct[k] += int((v.argmax(-1) == target).sum())
-    accuracy = {k: 100.0 * c / max(1, len(labels)) for k, c in correct.items()}
+    accuracy = accuracy_over_dataset(
+        effects, ds, labels, lambda e, r: ablation_logits(e, r, mean, pcas, thresholds, weights, args.coefficient),
+        args.batch_size, args.num_workers, desc=f"second-order ablations {args.dataset} {args.split}")
     print("Please note: evaluated on", len(labels), "images of", args.dataset, args.split)
     for k, v in accuracy.items():
         print(f"{ABLATIONS[k]}:", v)
@@ -99,7 +110,9 @@ def main(args: argparse.Namespace) -> dict:
     result = {"args": vars(args), "num_images": len(labels), "classifier": str(cpath),
               "accuracy_percent": accuracy, "printed": {ABLATIONS[k]: v for k, v in accuracy.items()}}
     atomic_write_text(path, json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    plot_accuracies(accuracy, f"{args.model} ({pretrained_name(args.pretrained)}), MLP layer {args.mlp_layer}: "
+                              f"{len(labels)} images of {args.dataset} {args.split}", path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     return result
 
 

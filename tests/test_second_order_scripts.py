@@ -115,7 +115,9 @@ def test_ablation_script(out, val_folder, tmp_path):
         "--data_path", val_folder, "--split", "val", "--num_workers", "0", "--batch_size", "4", "--input_dir", out,
         "--output_dir", tmp_path)
     assert code == 0, stderr
-    result = json.loads(next(tmp_path.glob("golden_val_second_order_ablations_*_1_3.json")).read_text())
+    json_path = next(tmp_path.glob("golden_val_second_order_ablations_*_1_3.json"))
+    result = json.loads(json_path.read_text())
+    assert json_path.with_suffix(".png").stat().st_size > 1000
     assert result["classifier"].endswith("golden_classifier_prsclip-tiny-quickgelu.npy")
     assert "Without significant neurons:" in stdout and result["num_images"] == 6
 

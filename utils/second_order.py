@@ -328,6 +328,26 @@ def neuron_pcas(merged: np.ndarray, top_k: int, chunk: Optional[int] = None,
     return pcas, norms
 
 
+@torch.no_grad()
+def accuracy_over_dataset(effects: SecondOrderEffects, dataset, labels: np.ndarray,
+                          logits_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+                          batch_size: int, num_workers: int = 0, desc: str = "evaluate") -> dict[str, float]:
+    """Top-1 accuracy (%) of each set of logits ``logits_fn(effects [b, K, d], representation [b, d])`` returns
+    (name -> [b, C]), over ``dataset`` in order, against ``labels`` [B]; one forward pass per batch."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    correct: dict[str, int] = {}
+    start = 0
+    for images, _ in tqdm.tqdm(loader, desc=desc, unit="batch"):
+        batch_effects, representation = effects(images)
+        target = torch.from_numpy(np.asarray(labels[start:start + len(images)])).to(effects.device)
+        start += len(images)
+        for k, v in logits_fn(batch_effects, representation).items():
+            correct[k] = correct.get(k, 0) + int((v.argmax(-1) == target).sum())
+    return {k: 100.0 * c / max(1, len(labels)) for k, c in correct.items()}
+
+
 ABLATIONS = {  # JSON key: the original script's printed line
     "baseline": "Baseline (from representations)",
     "all_neurons_mean_ablated": "Without all the neurons",
