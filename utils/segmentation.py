@@ -104,25 +104,22 @@ def curve_scores(heatmaps: torch.Tensor, thr: float) -> torch.Tensor:
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """sklearn's ``average_precision_score`` for each row: ``scores`` ``[b, M]``, binary ``labels`` ``[b, M]``.
 
-    AP = Σ_k (R_k − R_{k−1}) P_k over the distinct score thresholds in decreasing order (tied scores form one
-    threshold). Equivalently, the mean over positive samples of the precision at the end of their tie group.
-    Returns float64 ``[b]``; a row without positives gives 0 (sklearn warns and returns NaN, the original
-    then applies ``nan_to_num``).
+    AP = Σ_k (R_k − R_{k−1}) P_k over the distinct score thresholds k in decreasing order (tied scores form
+    one threshold, counted at the last element of their run after sorting). Returns float64 ``[b]``; a row
+    without positives gives 0 (sklearn warns and returns NaN, which the original turns into 0).
     """
-    s, order = scores.sort(dim=1, descending=True, stable=True)
-    y = labels.gather(1, order).to(torch.int64)
-    tps = y.cumsum(1)
-    pos = torch.arange(1, y.shape[1] + 1, device=y.device).expand_as(tps)
-    precision = tps.double() / pos.double()
-    # index of the last element of each tie group (the threshold at which that element is first counted)
-    is_last = torch.ones_like(s, dtype=torch.bool)
+    s, order = scores.sort(dim=1, descending=True)
+    y = labels.gather(1, order)
+    tps = y.cumsum(1, dtype=torch.int64)  # true positives among the first i+1
+    is_last = torch.ones_like(y, dtype=torch.bool)
     is_last[:, :-1] = s[:, :-1] != s[:, 1:]
-    big = torch.full_like(tps, y.shape[1])
-    idx = torch.where(is_last, torch.arange(y.shape[1], device=y.device).expand_as(tps), big)
-    group_end = idx.flip(1).cummin(1).values.flip(1)
-    prec_at = precision.gather(1, group_end)
-    n_pos = y.sum(1)
-    ap = (prec_at * y).sum(1) / n_pos.clamp(min=1).double()
+    at_end = torch.where(is_last, tps, torch.zeros_like(tps))
+    prev = torch.zeros_like(tps)
+    prev[:, 1:] = at_end.cummax(1).values[:, :-1]  # tps at the previous threshold
+    rank = torch.arange(1, y.shape[1] + 1, device=y.device, dtype=torch.float64)
+    gain = (at_end - prev).clamp(min=0).double()  # new true positives at each threshold (0 elsewhere)
+    n_pos = tps[:, -1]
+    ap = (gain * tps.double() / rank).sum(1) / n_pos.clamp(min=1).double()
     return torch.where(n_pos > 0, ap, torch.zeros_like(ap))
 
 
@@ -132,30 +129,32 @@ def segmentation_metrics(heatmaps: torch.Tensor, targets: torch.Tensor,
 
     Returns NumPy arrays: ``correct`` [b], ``labeled`` [b], ``inter`` [b, 2], ``union`` [b, 2] (int64; class 0 =
     background, 1 = object) and ``ap`` [b] (float64), exactly as the original's ``batch_pix_accuracy``,
-    ``batch_intersection_union`` and ``get_ap_scores`` compute them for one image.
+    ``batch_intersection_union`` and ``get_ap_scores`` compute them for one image (pixels with a negative
+    label are unlabeled; labels above 1 count as labeled but belong to neither class).
     """
     if heatmaps.shape != targets.shape:
         raise ValueError(f"segmentation_metrics: heatmaps {tuple(heatmaps.shape)} vs masks {tuple(targets.shape)}")
     b = heatmaps.shape[0]
-    t = targets.to(heatmaps.device).long()
-    thr = heatmaps.mean((1, 2), keepdim=True)
-    fg = heatmaps > thr  # the original's Res_1; Res_0 = Res <= mean
-    pred = fg.long()
-    labeled = (t > -1).view(b, -1).sum(1)
-    correct = ((pred == t) & (t > -1)).view(b, -1).sum(1)
-    inter = torch.stack([((pred == c) & (t == c)).view(b, -1).sum(1) for c in (0, 1)], 1)
-    area_pred = torch.stack([(pred == c).view(b, -1).sum(1) for c in (0, 1)], 1)
-    area_lab = torch.stack([(t == c).view(b, -1).sum(1) for c in (0, 1)], 1)
-    union = area_pred + area_lab - inter
+    t = targets.to(heatmaps.device).long().reshape(b, -1)
+    fg = (heatmaps > heatmaps.mean((1, 2), keepdim=True)).reshape(b, -1)  # the original's Res_1 (Res_0 = rest)
+    # one joint histogram per image: bins 0..3 = (pred, label) in {0,1}², 4/5 = pred 0/1 on a label > 1
+    code = torch.where(t <= 1, fg * 2 + t, 4 + fg.long())
+    code = torch.where(t < 0, torch.full_like(code, 6), code)  # unlabeled: bin 6, ignored
+    offsets = 7 * torch.arange(b, device=t.device)[:, None]
+    n = torch.bincount((code + offsets).reshape(-1), minlength=7 * b).view(b, 7)
+    inter = torch.stack([n[:, 0], n[:, 3]], 1)
+    area_pred = torch.stack([n[:, 0] + n[:, 1] + n[:, 4], n[:, 2] + n[:, 3] + n[:, 5]], 1)
+    area_lab = torch.stack([n[:, 0] + n[:, 2], n[:, 1] + n[:, 3]], 1)
+    out = {"correct": n[:, 0] + n[:, 3], "labeled": n[:, :6].sum(1), "inter": inter,
+           "union": area_pred + area_lab - inter}
+    out = {k: v.cpu().numpy().astype(np.int64) for k, v in out.items()}
     # AP of [1 - Res, Res] against the one-hot mask, both channels flattened together
-    scores = torch.cat([(1 - heatmaps).reshape(b, -1), heatmaps.reshape(b, -1)], 1)
+    flat = heatmaps.reshape(b, -1)
+    scores = torch.cat([1 - flat, flat], 1)
     if degenerate is not None and bool(degenerate.any()):
         scores[degenerate.to(scores.device)] = 0  # the original's NaN -> 0 on both channels
-    onehot = torch.cat([(t == 0).reshape(b, -1), (t == 1).reshape(b, -1)], 1)
-    ap = average_precision(scores, onehot)
-    out = {"correct": correct, "labeled": labeled, "inter": inter, "union": union}
-    out = {k: v.cpu().numpy().astype(np.int64) for k, v in out.items()}
-    out["ap"] = np.nan_to_num(ap.cpu().numpy().astype(np.float64))
+    onehot = torch.cat([t == 0, t == 1], 1)
+    out["ap"] = np.nan_to_num(average_precision(scores, onehot).cpu().numpy().astype(np.float64))
     return out
 
 
