@@ -88,6 +88,7 @@ def main(args: argparse.Namespace) -> dict:
                          f"layer {args.mlp_layer} ([images, {K}, {d}])")
     classifier, cpath = load_classifier([args.input_dir, args.output_dir], train_dataset, args.model,
                                         args.pretrained, d)
+    print(f"classifier: {cpath} {list(classifier.shape)}")
     dev = effects.device
     mean = torch.from_numpy(neuron_means(files["merged"], progress=True)).to(dev)
     pcas = torch.from_numpy(files["pca"]).to(dev)
