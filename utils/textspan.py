@@ -59,12 +59,15 @@ class HeadStats:
 class HeadStatsAccumulator:
     """Streamed ``HeadStats`` of ``num_heads`` heads, fed one chunk of images at a time.
 
-    Chunks are shifted by the first chunk's mean before their scatter is taken (in ``chunk_dtype``, then
-    summed in float64), which keeps the centred scatter accurate when a head's mean is large.
+    Chunks are shifted by the first chunk's mean before their scatter is taken, which keeps the centred
+    scatter accurate when a head's mean is large. ``chunk_dtype`` is the precision of each chunk's product:
+    float64 (default) keeps the small singular values of a head at their float32-data level, as an SVD of
+    the data would; with float32 products they are lifted to ~3e-4 of the largest (sqrt of float32 eps),
+    which moves PCLens' 99 %-of-singular-values cut and the float-noise directions beyond a head's rank.
     """
 
     def __init__(self, num_heads: int, dim: int, device: str | torch.device = "cpu",
-                 chunk_dtype: torch.dtype = torch.float32):
+                 chunk_dtype: torch.dtype = torch.float64):
         self.num_heads, self.dim, self.device, self.chunk_dtype = num_heads, dim, torch.device(device), chunk_dtype
         self.count = 0
         self.shift: Optional[torch.Tensor] = None
@@ -93,12 +96,13 @@ class HeadStatsAccumulator:
         return HeadStats(self.count, self.shift[:, 0].double() + m, scatter)
 
 
-def head_stats(data: torch.Tensor | np.ndarray, device: str | torch.device = "cpu", chunk: int = 8192) -> HeadStats:
+def head_stats(data: torch.Tensor | np.ndarray, device: str | torch.device = "cpu", chunk: int = 8192,
+               chunk_dtype: torch.dtype = torch.float64) -> HeadStats:
     """``HeadStats`` of in-memory data ``[B, d]`` (one head) or ``[h, B, d]``."""
     data = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data)
     if data.ndim == 2:
         data = data[None]
-    acc = HeadStatsAccumulator(data.shape[0], data.shape[2], device)
+    acc = HeadStatsAccumulator(data.shape[0], data.shape[2], device, chunk_dtype)
     for s in range(0, data.shape[1], chunk):
         acc.update(data[:, s:s + chunk])
     return acc.finalize()
@@ -127,6 +131,7 @@ class TextSpanResult:
     variance_explained: np.ndarray
     mean: torch.Tensor
     rank: list[int] = field(default_factory=list)
+    deflated_texts: Optional[torch.Tensor] = None  # [h, T, d] after the last step (return_deflated=True)
 
     def basis(self) -> torch.Tensor:
         """The normalised directions ``Q`` [h, m, d] (zero rows stay zero)."""
@@ -136,7 +141,8 @@ class TextSpanResult:
 
 @torch.no_grad()
 def textspan_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarray, iters: int, rank: int,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> TextSpanResult:
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
+                        return_deflated: bool = False) -> TextSpanResult:
     """TextSpan for every head in ``stats`` at once.
 
     Args:
@@ -145,6 +151,7 @@ def textspan_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarr
         iters: texts per head (m).
         rank: ``w_ov_rank``, the number of top right singular vectors of the uncentred data kept.
         device, dtype: where and in which precision the [h, T, k] text coordinates live.
+        return_deflated: also return every text after the last deflation, [h, T, d] (tests).
     """
     device = torch.device(device)
     h, d = stats.mean.shape
@@ -193,6 +200,7 @@ def textspan_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarr
         variance_explained=torch.stack(fracs, 1).cpu().numpy(),
         mean=stats.mean.to(device, torch.float64),
         rank=[k] * h,
+        deflated_texts=(A @ V.transpose(1, 2)).to(torch.float64) if return_deflated else None,
     )
 
 
@@ -377,7 +385,7 @@ def _to_heads(block: np.ndarray, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def scan_decomposition(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarray, labels: np.ndarray,
                        first_layer: int, device: str | torch.device = "cpu", chunk: Optional[int] = None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, stats_dtype: torch.dtype = torch.float64) -> dict:
     """Pass 1 over the images: statistics of the heads of layers ``first_layer..L-1`` and the baseline.
 
     Reads ``attn`` [B, L, H, d] and ``mlp`` [B, L+1, d] (memmaps are fine) in chunks of images. Returns
@@ -390,7 +398,7 @@ def scan_decomposition(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarray
     device = torch.device(device)
     B, L, H, d = attn.shape
     chunk = chunk or _rows_per_chunk(L * H * d * 4)
-    acc = HeadStatsAccumulator((L - first_layer) * H, d, device)
+    acc = HeadStatsAccumulator((L - first_layer) * H, d, device, stats_dtype)
     early = torch.zeros(d, dtype=torch.float64, device=device)
     W = torch.from_numpy(np.asarray(classifier, np.float32)).to(device)
     lab = torch.from_numpy(np.asarray(labels)).to(device)

@@ -1,0 +1,121 @@
+"""Waterbirds (paper 1, section 4.3): remove the spurious location heads and measure group accuracies.
+
+Reads (memory-mapped) from --input_dir the outputs of compute_prs.py (attn, mlp, labels [B, 2] = class,
+background) and compute_text_projection.py (classifier). As in the original, the ablated representation
+mean-ablates the listed heads, every attention layer but the last --num_of_last_layers, and all MLP terms.
+Prints, for the baseline and for the ablation, the accuracy of each (class, background) group and the
+worst-group accuracy. The paper's head lists for ViT-B-16, ViT-L-14 and ViT-H-14 are the defaults;
+--heads 11.3,10.11,... overrides them. --random_trials N adds the paper's control: N random sets of as many
+heads from the same layers (seeded), reporting the best. Writes {dataset}_specific_heads_{model}.json and a
+bar chart {dataset}_specific_heads_{model}.png to --figures_dir.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from utils.ablations import check_decomposition
+from utils.cli import run
+from utils.io import atomic_write_text, classifier_path, labels_path, load_array, prs_paths
+from utils.plotting import new_figure, save_figure
+from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
+                              head_logits, parse_heads, random_head_sets)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Ablations part", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-H-14", type=str, metavar="MODEL", help="model name in file names")
+    parser.add_argument("--num_workers", default=10, type=int, help="unused; kept for the original command line")
+    parser.add_argument("--figures_dir", default="./output_dir", help="where the JSON and the chart go")
+    parser.add_argument("--input_dir", default="./output_dir", help="where the arrays are")
+    parser.add_argument("--dataset", type=str, default="binary_waterbirds",
+                        help="dataset name in file names (the original default 'waterbirds_binary' is not what "
+                             "its compute_prs.py writes)")
+    parser.add_argument("--heads", default=None, help="heads to mean-ablate, LAYER.HEAD,... "
+                        "(default: the paper's list for --model)")
+    parser.add_argument("--num_of_last_layers", type=int, default=4,
+                        help="attention layers kept; all earlier ones are mean-ablated (the original's 4)")
+    parser.add_argument("--random_trials", type=int, default=0, help="random head sets of the same size to try")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random head sets")
+    parser.add_argument("--chunk", type=int, default=1024, help="images per chunk read from the memmaps")
+    return parser
+
+
+def load(args: argparse.Namespace) -> dict:
+    """The memmapped arrays, with the [B, 2] labels, shape-checked."""
+    paths = prs_paths(args.input_dir, args.dataset, args.model)
+    arrays = {k: load_array(paths[k], "compute_prs.py") for k in ("attn", "mlp")}
+    cpath, lpath = classifier_path(args.input_dir, args.dataset, args.model), labels_path(args.input_dir, args.dataset)
+    arrays["classifier"] = np.asarray(load_array(cpath, "compute_text_projection.py", mmap=False), np.float32)
+    labels = np.asarray(load_array(lpath, "compute_prs.py", mmap=False))
+    if labels.ndim != 2 or labels.shape[1] != 2:
+        raise ValueError(f"{lpath}: labels of shape {labels.shape}; group accuracies need [B, 2] = (class, "
+                         f"background), as compute_prs.py writes for --dataset binary_waterbirds")
+    arrays["labels"] = labels[:, 0]
+    check_decomposition(arrays, {"attn": str(paths["attn"]), "mlp": str(paths["mlp"]), "classifier": str(cpath),
+                                 "labels": str(lpath)})
+    arrays["groups"] = labels
+    return arrays
+
+
+def plot_groups(results: dict, title: str, path: Path) -> None:
+    """Grouped bars: accuracy per (class, background) group, one bar per setting."""
+    names = GROUP_NAMES + ["worst group"]
+    fig, ax = new_figure((8, 4))
+    width = 0.8 / len(results)
+    for i, (label, res) in enumerate(results.items()):
+        vals = [res["groups"][g] if res["groups"][g] is not None else 0.0 for g in GROUP_NAMES] + [res["worst_group"]]
+        ax.bar(np.arange(len(names)) + (i - (len(results) - 1) / 2) * width, vals, width, label=label)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 115)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(results))
+    save_figure(fig, path)
+
+
+def report(name: str, res: dict) -> None:
+    groups = ", ".join(f"{g}: {v:.2f}" if v is not None else f"{g}: -" for g, v in res["groups"].items())
+    print(f"{name}: {groups}; worst group: {res['worst_group']:.2f}; average: {res['average']:.2f}")
+
+
+def main(args: argparse.Namespace) -> dict:
+    arrays = load(args)
+    B, L, H, d = arrays["attn"].shape
+    if not 1 <= args.num_of_last_layers <= L:
+        raise ValueError(f"--num_of_last_layers {args.num_of_last_layers}: the model has {L} layers")
+    heads = parse_heads(args.heads) if args.heads else default_heads(args.model)
+    check_heads(heads, L, H, "--heads" if args.heads else f"the default heads of {args.model}")
+    first = L - args.num_of_last_layers
+    early = [f"{l}.{h}" for l, h in heads if l < first]
+    if early:
+        print(f"note: heads {early} are in layers that are mean-ablated anyway")
+
+    parts = head_logits(arrays["attn"], arrays["mlp"], arrays["classifier"], first, args.chunk)
+    labels = arrays["groups"]
+    results = {"baseline": group_accuracies(parts["baseline"], labels),
+               "heads mean-ablated": group_accuracies(ablate(parts, heads, first, H), labels)}
+    report("Baseline", results["baseline"])
+    report(f"Replaced ({len(heads)} heads)", results["heads mean-ablated"])
+    random = None
+    if args.random_trials > 0:
+        sets = random_head_sets(len(heads), args.random_trials, first, L, H, args.seed)
+        random = best_random(parts, labels, sets, first, H)
+        results[f"best of {args.random_trials} random"] = random["best"]
+        report(f"Best of {args.random_trials} random sets of {len(heads)} heads", random["best"])
+
+    out = Path(args.figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.dataset}_specific_heads_{args.model}"
+    summary = {"args": vars(args), "num_images": B, "heads": [f"{l}.{h}" for l, h in heads],
+               "baseline": results["baseline"], "ablated": results["heads mean-ablated"], "random": random}
+    atomic_write_text(out / f"{stem}.json", json.dumps(summary, indent=1))
+    plot_groups(results, f"{args.model} on {args.dataset}: mean-ablating {len(heads)} heads", out / f"{stem}.png")
+    print(f"wrote {out / stem}.json and .png")
+    return summary
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())
