@@ -92,7 +92,12 @@ def find_classifier(directory: str | Path | Sequence[str | Path], dataset: str, 
 
 def find_text_set(directory: str | Path | Sequence[str | Path], text_set: str, model: str,
                   pretrained: Optional[str]) -> Path:
-    """``{text_set}_{model}_{pretrained}.npy`` (paper 2), else ``{text_set}_{model}.npy`` (paper 1)."""
+    """``{text_set}_{model}_{pretrained}.npy`` (paper 2), else ``{text_set}_{model}.npy`` (paper 1).
+
+    The two differ by a global scale: the original paper-2 script saved ``coefficient`` (100) times the normalised
+    embeddings, paper 1 the normalised embeddings. A consumer that centres and rescales the dictionary (as the
+    sparse decomposition does) is unaffected.
+    """
     names = [f"{text_set}_{model}_{pretrained_name(pretrained)}.npy", f"{text_set}_{model}.npy"]
     return find_input(directory, names, f"text embeddings [T, d] of '{text_set}' for {model} "
                                         f"(written by compute_text_set_projection.py)")
