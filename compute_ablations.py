@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from utils.ablations import load_decomposition, mean_ablation_study
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, save_figure
 from utils.cli import run
 
 
@@ -44,10 +44,7 @@ def plot_layer_curve(acc: dict, num_layers: int, title: str, path: Path) -> None
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".partial.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -148,3 +148,14 @@ class StreamingArrays:
         for p in self.paths.values():
             os.replace(self._partial(p), p)
         self.progress_file.unlink(missing_ok=True)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure via a temporary name and rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(path.name + PARTIAL + path.suffix)  # keep the extension: matplotlib picks the format
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
