@@ -26,7 +26,7 @@ import torch
 
 from utils.cli import run
 from utils.factory import add_model_args, load_model_from_args, pretrained_name
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, save_figure
 from utils.second_order import (ABLATIONS, COEFFICIENT, SecondOrderEffects, ablation_logits, accuracy_over_dataset,
                                 build_second_order_dataset, class_labels, load_classifier, load_second_order_files,
                                 neuron_means)
@@ -69,10 +69,7 @@ def plot_accuracies(accuracy: dict, title: str, path: Path) -> None:
     ax.set_xlim(0, 110)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".partial.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(args: argparse.Namespace) -> dict:
