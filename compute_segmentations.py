@@ -6,7 +6,8 @@ normalised and thresholded at its mean (utils/segmentation.py). Reports pixel ac
 and mAP, and saves the precision-recall curve.
 
 Every image is scored on its own: any --batch_size gives the numbers of --batch_size 1, which are the
-original code's (the original normalises over the whole batch and scores only its first image).
+original code's (the original normalises over the whole batch and scores only its first image). Pixel
+counts, pixAcc and mIoU match it exactly; AP to float32 noise (~1e-5, see README).
 
 Reads  --classifier_dir/{classifier_dataset}_classifier_{model}.npy  [d, C]  (compute_text_projection.py)
        --data_path gtsegs_ijcv.mat                                         (MATLAB v7.3 / HDF5)
