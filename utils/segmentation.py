@@ -240,15 +240,24 @@ def save_segmentation_images(folder, index: int, image: np.ndarray, target: np.n
                              heatmap: np.ndarray) -> list:
     """Write ``{index}_input.png``, ``{index}_gt.png``, ``{index}_mask.png`` (predicted) and
     ``{index}_heatmap.png`` (overlay) into ``folder`` with matplotlib; returns the paths."""
+    import os
     from pathlib import Path
 
     import matplotlib.image as mpimg
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{index:05d}_{k}.png" for k in ("input", "gt", "mask", "heatmap")]
-    mpimg.imsave(paths[0], np.clip(image, 0, 1))
-    mpimg.imsave(paths[1], (np.asarray(target) == 1).astype(np.uint8) * 255, cmap="gray", vmin=0, vmax=255)
-    mpimg.imsave(paths[2], np.asarray(foreground).astype(np.uint8) * 255, cmap="gray", vmin=0, vmax=255)
-    mpimg.imsave(paths[3], np.clip(overlay(image, heatmap), 0, 1))
+    pictures = {
+        "input": (np.clip(image, 0, 1), {}),
+        "gt": ((np.asarray(target) == 1).astype(np.uint8) * 255, {"cmap": "gray", "vmin": 0, "vmax": 255}),
+        "mask": (np.asarray(foreground).astype(np.uint8) * 255, {"cmap": "gray", "vmin": 0, "vmax": 255}),
+        "heatmap": (np.clip(overlay(image, heatmap), 0, 1), {}),
+    }
+    paths = []
+    for name, (array, kw) in pictures.items():
+        path = folder / f"{index:05d}_{name}.png"
+        tmp = path.with_name(path.name + ".partial")  # never a half-written PNG under the final name
+        mpimg.imsave(tmp, array, format="png", **kw)
+        os.replace(tmp, path)
+        paths.append(path)
     return paths

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import tqdm
 
+from utils.io import save_figure
 from utils.segmentation import overlay, unnormalize, upsample_patch_scores
 
 __all__ = ["parse_textspan_heads", "find_textspan_file", "text_maps", "centered", "plot_map_grid",
@@ -78,7 +79,8 @@ def plot_map_grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], row_
 
     ``maps[i]`` is ``[T_i, H, W]``. With ``symmetric`` the scale is ``[-m, m]`` with m the largest |value| over
     every map, so the same colour means the same score in every panel (the original set each panel's range
-    from a typo'd pair of maps). Returns the figure; saves it to ``path`` if given.
+    from a typo'd pair of maps). Returns the figure; with ``path`` it is saved (atomically) and closed, so
+    show it with ``IPython.display.display(fig)``.
     """
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
@@ -92,7 +94,8 @@ def plot_map_grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], row_
         vmin, vmax = float(allv.min()), float(allv.max())
         vmax = vmax if vmax > vmin else vmin + 1.0
     ncols = 1 + max(len(m) for m in maps)
-    fig, axes = plt.subplots(len(images), ncols, figsize=(2.4 * ncols, 2.5 * len(images) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(images), ncols, figsize=(2.4 * ncols, 2.5 * len(images) + 0.4), squeeze=False,
+                             layout="constrained")
     for i, (img, mm) in enumerate(zip(images, maps)):
         axes[i, 0].imshow(img)
         axes[i, 0].set_title(row_titles[i], fontsize=8)
@@ -108,7 +111,7 @@ def plot_map_grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], row_
     if title:
         fig.suptitle(title, fontsize=10)
     if path is not None:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        save_figure(fig, path, dpi=110)
     return fig
 
 
@@ -149,11 +152,13 @@ def topk_similar(query: torch.Tensor, bank: torch.Tensor, k: int, exclude: Optio
 
 def show_neighbours(query_image: np.ndarray, rows: Sequence[tuple[str, Sequence[np.ndarray], Sequence[float]]],
                     path: Optional[str | Path] = None, title: str = ""):
-    """The query, then one row of top-k images per ranking (``(name, images, scores)``). Returns the figure."""
+    """The query, then one row of top-k images per ranking (``(name, images, scores)``). Returns the figure
+    (saved and closed when ``path`` is given)."""
     import matplotlib.pyplot as plt
 
     k = max(len(r[1]) for r in rows)
-    fig, axes = plt.subplots(len(rows), k + 1, figsize=(2.0 * (k + 1), 2.6 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), k + 1, figsize=(2.0 * (k + 1), 2.6 * len(rows)), squeeze=False,
+                             layout="constrained")
     for i, (name, images, scores) in enumerate(rows):
         axes[i, 0].imshow(query_image)
         axes[i, 0].set_title("query", fontsize=8)
@@ -167,7 +172,6 @@ def show_neighbours(query_image: np.ndarray, rows: Sequence[tuple[str, Sequence[
             ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        save_figure(fig, path, dpi=110)
     return fig
