@@ -42,15 +42,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="./output_dir", help="where the results go")
     parser.add_argument("--input_dir", default="./output_dir", help="where the arrays are")
     parser.add_argument("--text_descriptions", default="image_descriptions_general", type=str,
-                        help="name of the text set (the paper commands' value; the original default is "
-                             "image_descriptions_per_class)")
+                        help="name of the text set (default %(default)s, as the paper commands; the original "
+                             "default is image_descriptions_per_class)")
     parser.add_argument("--text_dir", default="./text_descriptions", type=str, help="folder of the .txt text sets")
     parser.add_argument("--dataset", type=str, default="imagenet", help="dataset name in file names")
     parser.add_argument("--num_of_last_layers", type=int, default=4,
-                        help="how many attention layers to replace (the paper commands' value; original default 8)")
+                        help="how many attention layers to replace (default %(default)s, as the paper commands; "
+                             "original default 8)")
     parser.add_argument("--w_ov_rank", type=int, default=80, help="rank of the span the texts are projected on")
     parser.add_argument("--texts_per_head", type=int, default=20,
-                        help="texts per head (the paper commands' value; original default 10). For pclens: "
+                        help="texts per head (default %(default)s, as the paper commands; original default 10). For pclens: "
                              "texts listed per pole of each principal component")
     parser.add_argument("--algorithm", default="textspan", choices=["textspan", "pclens"],
                         help="textspan (paper 1) or pclens (PCLens' svd_data_approx: principal components up to "
@@ -137,6 +138,10 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(f"{args.input_dir}: TextSpan needs at least 2 images, the attn file has {B}")
     features, lines = load_text_set(args, d)
     first = L - args.num_of_last_layers
+    if args.algorithm == "textspan" and args.texts_per_head > min(args.w_ov_rank, B, d):
+        print(f"warning: --texts_per_head {args.texts_per_head} > the rank of the text span "
+              f"({min(args.w_ov_rank, B, d)}): the texts after that carry nothing (zero directions; the original "
+              f"divides by zero there)")
     print(f"Number of layers: {L}; replacing layers {first}..{L - 1} ({args.num_of_last_layers * H} heads) "
           f"with {args.algorithm}, {args.texts_per_head} texts per head, {len(lines)} texts, {B} images")
 

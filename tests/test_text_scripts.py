@@ -209,3 +209,19 @@ def test_use_specific_heads_bad_inputs(workdir):
     res = run_script("compute_use_specific_heads.py", "--model", MODEL, "--input_dir", flat, "--heads", "3.1",
                      "--figures_dir", workdir / "figs", check=False)
     assert res.returncode == 2 and "need [B, 2]" in res.stderr
+
+
+def test_help_documents_original_flags_and_defaults():
+    import compute_complete_text_set
+    import compute_text_set_projection
+    import compute_use_specific_heads
+
+    h = " ".join(compute_complete_text_set.get_args_parser().format_help().split())
+    for flag in ["--model", "--dataset", "--input_dir", "--output_dir", "--text_descriptions", "--text_dir",
+                 "--num_of_last_layers", "--w_ov_rank", "--texts_per_head", "--device", "--algorithm"]:
+        assert flag in h
+    assert "default 4, as the paper commands; original default 8" in h and "original default 10" in h
+    h = compute_text_set_projection.get_args_parser().format_help()
+    assert all(f in h for f in ["--model", "--pretrained", "--data_path", "--batch_size", "--output_dir", "--device"])
+    h = compute_use_specific_heads.get_args_parser().format_help()
+    assert all(f in h for f in ["--heads", "--random_trials", "--seed", "--figures_dir", "--input_dir"])

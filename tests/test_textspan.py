@@ -89,6 +89,9 @@ def test_batched_heads_equal_single_heads():
     feats = heads[0][1]
     data = torch.from_numpy(np.stack([h[0] for h in heads]))
     res = textspan_from_stats(head_stats(data), feats, 6, 8)
+    grouped = textspan_from_stats(head_stats(data), feats, 6, 8, max_bytes=1)  # one head at a time
+    np.testing.assert_array_equal(grouped.indices, res.indices)
+    np.testing.assert_allclose(grouped.directions.numpy(), res.directions.numpy(), atol=1e-12)
     rec = reconstruct(data.double(), res.mean, res.basis())
     for i, (x, _) in enumerate(heads):
         r1, idx = textspan_reference_numpy(x, feats, 6, 8, dtype=np.float64)

@@ -142,8 +142,8 @@ class TextSpanResult:
 @torch.no_grad()
 def textspan_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarray, iters: int, rank: int,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
-                        return_deflated: bool = False) -> TextSpanResult:
-    """TextSpan for every head in ``stats`` at once.
+                        return_deflated: bool = False, max_bytes: int = 1 << 30) -> TextSpanResult:
+    """TextSpan for every head in ``stats`` at once (in groups of heads whose text coordinates fit ``max_bytes``).
 
     Args:
         stats: per-head mean [h, d] and centred scatter [h, d, d] over B >= 2 images.
@@ -156,6 +156,18 @@ def textspan_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarr
     device = torch.device(device)
     h, d = stats.mean.shape
     B = stats.count
+    n_texts = text_features.shape[0]
+    per_head = 3 * n_texts * min(rank, B, d) * torch.finfo(dtype).bits // 8  # A, M and a temporary
+    group = max(1, max_bytes // max(1, per_head))
+    if h > group:
+        parts = [textspan_from_stats(stats.select(slice(s, s + group)), text_features, iters, rank, device, dtype,
+                                     return_deflated, max_bytes) for s in range(0, h, group)]
+        return TextSpanResult(
+            indices=np.concatenate([p.indices for p in parts]), directions=torch.cat([p.directions for p in parts]),
+            std=np.concatenate([p.std for p in parts]),
+            variance_explained=np.concatenate([p.variance_explained for p in parts]),
+            mean=torch.cat([p.mean for p in parts]), rank=sum((p.rank for p in parts), []),
+            deflated_texts=torch.cat([p.deflated_texts for p in parts]) if return_deflated else None)
     if B < 2:
         raise ValueError(f"TextSpan needs at least 2 images (an unbiased std), got {B}")
     texts = torch.as_tensor(np.asarray(text_features) if not isinstance(text_features, torch.Tensor)
