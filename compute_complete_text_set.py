@@ -26,8 +26,7 @@ import torch
 from utils.ablations import load_decomposition
 from utils.cli import run
 from utils.factory import default_device
-from utils.io import atomic_write_text, load_array
-from utils.plotting import new_figure, save_figure
+from utils.io import atomic_write_text, load_array, save_figure
 from utils.text_sets import read_text_set
 from utils.textspan import pclens_from_stats, replacement_accuracy, scan_decomposition, textspan_from_stats
 
@@ -113,9 +112,13 @@ def run_pclens(stats, features, lines, args, first, H) -> tuple[list[dict], obje
 
 def plot_curve(curve: list[float], baseline: float, title: str, xlabel: str, path: Path) -> None:
     """Accuracy against the number of texts per head, with the unablated baseline as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = new_figure()
+    fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(range(len(curve)), curve, marker="o", markersize=3, label="last layers replaced by their texts")
     ax.axhline(baseline, color="gray", linestyle="--", label="baseline (nothing ablated)")
     ax.set_xlabel(xlabel)
@@ -123,6 +126,7 @@ def plot_curve(curve: list[float], baseline: float, title: str, xlabel: str, pat
     ax.set_ylabel("zero-shot top-1 accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
+    fig.tight_layout()
     save_figure(fig, path)
 
 

@@ -17,8 +17,7 @@ import numpy as np
 
 from utils.ablations import check_decomposition
 from utils.cli import run
-from utils.io import atomic_write_text, classifier_path, labels_path, load_array, prs_paths
-from utils.plotting import new_figure, save_figure
+from utils.io import atomic_write_text, classifier_path, labels_path, load_array, prs_paths, save_figure
 from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
                               head_logits, parse_heads, random_head_sets)
 
@@ -62,8 +61,13 @@ def load(args: argparse.Namespace) -> dict:
 
 def plot_groups(results: dict, title: str, path: Path) -> None:
     """Grouped bars: accuracy per (class, background) group, one bar per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     names = GROUP_NAMES + ["worst group"]
-    fig, ax = new_figure((8, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(results)
     for i, (label, res) in enumerate(results.items()):
         vals = [res["groups"][g] if res["groups"][g] is not None else 0.0 for g in GROUP_NAMES] + [res["worst_group"]]
@@ -73,6 +77,7 @@ def plot_groups(results: dict, title: str, path: Path) -> None:
     ax.set_ylim(0, 115)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper center", ncol=len(results))
+    fig.tight_layout()
     save_figure(fig, path)
 
 
