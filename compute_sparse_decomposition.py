@@ -27,7 +27,7 @@ from {dataset}_{train_split}_..._merged.npy and the classifier from {dataset}_cl
 
 --dictionary_norm:
   per_dimension  (default, the original) each embedding dimension (column) of the centred texts is divided
-                 by its norm over the texts: a per-axis whitening. Texts end up with unequal norms and OMP,
+                 by its norm over the texts (a per-axis standardisation). Texts end up with unequal norms and OMP,
                  which picks by |<text, residual>|, favours texts far out along rarely-used axes.
   per_text       each centred text (row) is scaled to the same norm, coefficient*sqrt(d/T): the texts keep
                  their directions (cosine geometry, as in SpLiCE), and the dictionary keeps the total norm of

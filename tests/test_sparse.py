@@ -253,3 +253,26 @@ def test_reconstruction_logits_is_the_original_formula():
         for key, want in [("baseline", rep), ("all_neurons_mean_ablated", abl), ("reconstructed", orig),
                           ("reconstructed_projection", proj)]:
             np.testing.assert_allclose(out[key][i].numpy(), want @ W, rtol=1e-4, atol=1e-3)
+
+
+def test_bench_omp_smoke(tmp_path):
+    """bench/bench_omp.py on a tiny problem, both paths (scikit-learn at the full size, and on a smaller
+    dictionary with extrapolation): runs, and our codes agree with scikit-learn's on the checked signals."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_omp
+
+    for max_gib, sizes in [(1.0, ["600"]), (0.0115, ["500", "1000"])]:
+        args = bench_omp.get_args_parser().parse_args(
+            ["--signals", "40", "--dim", "16", "--atoms", "1200" if len(sizes) == 2 else "600", "--k", "6",
+             "--sklearn_signals", "5", "--sklearn_max_gib", str(max_gib), "--json", str(tmp_path / "b.json")])
+        res = bench_omp.main(args)
+        assert sorted(res["sklearn"], key=int) == sizes
+        for r in res["sklearn"].values():
+            assert r["check"]["same_support_fraction"] == 1.0
+            assert r["check"]["max_abs_coef_diff"] < 1e-4 * r["check"]["max_abs_coef"] + 1e-6
+        assert ("ratio_full" in res) == (len(sizes) == 1)
+        assert json.loads((tmp_path / "b.json").read_text())["table"]
