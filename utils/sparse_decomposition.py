@@ -204,7 +204,8 @@ def plot_fit(cosines: np.ndarray, title: str, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
+    from utils.io import save_figure
+
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(cosines, bins=min(50, max(5, len(cosines) // 4)), range=(min(0.0, float(cosines.min())), 1.0))
     ax.axvline(float(np.mean(cosines)), color="k", linestyle="--", label=f"mean {np.mean(cosines):.3f}")
@@ -213,7 +214,4 @@ def plot_fit(cosines: np.ndarray, title: str, path: str | Path) -> None:
     ax.set_title(title, fontsize=8)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".partial.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
