@@ -6,11 +6,10 @@ attention layers are mean-ablated cumulatively. Labels come from {dataset}_label
 {dataset}_ablations_{model}.json and a plot {dataset}_ablations_{model}.png to --figures_dir.
 """
 import argparse
-import json
 from pathlib import Path
 
 from utils.ablations import load_decomposition, mean_ablation_study
-from utils.io import atomic_write_text, save_figure
+from utils.io import atomic_write_json, save_figure
 from utils.cli import run
 
 
@@ -66,7 +65,7 @@ def main(args: argparse.Namespace) -> dict:
     stem = f"{args.dataset}_ablations_{args.model}"
     result = {"args": vars(args), "num_images": int(arrays["attn"].shape[0]), "accuracy_percent": acc,
               "printed": printed}
-    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
+    atomic_write_json(out / f"{stem}.json", result)
     plot_layer_curve(acc, L, f"{args.model} on {args.dataset}", out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return result

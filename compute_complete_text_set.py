@@ -17,7 +17,6 @@ against the labels file. Writes to --output_dir:
 (with --algorithm pclens the names end in _pclens).
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 from utils.ablations import load_decomposition
 from utils.cli import run
 from utils.factory import default_device
-from utils.io import atomic_write_text, load_array, save_figure
+from utils.io import atomic_write_json, atomic_write_text, load_array, save_figure
 from utils.text_sets import read_text_set
 from utils.textspan import pclens_from_stats, replacement_accuracy, scan_decomposition, textspan_from_stats
 
@@ -174,7 +173,7 @@ def main(args: argparse.Namespace) -> dict:
               "accuracy": {"baseline": baseline, "replaced_heads_mean_ablated": curve[0], "final": current_accuracy},
               "accuracy_curve": {"texts_per_head": list(range(len(curve))), "accuracy": curve},
               "number_of_texts": len(all_texts), "heads": heads}
-    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
+    atomic_write_json(out / f"{stem}.json", result)
     xlabel = "texts per head" if args.algorithm == "textspan" else "principal components (texts) per head"
     plot_curve(curve, baseline, f"{args.model} on {args.dataset}: last {args.num_of_last_layers} layers, "
                                 f"{args.text_descriptions}", xlabel, out / f"{stem}.png")

@@ -17,7 +17,6 @@ classifier {train_dataset}_classifier_{model}_{pretrained}.npy, else {train_data
 ImageNet-R. Prints the accuracies and writes them as JSON, with a bar chart (PNG), to --output_dir.
 """
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 from utils.cli import run
 from utils.factory import add_model_args, load_model_from_args, pretrained_name
-from utils.io import atomic_write_text, save_figure
+from utils.io import atomic_write_json, save_figure
 from utils.second_order import (ABLATIONS, COEFFICIENT, SecondOrderEffects, ablation_logits, accuracy_over_dataset,
                                 build_second_order_dataset, class_labels, load_classifier, load_second_order_files,
                                 neuron_means)
@@ -107,7 +106,7 @@ def main(args: argparse.Namespace) -> dict:
                   f"{pretrained_name(args.pretrained)}_{args.mlp_layer}_{args.top_k_pca}.json")
     result = {"args": vars(args), "num_images": len(labels), "classifier": str(cpath),
               "accuracy_percent": accuracy, "printed": {ABLATIONS[k]: v for k, v in accuracy.items()}}
-    atomic_write_text(path, json.dumps(result, indent=1))
+    atomic_write_json(path, result)
     plot_accuracies(accuracy, f"{args.model} ({pretrained_name(args.pretrained)}), MLP layer {args.mlp_layer}: "
                               f"{len(labels)} images of {args.dataset} {args.split}", path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -20,7 +20,6 @@ Writes --output_dir/{train_dataset}_segmentation_{model}_{pretrained}/:
        images/NNNNN_{input,gt,mask,heatmap}.png   with --save_img
 """
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from prs_hook import hook_prs_logger
 from utils.cli import run
 from utils.factory import add_model_args, load_model_from_args, pretrained_name
 from utils.imagenet_segmentation import MASK_RESIZE, ImagenetSegmentation
-from utils.io import StreamingArrays, atomic_save, atomic_write_text, classifier_path, load_array
+from utils.io import StreamingArrays, atomic_save, atomic_write_json, atomic_write_text, classifier_path, load_array
 from utils.segmentation import (aggregate_metrics, evaluate_batch, grid_and_patch, result_text,
                                 save_segmentation_images, unnormalize)
 
@@ -155,7 +154,7 @@ def main(args: argparse.Namespace) -> dict:
                       for c, r in zip(counts, per_image)],
         "args": {k: v for k, v in vars(args).items()},
     }
-    atomic_write_text(out / "segmentation.json", json.dumps(summary, indent=1))
+    atomic_write_json(out / "segmentation.json", summary)
     print(f"wrote {out}/ (segmentation.json, {result_file.name}, precision.npy, recall.npy, heatmaps.npy"
           f"{', images/' if args.save_img else ''})")
     return summary

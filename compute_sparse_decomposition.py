@@ -34,7 +34,6 @@ from {dataset}_{train_split}_..._merged.npy and the classifier from {dataset}_cl
                  the per_dimension one, so --l1_penalty means about the same under both.
 """
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -44,13 +43,13 @@ import torch
 
 from utils.cli import run
 from utils.factory import add_model_args, load_model_from_args
-from utils.io import atomic_write_text, load_array
+from utils.io import atomic_write_json, load_array
 from utils.second_order import (COEFFICIENT, SecondOrderEffects, accuracy_over_dataset, build_second_order_dataset,
                                 class_labels, find_input, find_text_set, load_classifier, neuron_means,
                                 second_order_paths)
 from utils.sparse_decomposition import (EVALUATIONS, NORMS, SOLVERS, build_text_dictionary, cosine_rows,
                                         decompose, decomposition_json, output_stem, plot_fit,
-                                        reconstruction_logits, save_sparse_npz, top_components, write_json)
+                                        reconstruction_logits, save_sparse_npz, top_components)
 from utils.text_sets import read_text_set
 
 
@@ -178,7 +177,7 @@ def main(args: argparse.Namespace) -> dict:
     penalty = args.transform_alpha if args.solver == "omp" else l1
     stem = output_stem(args.dataset, args.model, args.pretrained, args.mlp_layer, args.text_descriptions,
                        args.solver, penalty, args.components, args.dictionary_norm)
-    write_json(out / f"{stem}.json", decomposition_json(top, inputs["lines"]))
+    atomic_write_json(out / f"{stem}.json", decomposition_json(top, inputs["lines"]), indent=None)
     save_sparse_npz(out / f"{stem}.npz", codes)
     reconstruction = np.asarray(truncated @ dictionary, np.float32)  # [K, d]
     cos = cosine_rows(reconstruction, pcas)
@@ -200,7 +199,7 @@ def main(args: argparse.Namespace) -> dict:
                   "training_mean": str(ev["merged_path"]), "accuracy_percent": accuracy,
                   "printed": {EVALUATIONS[k]: v for k, v in accuracy.items()},
                   "cosine_reconstruction_pc_mean": float(cos.mean())}
-    atomic_write_text(out / f"{stem}_evaluation.json", json.dumps(evaluation, indent=1))
+    atomic_write_json(out / f"{stem}_evaluation.json", evaluation)
     print(f"wrote {out / (stem + '_evaluation.json')}")
     result["accuracy_percent"] = accuracy
     return result

@@ -10,14 +10,13 @@ heads from the same layers (seeded), reporting the best. Writes {dataset}_specif
 bar chart {dataset}_specific_heads_{model}.png to --figures_dir.
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from utils.ablations import check_decomposition
 from utils.cli import run
-from utils.io import atomic_write_text, classifier_path, labels_path, load_array, prs_paths, save_figure
+from utils.io import atomic_write_json, classifier_path, labels_path, load_array, prs_paths, save_figure
 from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
                               head_logits, parse_heads, random_head_sets)
 
@@ -116,7 +115,7 @@ def main(args: argparse.Namespace) -> dict:
     stem = f"{args.dataset}_specific_heads_{args.model}"
     summary = {"args": vars(args), "num_images": B, "heads": [f"{l}.{h}" for l, h in heads],
                "baseline": results["baseline"], "ablated": results["heads mean-ablated"], "random": random}
-    atomic_write_text(out / f"{stem}.json", json.dumps(summary, indent=1))
+    atomic_write_json(out / f"{stem}.json", summary)
     plot_groups(results, f"{args.model} on {args.dataset}: mean-ablating {len(heads)} heads", out / f"{stem}.png")
     print(f"wrote {out / stem}.json and .png")
     return summary

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import BinaryIO, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -51,15 +51,20 @@ def load_array(path: str | Path, what: str, mmap: bool = True) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- writing
-def atomic_save(path: str | Path, array: np.ndarray) -> None:
-    """``np.save`` to a temporary name in the same folder, then rename: never a half-written ``path``."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temporary file in the same folder, fsync, then rename: never a half-written ``path``."""
     path = Path(path)
     tmp = path.with_name(path.name + PARTIAL)
     with open(tmp, "wb") as f:
-        np.save(f, array)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_save(path: str | Path, array: np.ndarray) -> None:
+    """``np.save`` via ``atomic_write``."""
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -68,6 +73,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.with_name(path.name + PARTIAL)
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj, indent: Optional[int] = 1) -> None:
+    """``json.dumps(obj, indent=indent)`` written via ``atomic_write_text``."""
+    atomic_write_text(path, json.dumps(obj, indent=indent))
 
 
 class StreamingArrays:

@@ -20,8 +20,6 @@ then rescaled, then multiplied by ``coefficient`` (100):
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,6 +28,7 @@ import scipy.sparse as sp
 import torch
 
 from utils.factory import pretrained_name
+from utils.io import atomic_write
 
 NORMS = ("per_dimension", "per_text")
 SOLVERS = ("omp", "nnlasso")
@@ -138,21 +137,8 @@ def output_stem(dataset: str, model: str, pretrained: Optional[str], mlp_layer: 
 
 
 def save_sparse_npz(path: str | Path, matrix: sp.spmatrix) -> None:
-    """``scipy.sparse.save_npz`` of ``matrix`` as CSC (the original's format), via a temporary name."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        sp.save_npz(f, sp.csc_matrix(matrix))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: str | Path, obj) -> None:
-    """``json.dump`` to a temporary name, then rename."""
-    from utils.io import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj))
+    """``scipy.sparse.save_npz`` of ``matrix`` as CSC (the original's format), via ``utils.io.atomic_write``."""
+    atomic_write(path, lambda f: sp.save_npz(f, sp.csc_matrix(matrix)))
 
 
 # ----------------------------------------------------------------------------- checking the fit
