@@ -11,8 +11,6 @@ import argparse
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
 import tqdm
 from torch.utils.data import DataLoader, Subset
 

@@ -16,7 +16,6 @@ layers and heads in the forward ([b, N, d], what segmentation needs).
 """
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -138,7 +137,7 @@ def main() -> None:
             res[m]["peak_gib"] = peak_memory_child(args, m)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
     print(f"\n{args.model}, batch {args.batch_size}, {dev}, fp32, median of {args.rounds} rounds")
-    print(f"| mode | images/s | ratio vs plain | peak memory (GiB) |\n|---|---|---|---|")
+    print("| mode | images/s | ratio vs plain | peak memory (GiB) |\n|---|---|---|---|")
     for m in modes:
         r = res[m]
         print(f"| {m} | {r['images_per_s']:.2f} | {r.get('ratio_vs_plain', float('nan')):.2f} | "

@@ -2,7 +2,6 @@
 their command lines, on fixtures made with compute_prs.py / compute_text_projection.py and the golden model."""
 import json
 import shutil
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -50,7 +49,6 @@ def test_text_set_projection_output(workdir):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     # row i is line i: the same text embedded in-process gives the same row
     import open_clip
-    import torch
     from utils.text import encode_texts
 
     model, _, _ = open_clip.create_model_and_transforms(MODEL, pretrained=str(GOLDEN_WEIGHTS))

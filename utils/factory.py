@@ -80,7 +80,6 @@ def load_model(
     import open_clip
 
     cfg = _check_config(model_name) if check_vision else {}
-    kwargs = {}
     weights = None if pretrained is None or pretrained in NO_WEIGHTS else pretrained
     if weights is not None and not os.path.isfile(weights):
         tag_cfg = open_clip.get_pretrained_cfg(model_name, weights)

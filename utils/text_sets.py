@@ -30,7 +30,7 @@ def resolve_text_file(path: str | Path) -> Path:
         return alt
     hint = ""
     if path.name in ORIGINAL_TEXT_SETS:
-        hint = f" It is one of the authors' sets: fetch it with `python text_descriptions/fetch_original.py`."
+        hint = " It is one of the authors' sets: fetch it with `python text_descriptions/fetch_original.py`."
     raise FileNotFoundError(f"{path}: text set not found (nor {alt}).{hint}")
 
 

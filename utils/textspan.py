@@ -176,7 +176,6 @@ def textspan_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarr
         raise ValueError(f"text features of shape {list(texts.shape)} do not match the heads' dimension d={d}")
     if iters < 1 or rank < 1:
         raise ValueError(f"texts per head ({iters}) and w_ov_rank ({rank}) must be >= 1")
-    T = texts.shape[0]
     k = min(rank, B, d)
     scatter = stats.scatter.to(device, torch.float64)
     gram = stats.gram.to(device, torch.float64)
