@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from utils.ablations import load_decomposition
-from utils.cli import run
+from utils.cli import InputError, run
 from utils.factory import default_device
 from utils.io import atomic_write_json, atomic_write_text, load_array, save_figure
 from utils.text_sets import read_text_set
@@ -67,12 +67,12 @@ def load_text_set(args: argparse.Namespace, d: int) -> tuple[np.ndarray, list[st
     emb_path = Path(args.input_dir) / f"{args.text_descriptions}_{args.model}.npy"
     features = np.asarray(load_array(emb_path, "compute_text_set_projection.py", mmap=False), np.float32)
     if features.ndim != 2 or features.shape[1] != d:
-        raise ValueError(f"{emb_path}: text embeddings of shape {list(features.shape)} do not match the model "
+        raise InputError(f"{emb_path}: text embeddings of shape {list(features.shape)} do not match the model "
                          f"dimension d={d} of the attn file (embedded with another model?)")
     txt_path = Path(args.text_dir) / f"{args.text_descriptions}.txt"
     lines = read_text_set(txt_path, "--text_descriptions")
     if len(lines) != len(features):
-        raise ValueError(f"{txt_path} has {len(lines)} lines but {emb_path} has {len(features)} rows; "
+        raise InputError(f"{txt_path} has {len(lines)} lines but {emb_path} has {len(features)} rows; "
                          f"recompute the embeddings with compute_text_set_projection.py")
     return features, lines
 
@@ -134,11 +134,11 @@ def main(args: argparse.Namespace) -> dict:
     attn, mlp, classifier, labels = arrays["attn"], arrays["mlp"], arrays["classifier"], arrays["labels"]
     B, L, H, d = attn.shape
     if not 1 <= args.num_of_last_layers <= L:
-        raise ValueError(f"--num_of_last_layers {args.num_of_last_layers}: the model has {L} layers")
+        raise InputError(f"--num_of_last_layers {args.num_of_last_layers}: the model has {L} layers")
     if args.texts_per_head < 1 or args.w_ov_rank < 1:
-        raise ValueError("--texts_per_head and --w_ov_rank must be >= 1")
+        raise InputError("--texts_per_head and --w_ov_rank must be >= 1")
     if B < 2:
-        raise ValueError(f"{args.input_dir}: TextSpan needs at least 2 images, the attn file has {B}")
+        raise InputError(f"{args.input_dir}: TextSpan needs at least 2 images, the attn file has {B}")
     features, lines = load_text_set(args, d)
     first = L - args.num_of_last_layers
     if args.algorithm == "textspan" and args.texts_per_head > min(args.w_ov_rank, B, d):

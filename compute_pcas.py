@@ -11,7 +11,7 @@ and orient it so that more than top_k_pca // 2 of them project positively. Write
 import argparse
 from pathlib import Path
 
-from utils.cli import run
+from utils.cli import InputError, run
 from utils.io import atomic_save, load_array
 from utils.second_order import neuron_pcas, neurons_per_chunk, second_order_paths
 
@@ -37,9 +37,9 @@ def main(args: argparse.Namespace) -> dict:
     src = second_order_paths(args.input_dir, args.dataset, args.split, args.model, args.pretrained, args.mlp_layer)
     merged = load_array(src["merged"], "compute_second_order_neuron_prs.py")  # [B, K, d], memory-mapped
     if merged.ndim != 3:
-        raise ValueError(f"{src['merged']}: expected [images, neurons, d], got shape {merged.shape}")
+        raise InputError(f"{src['merged']}: expected [images, neurons, d], got shape {merged.shape}")
     if not 1 <= args.top_k_pca <= merged.shape[0]:
-        raise ValueError(f"--top_k_pca {args.top_k_pca}: must be between 1 and the {merged.shape[0]} images "
+        raise InputError(f"--top_k_pca {args.top_k_pca}: must be between 1 and the {merged.shape[0]} images "
                          f"of {src['merged']}")
     chunk = neurons_per_chunk(merged, int(args.chunk_gb * 2 ** 30))
     pcas, norms = neuron_pcas(merged, args.top_k_pca, chunk)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import run
+from utils.cli import InputError, run
 from utils.factory import add_model_args, load_model_from_args, pretrained_name
 from utils.io import atomic_write_json, save_figure
 from utils.second_order import (ABLATIONS, COEFFICIENT, SecondOrderEffects, ablation_logits, accuracy_over_dataset,
@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> dict:
     files = load_second_order_files(args.input_dir, train_dataset, args.train_split, args.model, args.pretrained,
                                     args.mlp_layer, args.top_k_pca)
     if files["merged"].shape[1:] != (K, d):
-        raise ValueError(f"{files['paths']['merged']}: shape {files['merged'].shape} does not match {args.model} "
+        raise InputError(f"{files['paths']['merged']}: shape {files['merged'].shape} does not match {args.model} "
                          f"layer {args.mlp_layer} ([images, {K}, {d}])")
     classifier, cpath = load_classifier([args.input_dir, args.output_dir], train_dataset, args.model,
                                         args.pretrained, d)

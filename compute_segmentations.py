@@ -29,7 +29,7 @@ import tqdm
 from torch.utils.data import DataLoader, Subset
 
 from prs_hook import hook_prs_logger
-from utils.cli import run
+from utils.cli import InputError, run
 from utils.factory import add_model_args, load_model_from_args, pretrained_name
 from utils.imagenet_segmentation import MASK_RESIZE, ImagenetSegmentation
 from utils.io import StreamingArrays, atomic_save, atomic_write_json, atomic_write_text, classifier_path, load_array
@@ -68,7 +68,7 @@ def load_classifier(args: argparse.Namespace) -> tuple[Path, np.ndarray]:
     path = classifier_path(args.classifier_dir, args.classifier_dataset, args.model)
     classifier = np.asarray(load_array(path, "compute_text_projection.py", mmap=False), dtype=np.float32)
     if classifier.ndim != 2:
-        raise ValueError(f"{path}: classifier of shape {list(classifier.shape)}; expected [d, classes]")
+        raise InputError(f"{path}: classifier of shape {list(classifier.shape)}; expected [d, classes]")
     return path, classifier
 
 
@@ -81,10 +81,10 @@ def main(args: argparse.Namespace) -> dict:
     grid, patch = grid_and_patch(model)
     size = (grid[0] * patch[0], grid[1] * patch[1])
     if size != (args.image_size, args.image_size):
-        raise ValueError(f"--image_size {args.image_size}: {args.model} takes {size[0]}x{size[1]} inputs")
+        raise InputError(f"--image_size {args.image_size}: {args.model} takes {size[0]}x{size[1]} inputs")
     prs = hook_prs_logger(model, args.device, spatial="sum", model_name=args.model)
     if classifier.shape[0] != prs.out_dim:
-        raise ValueError(f"{cls_file}: classifier of shape {list(classifier.shape)}, but {args.model} embeds into "
+        raise InputError(f"{cls_file}: classifier of shape {list(classifier.shape)}, but {args.model} embeds into "
                          f"{prs.out_dim} dimensions; expected [{prs.out_dim}, classes] (written for another model?)")
     weights = torch.from_numpy(classifier).to(args.device)
 

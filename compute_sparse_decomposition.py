@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import run
+from utils.cli import InputError, run
 from utils.factory import add_model_args, load_model_from_args
 from utils.io import atomic_write_json, load_array
 from utils.second_order import (COEFFICIENT, SecondOrderEffects, accuracy_over_dataset, build_second_order_dataset,
@@ -101,21 +101,21 @@ def load_inputs(args: argparse.Namespace) -> dict:
                           "first PCs [neurons, d] (written by compute_pcas.py)")
     pcas = np.asarray(load_array(pca_path, "compute_pcas.py", mmap=False), np.float32)
     if pcas.ndim != 2:
-        raise ValueError(f"{pca_path}: expected [neurons, d], got shape {pcas.shape}")
+        raise InputError(f"{pca_path}: expected [neurons, d], got shape {pcas.shape}")
     text_path = find_text_set([args.input_dir, args.descriptions_dir, args.output_dir], args.text_descriptions,
                               args.model, args.pretrained)
     texts = np.asarray(load_array(text_path, "compute_text_set_projection.py", mmap=False))
     if texts.ndim != 2:
-        raise ValueError(f"{text_path}: expected [texts, d], got shape {texts.shape}")
+        raise InputError(f"{text_path}: expected [texts, d], got shape {texts.shape}")
     if texts.shape[1] != pcas.shape[1]:
-        raise ValueError(f"{text_path}: text embeddings of dimension {texts.shape[1]}, but the PCs in {pca_path} "
+        raise InputError(f"{text_path}: text embeddings of dimension {texts.shape[1]}, but the PCs in {pca_path} "
                          f"have dimension {pcas.shape[1]} (texts embedded with another model?)")
     lines = read_text_set(Path(args.descriptions_dir) / f"{args.text_descriptions}.txt", "--text_descriptions")
     if len(lines) != len(texts):
-        raise ValueError(f"{text_path}: {len(texts)} embeddings but {len(lines)} lines in "
+        raise InputError(f"{text_path}: {len(texts)} embeddings but {len(lines)} lines in "
                          f"{Path(args.descriptions_dir) / (args.text_descriptions + '.txt')} (re-embed the text set)")
     if not 1 <= args.components <= len(texts):
-        raise ValueError(f"--components {args.components}: must be between 1 and the number of texts in the "
+        raise InputError(f"--components {args.components}: must be between 1 and the number of texts in the "
                          f"dictionary ({len(texts)}, {text_path})")
     return {"pcas": pcas, "pca_path": pca_path, "texts": texts, "text_path": text_path, "lines": lines}
 
@@ -125,13 +125,13 @@ def prepare_evaluation(args: argparse.Namespace, K: int, d: int) -> dict:
     model, preprocess, _ = load_model_from_args(args)
     effects = SecondOrderEffects(model, args.mlp_layer, args.device, args.coefficient, model_name=args.model)
     if (effects.num_neurons, effects.out_dim) != (K, d):
-        raise ValueError(f"the PCs are [{K}, {d}] but {args.model} layer {args.mlp_layer} has "
+        raise InputError(f"the PCs are [{K}, {d}] but {args.model} layer {args.mlp_layer} has "
                          f"[{effects.num_neurons}, {effects.out_dim}] (neurons, d): wrong --model or --mlp_layer?")
     mpath = second_order_paths(args.input_dir, args.dataset, args.train_split, args.model, args.pretrained,
                                args.mlp_layer)["merged"]
     merged = load_array(mpath, "compute_second_order_neuron_prs.py")
     if merged.ndim != 3 or merged.shape[1:] != (K, d):
-        raise ValueError(f"{mpath}: shape {merged.shape} does not match the PCs [{K}, {d}] "
+        raise InputError(f"{mpath}: shape {merged.shape} does not match the PCs [{K}, {d}] "
                          f"(expected [images, {K}, {d}])")
     classifier, cpath = load_classifier([args.input_dir, args.output_dir], args.dataset, args.model,
                                         args.pretrained, d)

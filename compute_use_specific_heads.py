@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.ablations import check_decomposition
-from utils.cli import run
+from utils.cli import InputError, run
 from utils.io import atomic_write_json, classifier_path, labels_path, load_array, prs_paths, save_figure
 from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
                               head_logits, parse_heads, random_head_sets)
@@ -49,7 +49,7 @@ def load(args: argparse.Namespace) -> dict:
     arrays["classifier"] = np.asarray(load_array(cpath, "compute_text_projection.py", mmap=False), np.float32)
     labels = np.asarray(load_array(lpath, "compute_prs.py", mmap=False))
     if labels.ndim != 2 or labels.shape[1] != 2:
-        raise ValueError(f"{lpath}: labels of shape {labels.shape}; group accuracies need [B, 2] = (class, "
+        raise InputError(f"{lpath}: labels of shape {labels.shape}; group accuracies need [B, 2] = (class, "
                          f"background), as compute_prs.py writes for --dataset binary_waterbirds")
     arrays["labels"] = labels[:, 0]
     check_decomposition(arrays, {"attn": str(paths["attn"]), "mlp": str(paths["mlp"]), "classifier": str(cpath),
@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> dict:
     arrays = load(args)
     B, L, H, d = arrays["attn"].shape
     if not 1 <= args.num_of_last_layers <= L:
-        raise ValueError(f"--num_of_last_layers {args.num_of_last_layers}: the model has {L} layers")
+        raise InputError(f"--num_of_last_layers {args.num_of_last_layers}: the model has {L} layers")
     heads = parse_heads(args.heads) if args.heads else default_heads(args.model)
     check_heads(heads, L, H, "--heads" if args.heads else f"the default heads of {args.model}")
     first = L - args.num_of_last_layers

@@ -27,10 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.cli import InputError
+
 __all__ = ["PRSLogger", "UnsupportedModelError", "check_supported", "hook_prs_logger"]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InputError):
     """The image tower has a feature that breaks the exact decomposition."""
 
 

@@ -203,10 +203,18 @@ def test_batch_sizes_agree(golden_model, golden_prs, synthetic_mat):
     grid, patch = seg.grid_and_patch(model)
     ones = [seg.evaluate_batch(golden_prs, x[i:i + 1], t[i:i + 1], cls, grid, patch) for i in range(len(ds))]
     threes = [seg.evaluate_batch(golden_prs, x[i:i + 3], t[i:i + 3], cls, grid, patch) for i in range(0, len(ds), 3)]
+    # A batch of 3 runs other BLAS kernels than a batch of 1 (embeddings differ by ~4e-7), so floats agree to
+    # that noise and the pixel counts exactly. AP can move by up to ~1e-3: near-tied heatmap pixels of opposite
+    # labels swap ranks.
     for key in ones[0]:
         a = np.concatenate([o[key] for o in ones])
         b = np.concatenate([o[key] for o in threes])
-        np.testing.assert_array_equal(a, b, err_msg=key)
+        if key == "ap":
+            np.testing.assert_allclose(a, b, atol=1e-3, err_msg=key)
+        elif a.dtype.kind == "f":
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=key)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=key)
     # every image is normalised on its own (the original normalised over the batch)
     np.testing.assert_allclose(np.concatenate([o["heatmap"] for o in threes]).max((1, 2)), 1.0)
 
@@ -325,7 +333,7 @@ def test_compute_segmentations_end_to_end(tmp_path):
         assert over.shape[:2] == (64, 64) and not np.allclose(over[..., :3], inp[..., :3])
 
 
-def test_cli_batch_one_and_three_identical(tmp_path, synthetic_mat):
+def test_cli_batch_one_and_three_agree(tmp_path, synthetic_mat):
     path, _, _ = synthetic_mat
     common = [*TINY_ARGS, *SEG_ARGS, "--data_path", str(path)]
     results = {}
@@ -336,10 +344,15 @@ def test_cli_batch_one_and_three_identical(tmp_path, synthetic_mat):
         d = _out_dir(tmp_path / f"b{bs}")
         results[bs] = {k: np.load(d / f"{k}.npy") for k in ("heatmaps", "per_image_metrics", "precision", "recall")}
         results[bs]["json"] = json.loads((d / "segmentation.json").read_text())
-    for k in ("heatmaps", "per_image_metrics", "precision", "recall"):
-        np.testing.assert_array_equal(results[1][k], results[3][k], err_msg=k)
-    assert results[1]["json"]["metrics"] == results[3]["json"]["metrics"]
-    assert results[1]["json"]["result_txt"] == results[3]["json"]["result_txt"]
+    # equal up to the float noise of batched kernels (see test_batch_sizes_agree): counts exactly
+    np.testing.assert_allclose(results[1]["heatmaps"], results[3]["heatmaps"], atol=1e-5)
+    m1, m3 = results[1]["per_image_metrics"], results[3]["per_image_metrics"]
+    np.testing.assert_array_equal(m1[:, :6], m3[:, :6])
+    np.testing.assert_array_equal(m1[:, 7], m3[:, 7])
+    np.testing.assert_allclose(m1[:, 6], m3[:, 6], atol=1e-3)
+    for k in ("pixAcc", "mIoU"):
+        assert results[1]["json"]["metrics"][k] == results[3]["json"]["metrics"][k]
+    assert abs(results[1]["json"]["metrics"]["mAP"] - results[3]["json"]["metrics"]["mAP"]) < 1e-3
     assert results[1]["heatmaps"].shape == (5, 64, 64)
 
 
@@ -358,8 +371,8 @@ def test_cli_resume(tmp_path, synthetic_mat, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(seg, "evaluate_batch", crash_on_second)
-    code, _, err = run_inprocess("compute_segmentations.py", *common, "--output_dir", str(tmp_path / "crash"))
-    assert code == 2 and "simulated crash" in err
+    with pytest.raises(RuntimeError, match="simulated crash"):  # a real error keeps its traceback
+        run_inprocess("compute_segmentations.py", *common, "--output_dir", str(tmp_path / "crash"))
     d = _out_dir(tmp_path / "crash")
     assert not (d / "heatmaps.npy").exists() and (d / "heatmaps.npy.partial").exists()
     monkeypatch.setattr(seg, "evaluate_batch", real)

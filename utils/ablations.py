@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from utils.io import load_array
+from utils.cli import InputError
 
 
 def load_decomposition(input_dir: str, dataset: str, model: str) -> dict[str, np.ndarray]:
@@ -38,23 +39,23 @@ def check_decomposition(arrays: dict[str, np.ndarray], names: Optional[dict[str,
     n = lambda k: names.get(k, k)  # noqa: E731
     attn, mlp = arrays["attn"], arrays["mlp"]
     if attn.ndim != 4:
-        raise ValueError(f"{n('attn')}: expected [B, L, H, d], got shape {attn.shape}")
+        raise InputError(f"{n('attn')}: expected [B, L, H, d], got shape {attn.shape}")
     B, L, H, d = attn.shape
     if mlp.shape != (B, L + 1, d):
-        raise ValueError(f"{n('mlp')}: shape {mlp.shape} does not match attn {attn.shape} (expected {(B, L + 1, d)})")
+        raise InputError(f"{n('mlp')}: shape {mlp.shape} does not match attn {attn.shape} (expected {(B, L + 1, d)})")
     if "cls_attn" in arrays and arrays["cls_attn"].shape != (B, L, d):
-        raise ValueError(f"{n('cls_attn')}: shape {arrays['cls_attn'].shape}, expected {(B, L, d)}")
+        raise InputError(f"{n('cls_attn')}: shape {arrays['cls_attn'].shape}, expected {(B, L, d)}")
     if "classifier" in arrays:
         c = arrays["classifier"]
         if c.ndim != 2 or c.shape[0] != d:
-            raise ValueError(f"{n('classifier')}: shape {c.shape} does not match the embedding dim d={d} of "
+            raise InputError(f"{n('classifier')}: shape {c.shape} does not match the embedding dim d={d} of "
                              f"{n('attn')} (wrong model?)")
     if "labels" in arrays:
         lab = arrays["labels"]
         if len(lab) != B:
-            raise ValueError(f"{n('labels')}: {len(lab)} labels but {B} images in {n('attn')}")
+            raise InputError(f"{n('labels')}: {len(lab)} labels but {B} images in {n('attn')}")
         if "classifier" in arrays and len(lab) and lab.max() >= arrays["classifier"].shape[1]:
-            raise ValueError(f"{n('labels')}: label {lab.max()} but the classifier has "
+            raise InputError(f"{n('labels')}: label {lab.max()} but the classifier has "
                              f"{arrays['classifier'].shape[1]} classes")
 
 

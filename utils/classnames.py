@@ -7,6 +7,7 @@ from typing import Optional
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 from utils.datasets import SAMPLE_IMAGES
+from utils.cli import InputError
 
 __all__ = ["OPENAI_IMAGENET_TEMPLATES", "get_classnames", "cub_classnames"]
 
@@ -40,10 +41,10 @@ def read_classnames(path: str | Path) -> list[str]:
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
-        raise ValueError(f"--classnames {path}: empty file")
+        raise InputError(f"--classnames {path}: empty file")
     empty = [i + 1 for i, l in enumerate(lines) if not l.strip()]
     if empty:
-        raise ValueError(f"--classnames {path}: empty line(s) {empty[:5]}")
+        raise InputError(f"--classnames {path}: empty line(s) {empty[:5]}")
     return [l.strip() for l in lines]
 
 
@@ -61,6 +62,6 @@ def get_classnames(dataset: str, classnames_file: Optional[str] = None) -> list[
         "sample": lambda: [c for _, c in SAMPLE_IMAGES],
     }
     if dataset not in table:
-        raise ValueError(f"--dataset '{dataset}': no built-in class names (known: {sorted(table)}); "
+        raise InputError(f"--dataset '{dataset}': no built-in class names (known: {sorted(table)}); "
                          f"pass --classnames FILE with one name per line")
     return table[dataset]()

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from utils.cli import InputError
+
 # (scikit-image loader, class name). All ship inside the scikit-image wheel; no download.
 SAMPLE_IMAGES = [
     ("astronaut", "astronaut"),
@@ -36,12 +38,12 @@ SAMPLE_IMAGES = [
 
 def _require_dir(data_path: Optional[str], dataset: str) -> Path:
     if not data_path:
-        raise ValueError(f"--data_path is required for --dataset {dataset}")
+        raise InputError(f"--data_path is required for --dataset {dataset}")
     path = Path(data_path)
     if not path.is_dir():
         raise FileNotFoundError(f"--data_path {path}: no such directory (dataset '{dataset}')")
     if not any(path.iterdir()):
-        raise ValueError(f"--data_path {path}: directory is empty (dataset '{dataset}')")
+        raise InputError(f"--data_path {path}: directory is empty (dataset '{dataset}')")
     return path
 
 
@@ -90,10 +92,10 @@ class BinaryWaterbirds(Dataset):
             rows = list(csv.DictReader(f))
         missing = {"img_filename", "y", "split", "place"} - set(rows[0] if rows else {})
         if missing:
-            raise ValueError(f"{meta}: missing columns {sorted(missing)}")
+            raise InputError(f"{meta}: missing columns {sorted(missing)}")
         rows = [r for r in rows if int(r["split"]) == self.SPLITS[split]]
         if not rows:
-            raise ValueError(f"{meta}: no rows in split '{split}'")
+            raise InputError(f"{meta}: no rows in split '{split}'")
         self.files = [self.root / r["img_filename"] for r in rows]
         self.labels = np.array([[int(r["y"]), int(r["place"])] for r in rows], dtype=np.int64)
         self.classes = ["landbird", "waterbird"]
@@ -146,7 +148,7 @@ def build_dataset(name: str, data_path: Optional[str], transform: Optional[Calla
         try:
             ds = ImageFolder(root=str(root), transform=transform)
         except (FileNotFoundError, RuntimeError) as e:
-            raise ValueError(f"--data_path {root}: not a usable ImageFolder for dataset '{name}': {e}") from e
+            raise InputError(f"--data_path {root}: not a usable ImageFolder for dataset '{name}': {e}") from e
     ds.labels = np.asarray(ds.targets, dtype=np.int64)
     return ds
 
@@ -161,7 +163,7 @@ def subsample_imagenet(ds: Dataset, split: str) -> Dataset:
     from torch.utils.data import Subset
 
     if split not in IMAGENET_SUBSAMPLE_STEP:
-        raise ValueError(f"--split {split}: ImageNet subsampling is defined for {sorted(IMAGENET_SUBSAMPLE_STEP)}")
+        raise InputError(f"--split {split}: ImageNet subsampling is defined for {sorted(IMAGENET_SUBSAMPLE_STEP)}")
     step = IMAGENET_SUBSAMPLE_STEP[split]
     index = range(0, (len(ds) // step) * step, step)
     sub = Subset(ds, index)

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from prs_hook import UnsupportedModelError, check_supported
+from utils.cli import InputError
 
 NO_WEIGHTS = ("none", "None", "", "random")
 
@@ -46,7 +47,7 @@ def _check_config(model_name: str) -> dict:
 
         close = difflib.get_close_matches(model_name, open_clip.list_models(), n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else " See open_clip.list_models()."
-        raise ValueError(f"--model '{model_name}': unknown open_clip model.{hint}")
+        raise InputError(f"--model '{model_name}': unknown open_clip model.{hint}")
     vcfg = cfg.get("vision_cfg", {})
     if "timm_model_name" in vcfg:
         raise UnsupportedModelError(f"model '{model_name}': timm image towers are not supported")
@@ -85,9 +86,9 @@ def load_model(
         tag_cfg = open_clip.get_pretrained_cfg(model_name, weights)
         if not tag_cfg:
             if os.path.sep in weights or weights.endswith((".pt", ".bin", ".safetensors", ".pth")):
-                raise ValueError(f"--pretrained '{weights}': checkpoint file not found")
+                raise InputError(f"--pretrained '{weights}': checkpoint file not found")
             tags = open_clip.list_pretrained_tags_by_model(model_name)
-            raise ValueError(f"--pretrained '{weights}': not a tag of {model_name} (known: {tags}) nor a file")
+            raise InputError(f"--pretrained '{weights}': not a tag of {model_name} (known: {tags}) nor a file")
         if tag_cfg.get("quick_gelu", False) and not cfg.get("quick_gelu", False) and not force_quick_gelu:
             print(f"[load_model] '{weights}' weights were trained with QuickGELU: enabling it for {model_name}")
             force_quick_gelu = True

@@ -25,10 +25,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from utils.cli import InputError
+
 MASK_RESIZE = ("stretch", "crop")
 
 
-class SegmentationFileError(ValueError):
+class SegmentationFileError(InputError):
     """The ``.mat`` file is missing, not HDF5, or not in the ``gtsegs_ijcv.mat`` layout."""
 
 
@@ -54,7 +56,7 @@ def resize_mask(mask: np.ndarray, image_size: int, mode: str = "stretch") -> np.
     import torchvision.transforms as T
 
     if mode not in MASK_RESIZE:
-        raise ValueError(f"mask resize '{mode}': expected one of {MASK_RESIZE}")
+        raise InputError(f"mask resize '{mode}': expected one of {MASK_RESIZE}")
     pil = Image.fromarray(np.ascontiguousarray(mask))
     if mode == "stretch":
         out = T.Resize((image_size, image_size), interpolation=T.InterpolationMode.NEAREST)(pil)
@@ -82,7 +84,7 @@ class ImagenetSegmentation(Dataset):
         self.transform = transform
         self.image_size = image_size
         if mask_resize not in MASK_RESIZE:
-            raise ValueError(f"--mask_resize {mask_resize}: expected one of {MASK_RESIZE}")
+            raise InputError(f"--mask_resize {mask_resize}: expected one of {MASK_RESIZE}")
         self.mask_resize = mask_resize
         self._file = None
         with _open(self.path) as f:

@@ -14,6 +14,8 @@ from typing import BinaryIO, Callable, Mapping, Optional
 
 import numpy as np
 
+from utils.cli import InputError
+
 PARTIAL = ".partial"
 
 
@@ -107,7 +109,7 @@ class StreamingArrays:
         if resume and self.progress_file.exists():
             state = json.loads(self.progress_file.read_text())
             if state.get("meta") != json.loads(json.dumps(self.meta)):
-                raise ValueError(
+                raise InputError(
                     f"--resume: {self.progress_file} belongs to a different run ({state.get('meta')}); "
                     f"rerun without --resume to start over")
             self.done = int(state["done"])

@@ -41,6 +41,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from utils.cli import InputError
+
 try:
     from tqdm import tqdm
 except ImportError:  # pragma: no cover
@@ -91,7 +93,7 @@ def nnlasso_admm(dictionary, signals, l1_penalty: float, rho: float = DEFAULT_RH
     # that rho keeps its meaning for any dictionary scale: C' = C / s, w' = s w, l1' = l1 / s (same minimiser).
     s = float(torch.linalg.vector_norm(C.double()) / T ** 0.5)
     if not s > 0:
-        raise ValueError("nnlasso_admm: the dictionary is all zeros")
+        raise InputError("nnlasso_admm: the dictionary is all zeros")
     C = C / s
     thr = l1_penalty / s / rho
     # Woodbury: x = (r - (r C) M^-1 C^T) / rho with r = 2 v C^T + rho (z - u), M = rho/2 I + C^T C [d, d].

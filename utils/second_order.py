@@ -37,6 +37,7 @@ import tqdm
 from prs_hook import _layer_scale, hook_prs_logger
 from utils.factory import pretrained_name
 from utils.io import classifier_path, labels_path, load_array
+from utils.cli import InputError
 
 COEFFICIENT = 100.0  # the papers' scale factor on the normalised output
 
@@ -109,7 +110,7 @@ def load_classifier(directory: str | Path | Sequence[str | Path], dataset: str, 
     path = find_classifier(directory, dataset, model, pretrained)
     classifier = np.asarray(load_array(path, "compute_text_projection.py", mmap=False), np.float32)
     if classifier.ndim != 2 or classifier.shape[0] != dim:
-        raise ValueError(f"{path}: shape {classifier.shape}, expected [d={dim}, classes]")
+        raise InputError(f"{path}: shape {classifier.shape}, expected [d={dim}, classes]")
     return classifier, path
 
 
@@ -119,7 +120,7 @@ def class_labels(ds, num_classes: int, what: str) -> np.ndarray:
     labels = np.asarray(ds.labels)
     labels = labels[:, 0] if labels.ndim == 2 else labels
     if len(labels) and labels.max() >= num_classes:
-        raise ValueError(f"{what}: {num_classes} classes, but the dataset has label {labels.max()}")
+        raise InputError(f"{what}: {num_classes} classes, but the dataset has label {labels.max()}")
     return labels
 
 
@@ -136,10 +137,10 @@ def build_second_order_dataset(name: str, data_path: Optional[str], transform: O
 def check_mlp_layer(mlp_layer: int, num_layers: int) -> None:
     """Raise ``ValueError`` unless ``0 <= mlp_layer < num_layers - 1`` (the last layer has no later heads)."""
     if not 0 <= mlp_layer < num_layers:
-        raise ValueError(f"--mlp_layer {mlp_layer}: out of range for a {num_layers}-layer image tower "
+        raise InputError(f"--mlp_layer {mlp_layer}: out of range for a {num_layers}-layer image tower "
                          f"(valid: 0..{num_layers - 2})")
     if mlp_layer == num_layers - 1:
-        raise ValueError(f"--mlp_layer {mlp_layer}: the last layer has no later attention layers, so no "
+        raise InputError(f"--mlp_layer {mlp_layer}: the last layer has no later attention layers, so no "
                          f"second-order effect (valid: 0..{num_layers - 2})")
 
 
@@ -152,15 +153,15 @@ def load_second_order_files(input_dir: str | Path, dataset: str, split: str, mod
     paths = second_order_paths(input_dir, dataset, split, model, pretrained, mlp_layer, top_k)
     merged = load_array(paths["merged"], "compute_second_order_neuron_prs.py")
     if merged.ndim != 3:
-        raise ValueError(f"{paths['merged']}: expected [images, neurons, d], got shape {merged.shape}")
+        raise InputError(f"{paths['merged']}: expected [images, neurons, d], got shape {merged.shape}")
     _, K, d = merged.shape
     pca = np.asarray(load_array(paths["pca"], "compute_pcas.py", mmap=False), np.float32)
     norm = np.asarray(load_array(paths["norm"], "compute_pcas.py", mmap=False), np.float32)
     if pca.shape != (K, d):
-        raise ValueError(f"{paths['pca']}: shape {pca.shape} does not match {paths['merged']} {merged.shape} "
+        raise InputError(f"{paths['pca']}: shape {pca.shape} does not match {paths['merged']} {merged.shape} "
                          f"(expected [neurons, d] = {(K, d)}; rerun compute_pcas.py)")
     if norm.ndim != 2 or norm.shape[0] != K:
-        raise ValueError(f"{paths['norm']}: shape {norm.shape} does not match {paths['merged']} {merged.shape} "
+        raise InputError(f"{paths['norm']}: shape {norm.shape} does not match {paths['merged']} {merged.shape} "
                          f"(expected [neurons, top_k] = {(K, top_k)}; rerun compute_pcas.py)")
     return {"merged": merged, "pca": pca, "norm": norm, "paths": paths}
 
@@ -316,7 +317,7 @@ def neuron_pcas(merged: np.ndarray, top_k: int, chunk: Optional[int] = None,
     """
     B, K, d = merged.shape
     if not 1 <= top_k <= B:
-        raise ValueError(f"--top_k_pca {top_k}: must be between 1 and the number of images ({B})")
+        raise InputError(f"--top_k_pca {top_k}: must be between 1 and the number of images ({B})")
     pcas = np.empty((K, d), np.float32)
     norms = np.empty((K, top_k), np.float32)
     chunk = chunk or neurons_per_chunk(merged)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.cli import InputError
+
 EPS = np.spacing(1)  # the original's guard in pixAcc and IoU
 
 
@@ -195,7 +197,7 @@ def evaluate_batch(prs, images: torch.Tensor, targets: torch.Tensor, classifier:
     r, terms = spatial_image_terms(prs, images)
     res, chosen, degenerate = class_heatmaps(terms, r, classifier, grid, patch)
     if res.shape[-2:] != targets.shape[-2:]:
-        raise ValueError(f"heatmaps are {tuple(res.shape[-2:])} but masks {tuple(targets.shape[-2:])}: "
+        raise InputError(f"heatmaps are {tuple(res.shape[-2:])} but masks {tuple(targets.shape[-2:])}: "
                          f"--image_size must be the model's input size")
     out = segmentation_metrics(res, targets, degenerate)
     out["chosen_class"] = chosen.cpu().numpy().astype(np.int64)

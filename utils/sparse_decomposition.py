@@ -29,6 +29,7 @@ import torch
 
 from utils.factory import pretrained_name
 from utils.io import atomic_write
+from utils.cli import InputError
 
 NORMS = ("per_dimension", "per_text")
 SOLVERS = ("omp", "nnlasso")
@@ -43,26 +44,26 @@ def build_text_dictionary(texts: np.ndarray, coefficient: float = 100.0, norm: s
     ``norm``, non-finite values, or a dimension / text that is constant (zero norm after centring).
     """
     if norm not in NORMS:
-        raise ValueError(f"--dictionary_norm {norm}: must be one of {', '.join(NORMS)}")
+        raise InputError(f"--dictionary_norm {norm}: must be one of {', '.join(NORMS)}")
     x = np.asarray(texts, dtype=np.float64)
     if x.ndim != 2:
-        raise ValueError(f"{name}: expected [texts, d], got shape {x.shape}")
+        raise InputError(f"{name}: expected [texts, d], got shape {x.shape}")
     T, d = x.shape
     if T < 2:
-        raise ValueError(f"{name}: {T} text(s); the dictionary is centred over texts, so it needs at least 2")
+        raise InputError(f"{name}: {T} text(s); the dictionary is centred over texts, so it needs at least 2")
     if not np.isfinite(x).all():
-        raise ValueError(f"{name}: contains NaN or infinite values")
+        raise InputError(f"{name}: contains NaN or infinite values")
     x = x - x.mean(axis=0, keepdims=True)
     if norm == "per_dimension":
         scale = np.linalg.norm(x, axis=0, keepdims=True)  # [1, d]: each embedding dimension over the texts
         if (scale == 0).any():
-            raise ValueError(f"{name}: embedding dimension(s) {np.nonzero(scale[0] == 0)[0][:5].tolist()} are "
+            raise InputError(f"{name}: embedding dimension(s) {np.nonzero(scale[0] == 0)[0][:5].tolist()} are "
                              f"constant over the texts; per_dimension scaling would divide by zero")
         x = coefficient * x / scale
     else:
         scale = np.linalg.norm(x, axis=1, keepdims=True)  # [T, 1]: each text
         if (scale == 0).any():
-            raise ValueError(f"{name}: text(s) {np.nonzero(scale[:, 0] == 0)[0][:5].tolist()} equal the mean "
+            raise InputError(f"{name}: text(s) {np.nonzero(scale[:, 0] == 0)[0][:5].tolist()} equal the mean "
                              f"text (zero after centring); per_text scaling would divide by zero")
         x = coefficient * np.sqrt(d / T) * x / scale
     return x.astype(np.float32)
@@ -92,7 +93,7 @@ def decompose(dictionary: np.ndarray, targets: np.ndarray, solver: str, componen
         m = sp.csr_matrix(dense.astype(np.float32))
         m.eliminate_zeros()
         return m
-    raise ValueError(f"--solver {solver}: must be one of {', '.join(SOLVERS)}")
+    raise InputError(f"--solver {solver}: must be one of {', '.join(SOLVERS)}")
 
 
 def top_components(codes: sp.csr_matrix, components: int) -> tuple[list[list[tuple[int, float]]], sp.csr_matrix]:

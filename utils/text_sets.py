@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from utils.cli import InputError
+
 TEXT_DIR = Path(__file__).resolve().parent.parent / "text_descriptions"
 EXTERNAL = "external"  # sub-folder of a text folder where fetched (not committed) sets go
 
@@ -45,17 +47,17 @@ def read_text_set(path: str | Path, what: str = "--data_path") -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{what} {path}: not UTF-8 text ({e})") from e
+        raise InputError(f"{what} {path}: not UTF-8 text ({e})") from e
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline
     lines = [l[:-1] if l.endswith("\r") else l for l in lines]
     if not lines:
-        raise ValueError(f"{what} {path}: the text set is empty")
+        raise InputError(f"{what} {path}: the text set is empty")
     empty = [i + 1 for i, l in enumerate(lines) if not l.strip()]
     if empty:
         more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
-        raise ValueError(f"{what} {path}: empty line(s) at line {', '.join(map(str, empty[:5]))}{more}; "
+        raise InputError(f"{what} {path}: empty line(s) at line {', '.join(map(str, empty[:5]))}{more}; "
                          f"remove them (each line must be one description)")
     return lines
 
@@ -89,7 +91,7 @@ ORIGINAL_TEXT_SETS: dict[str, Source] = {
 }
 
 
-class HashMismatchError(ValueError):
+class HashMismatchError(InputError):
     """A downloaded file's SHA-256 differs from the pinned one (the file is not kept)."""
 
 
@@ -124,7 +126,7 @@ def fetch_original(names: Optional[Iterable[str]] = None, dest: str | Path = TEX
     names = list(sources) if names is None else list(names)
     unknown = [n for n in names if n not in sources]
     if unknown:
-        raise ValueError(f"unknown text set(s) {unknown}; known: {sorted(sources)}")
+        raise InputError(f"unknown text set(s) {unknown}; known: {sorted(sources)}")
     refused = [n for n in names if sources[n].sha256 is None and not allow_unpinned]
     if refused:
         raise HashMismatchError(

@@ -30,6 +30,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from utils.cli import InputError
+
 __all__ = ["HeadStats", "HeadStatsAccumulator", "TextSpanResult", "PCLensResult", "head_stats",
            "textspan_from_stats", "pclens_from_stats", "reconstruct", "text_span", "svd_data_approx",
            "textspan_reference_numpy"]
@@ -169,13 +171,13 @@ def textspan_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarr
             mean=torch.cat([p.mean for p in parts]), rank=sum((p.rank for p in parts), []),
             deflated_texts=torch.cat([p.deflated_texts for p in parts]) if return_deflated else None)
     if B < 2:
-        raise ValueError(f"TextSpan needs at least 2 images (an unbiased std), got {B}")
+        raise InputError(f"TextSpan needs at least 2 images (an unbiased std), got {B}")
     texts = torch.as_tensor(np.asarray(text_features) if not isinstance(text_features, torch.Tensor)
                             else text_features)
     if texts.ndim != 2 or texts.shape[1] != d:
-        raise ValueError(f"text features of shape {list(texts.shape)} do not match the heads' dimension d={d}")
+        raise InputError(f"text features of shape {list(texts.shape)} do not match the heads' dimension d={d}")
     if iters < 1 or rank < 1:
-        raise ValueError(f"texts per head ({iters}) and w_ov_rank ({rank}) must be >= 1")
+        raise InputError(f"texts per head ({iters}) and w_ov_rank ({rank}) must be >= 1")
     k = min(rank, B, d)
     scatter = stats.scatter.to(device, torch.float64)
     gram = stats.gram.to(device, torch.float64)
@@ -321,7 +323,7 @@ def pclens_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarray
     B = stats.count
     tf = torch.as_tensor(np.asarray(text_features) if not isinstance(text_features, torch.Tensor) else text_features)
     if tf.ndim != 2 or tf.shape[1] != d:
-        raise ValueError(f"text features of shape {list(tf.shape)} do not match the heads' dimension d={d}")
+        raise InputError(f"text features of shape {list(tf.shape)} do not match the heads' dimension d={d}")
     n = min(texts_per_component, tf.shape[0])
     K = min(B, d)
     evals, V = _top_eigh(stats.scatter.to(device, torch.float64), K)  # [h, K], [h, d, K]

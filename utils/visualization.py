@@ -15,6 +15,7 @@ import tqdm
 
 from utils.io import save_figure
 from utils.segmentation import overlay, unnormalize, upsample_patch_scores
+from utils.cli import InputError
 
 __all__ = ["parse_textspan_heads", "find_textspan_file", "text_maps", "centered", "plot_map_grid",
            "embed_heads", "topk_similar", "show_neighbours", "overlay", "unnormalize"]
@@ -45,7 +46,7 @@ def parse_textspan_heads(path: str | Path) -> dict[tuple[int, int], list[str]]:
         elif current is not None and line.strip():
             current.append(line.rstrip("\n"))
     if not heads:
-        raise ValueError(f"{path}: no 'Layer L, Head H' sections; not a TextSpan heads file")
+        raise InputError(f"{path}: no 'Layer L, Head H' sections; not a TextSpan heads file")
     return heads
 
 

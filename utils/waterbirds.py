@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from utils.cli import InputError
+
 # The heads the paper mean-ablates, from the original code (layer, head): "geo" (location) and "setting"
 # (image setting / background) heads of the last 4 layers.
 SPURIOUS_HEADS: dict[str, dict[str, list[tuple[int, int]]]] = {
@@ -29,7 +31,7 @@ GROUP_NAMES = ["landbird on land", "landbird on water", "waterbird on land", "wa
 def default_heads(model: str) -> list[tuple[int, int]]:
     """The paper's heads for ``model`` (geo then setting, as the original orders them; duplicates once)."""
     if model not in SPURIOUS_HEADS:
-        raise ValueError(f"--model {model}: no default head list (known: {', '.join(SPURIOUS_HEADS)}); "
+        raise InputError(f"--model {model}: no default head list (known: {', '.join(SPURIOUS_HEADS)}); "
                          f"pass --heads LAYER.HEAD,LAYER.HEAD,...")
     lists = SPURIOUS_HEADS[model]
     return list(dict.fromkeys(lists["geo"] + lists["setting"]))
@@ -45,9 +47,9 @@ def parse_heads(spec: str) -> list[tuple[int, int]]:
             layer, head = item.split(".")
             heads.append((int(layer), int(head)))
         except ValueError:
-            raise ValueError(f"--heads: '{item}' is not LAYER.HEAD (e.g. 11.3)") from None
+            raise InputError(f"--heads: '{item}' is not LAYER.HEAD (e.g. 11.3)") from None
     if not heads:
-        raise ValueError(f"--heads '{spec}': no heads given")
+        raise InputError(f"--heads '{spec}': no heads given")
     return list(dict.fromkeys(heads))
 
 
@@ -55,7 +57,7 @@ def check_heads(heads: Sequence[tuple[int, int]], num_layers: int, num_heads: in
     """Raise naming the first head outside a [num_layers, num_heads] model."""
     for layer, head in heads:
         if not (0 <= layer < num_layers and 0 <= head < num_heads):
-            raise ValueError(f"{what}: head {layer}.{head} is out of range for a model with {num_layers} layers "
+            raise InputError(f"{what}: head {layer}.{head} is out of range for a model with {num_layers} layers "
                              f"and {num_heads} heads per layer")
 
 
@@ -66,7 +68,7 @@ def group_accuracies(logits: np.ndarray, labels: np.ndarray) -> dict:
     """
     labels = np.asarray(labels)
     if labels.ndim != 2 or labels.shape[1] != 2:
-        raise ValueError(f"group accuracies need labels [B, 2] = (class, background), got {labels.shape}")
+        raise InputError(f"group accuracies need labels [B, 2] = (class, background), got {labels.shape}")
     pred = np.asarray(logits).argmax(-1)
     hit = pred == labels[:, 0]
     group = 2 * labels[:, 0] + labels[:, 1]
@@ -124,7 +126,7 @@ def random_head_sets(n_heads: int, trials: int, first_layer: int, num_layers: in
     """``trials`` random sets of ``n_heads`` distinct heads from layers ``first_layer..`` (seeded)."""
     pool = [(l, h) for l in range(first_layer, num_layers) for h in range(num_heads)]
     if n_heads > len(pool):
-        raise ValueError(f"cannot draw {n_heads} heads from the {len(pool)} heads of the last layers")
+        raise InputError(f"cannot draw {n_heads} heads from the {len(pool)} heads of the last layers")
     rng = np.random.default_rng(seed)
     return [[pool[i] for i in sorted(rng.choice(len(pool), n_heads, replace=False))] for _ in range(trials)]
 

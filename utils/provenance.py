@@ -1,0 +1,198 @@
+"""Provenance: a small JSON record beside every output, and the checks that files used together agree.
+
+Every file a script writes gets ``<file>.provenance.json`` (a folder of outputs gets ``<folder>/provenance.json``):
+
+    {"file": ..., "script": "compute_prs.py", "command": "python compute_prs.py --model ...", "created": ...,
+     "model": "ViT-B-16", "pretrained": "laion2b_s34b_b88k", "force_quick_gelu": false,
+     "dataset": "imagenet", "split": "val", "data_path": "/abs/path", "num_images": 50000, "dtype": "float32",
+     "versions": {"python": ..., "torch": ..., "open_clip": ..., "numpy": ..., "prsclip": ...},
+     "git_commit": "...", "git_dirty": false, ...script-specific fields}
+
+``pretrained`` is the open_clip tag, or for a local checkpoint ``{"path", "size", "sha256"}``. Scripts that
+combine files call ``check_consistent``: a classifier made with other weights or for another dataset, or text
+embeddings from another model, is an ``InputError`` naming both files and the field, unless ``--allow_mismatch``
+is given (then it is a warning). Files without a record (made before records existed) are not checked.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from utils.cli import InputError
+
+__all__ = ["provenance_path", "make_record", "write_provenance", "read_provenance", "pretrained_identity",
+           "run_key", "check_consistent", "add_mismatch_arg", "IDENTITY_FIELDS"]
+
+RECORD_SUFFIX = ".provenance.json"
+FOLDER_RECORD = "provenance.json"
+# the fields that identify what a file was computed from (resume keys and consistency checks use these)
+IDENTITY_FIELDS = ("model", "pretrained", "force_quick_gelu", "dataset", "split", "data_path", "num_images")
+NO_WEIGHTS = ("none", "None", "", "random")
+
+
+def provenance_path(path: str | Path) -> Path:
+    """Where the record of ``path`` lives: ``<file>.provenance.json``, or ``<folder>/provenance.json``."""
+    path = Path(path)
+    return path / FOLDER_RECORD if path.is_dir() else path.with_name(path.name + RECORD_SUFFIX)
+
+
+@lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime: float) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pretrained_identity(pretrained: Optional[str]) -> Any:
+    """The tag (``"openai"``), ``"none"``, or for a local checkpoint ``{"path", "size", "sha256"}``."""
+    if pretrained is None or pretrained in NO_WEIGHTS:
+        return "none"
+    p = Path(pretrained)
+    if p.is_file():
+        st = p.stat()
+        return {"path": str(p.resolve()), "size": st.st_size, "sha256": _sha256(str(p.resolve()), st.st_size,
+                                                                               st.st_mtime)}
+    return pretrained
+
+
+def _comparable(field: str, value: Any) -> Any:
+    """What two records must share for ``field`` (a checkpoint is the same when its bytes are)."""
+    if field == "pretrained" and isinstance(value, dict):
+        return value.get("sha256") or value.get("path")
+    if field == "data_path" and value:
+        return str(Path(value).resolve()) if not str(value).startswith(("http:", "https:")) else value
+    return value
+
+
+@lru_cache(maxsize=None)
+def _git_state() -> tuple[Optional[str], Optional[bool]]:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                    capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def _versions() -> dict[str, Optional[str]]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "open_clip_torch", "numpy", "prsclip"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def make_record(args: Any = None, **fields: Any) -> dict:
+    """A provenance record for an output of this process.
+
+    ``args`` (an argparse namespace) supplies ``model``, ``pretrained``, ``force_quick_gelu``, ``dataset``,
+    ``split``, ``data_path`` and ``dtype`` when it has them; ``fields`` add or override (``num_images``, ...).
+    """
+    rec: dict[str, Any] = {}
+    if args is not None:
+        a = vars(args)
+        for k in ("model", "pretrained", "force_quick_gelu", "dataset", "split", "data_path", "dtype"):
+            if k in a:
+                rec[k] = a[k]
+    rec.update(fields)
+    if "pretrained" in rec:
+        rec["pretrained"] = pretrained_identity(rec["pretrained"]) if not isinstance(rec["pretrained"], dict) \
+            else rec["pretrained"]
+    if rec.get("data_path"):
+        rec["data_path"] = _comparable("data_path", rec["data_path"])
+    commit, dirty = _git_state()
+    rec.update({"script": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else None,
+                "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "versions": _versions(), "git_commit": commit, "git_dirty": dirty})
+    return rec
+
+
+def run_key(record: Mapping[str, Any], extra: Iterable[str] = ()) -> dict:
+    """The identifying part of a record (``IDENTITY_FIELDS`` + ``extra``), JSON-normalised: a resume key."""
+    keys = list(IDENTITY_FIELDS) + list(extra)
+    return json.loads(json.dumps({k: _comparable(k, record[k]) for k in keys if k in record}))
+
+
+def write_provenance(path: str | Path, record: Mapping[str, Any]) -> Path:
+    """Write ``record`` (with ``file``) beside ``path``, atomically and fsynced."""
+    from utils.io import atomic_write_json
+
+    path = Path(path)
+    target = provenance_path(path)
+    atomic_write_json(target, {"file": path.name, **record})
+    return target
+
+
+def read_provenance(path: str | Path) -> Optional[dict]:
+    """The record of ``path``, or ``None`` when it has none."""
+    target = provenance_path(path)
+    if not target.is_file():
+        return None
+    try:
+        return json.loads(target.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{target}: unreadable provenance record ({e})") from e
+
+
+def add_mismatch_arg(parser) -> None:
+    """``--allow_mismatch``: use input files whose provenance records disagree (a warning instead of an error)."""
+    parser.add_argument("--allow_mismatch", action="store_true",
+                        help="use input files even when their provenance records disagree (model, pretrained "
+                             "weights, dataset); default: refuse")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("path") or json.dumps(value)
+    return repr(value)
+
+
+def check_consistent(paths: Sequence[str | Path], fields: Sequence[str] = ("model", "pretrained"),
+                     expected: Optional[Mapping[str, Any]] = None, allow_mismatch: bool = False,
+                     expected_from: str = "this command", log: Callable[[str], None] = print) -> None:
+    """Check that the records of ``paths`` agree on ``fields`` (and match ``expected`` where given).
+
+    ``expected`` maps field -> value for this run (``pretrained`` as given on the command line is normalised
+    with ``pretrained_identity``). A file without a record is skipped; a field a record lacks is skipped.
+    Raises ``InputError`` naming both files and the field, unless ``allow_mismatch`` (then it logs a warning).
+    """
+    expected = dict(expected or {})
+    if "pretrained" in expected and not isinstance(expected["pretrained"], dict):
+        expected["pretrained"] = pretrained_identity(expected["pretrained"])
+    records = [(Path(p), read_provenance(p)) for p in paths]
+    for field in fields:
+        ref_name, ref_value = None, None
+        if field in expected:
+            ref_name, ref_value = expected_from, expected[field]
+        for path, rec in records:
+            if rec is None or field not in rec:
+                continue
+            if ref_name is None:
+                ref_name, ref_value = str(path), rec[field]
+                continue
+            if _comparable(field, rec[field]) != _comparable(field, ref_value):
+                msg = (f"{path} was made with {field}={_show(rec[field])} but {ref_name} has "
+                       f"{field}={_show(ref_value)}")
+                if allow_mismatch:
+                    log(f"warning: {msg} (--allow_mismatch given: using it anyway)")
+                else:
+                    raise InputError(f"{msg}; pass --allow_mismatch to use them together anyway")
