@@ -276,13 +276,24 @@ def test_fetch_cli_offline(tmp_path):
                      mirror.as_uri(), "--dest", tmp_path / "out", check=False)
     assert res.returncode != 0 and "differs from the pinned" in res.stderr
     assert not (tmp_path / "out" / "google_3498_english.txt").exists()
-    res = run_script("text_descriptions/fetch_original.py", "30k.txt", "--base_url", mirror.as_uri(), "--dest",
-                     tmp_path / "out", check=False)
-    assert res.returncode != 0 and "--allow-unpinned" in res.stderr
-    res = run_script("text_descriptions/fetch_original.py", "30k.txt", "--allow-unpinned", "--base_url",
-                     mirror.as_uri(), "--dest", tmp_path / "out")
-    assert (tmp_path / "out" / "30k.txt").read_text() == "word\n"
-    assert hashlib.sha256(b"word\n").hexdigest() in res.stdout
+    # every authors' set is pinned now: a wrong 30k.txt is refused even with --allow-unpinned
+    for extra in ([], ["--allow-unpinned"]):
+        res = run_script("text_descriptions/fetch_original.py", "30k.txt", *extra, "--base_url", mirror.as_uri(),
+                         "--dest", tmp_path / "out", check=False)
+        assert res.returncode != 0 and "differs from the pinned" in res.stderr
+        assert not (tmp_path / "out" / "30k.txt").exists()
+    # the right bytes (the pinned hash) are accepted
+    (mirror / "30k.txt").write_bytes(b"right")
+    pinned = {"30k.txt": Source("x/y", "0" * 40, hashlib.sha256(b"right").hexdigest())}
+    fetch_original(["30k.txt"], tmp_path / "out", base_url=mirror.as_uri(), sources=pinned, log=lambda s: None)
+    assert (tmp_path / "out" / "30k.txt").read_bytes() == b"right"
+
+
+def test_every_original_text_set_is_pinned():
+    from utils.text_sets import ORIGINAL_TEXT_SETS
+
+    assert all(s.sha256 and len(s.sha256) == 64 for s in ORIGINAL_TEXT_SETS.values())
+    assert ORIGINAL_TEXT_SETS["30k.txt"].sha256 == "b96dfed9d570daddcc461e03c6009b7de6f72e515cb0a9eab35a9e1f21546f7b"
 
 
 # ----------------------------------------------------------------------------- Waterbirds helpers

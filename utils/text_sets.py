@@ -73,21 +73,23 @@ class Source:
     repo: str
     commit: str
     sha256: Optional[str]
+    folder: str = "text_descriptions"  # the file's folder inside the repository
 
     def url(self, name: str) -> str:
-        return f"https://raw.githubusercontent.com/{self.repo}/{self.commit}/text_descriptions/{name}"
+        return f"https://raw.githubusercontent.com/{self.repo}/{self.commit}/{self.folder}/{name}"
 
 
-# The one hash pinned here was computed from the repository's indexed copy of the file (3,498 lines,
-# 25,078 bytes, no final newline); the others could not be read in full offline, so they are unpinned and
-# refused unless --allow-unpinned is given (the fetch then prints the hash to pin).
+# SHA-256 of each file at the pinned commit (checked against the repositories' own copies of the files).
 ORIGINAL_TEXT_SETS: dict[str, Source] = {
     "google_3498_english.txt": Source(*CLIP_TEXT_SPAN,
                                       "d9502487f471d07e44b8ae79e01fd03527ab032be2c7d721c1346f97efdaf2c5"),
-    "image_descriptions_general.txt": Source(*CLIP_TEXT_SPAN, None),
-    "30k.txt": Source(*SECOND_ORDER_LENS, None),
-    "image_descriptions_per_class.txt": Source(*SECOND_ORDER_LENS, None),
-    "google_10000_english.txt": Source(*SECOND_ORDER_LENS, None),
+    "image_descriptions_general.txt": Source(*CLIP_TEXT_SPAN,
+                                             "39c6bf3e788684d9e0e8afa902c13aae1ee8eafefdbab94ba923fd05b9038630"),
+    "30k.txt": Source(*SECOND_ORDER_LENS, "b96dfed9d570daddcc461e03c6009b7de6f72e515cb0a9eab35a9e1f21546f7b"),
+    "image_descriptions_per_class.txt": Source(*SECOND_ORDER_LENS,
+                                               "651520073306130e3f49d7e857f890da806c964f0ad9e2aa2b8ef1784778a67f"),
+    "google_10000_english.txt": Source(*SECOND_ORDER_LENS,
+                                       "996ca0bd092a50a333b4a0e87a3731feb0f6f8d4e1a18e58279562d7f9fc2394"),
 }
 
 
