@@ -8,7 +8,8 @@ attention layers are mean-ablated cumulatively. Labels come from {dataset}_label
 import argparse
 from pathlib import Path
 
-from utils.ablations import load_decomposition, mean_ablation_study
+from utils.ablations import mean_ablation_study
+from utils.inputs import load_decomposition
 from utils.io import atomic_write_json, save_figure
 from utils.cli import run
 

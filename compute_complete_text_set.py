@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.ablations import load_decomposition
+from utils.inputs import load_decomposition
 from utils.cli import InputError, run
 from utils.factory import default_device
 from utils.io import atomic_write_json, atomic_write_text, load_array, save_figure

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from utils.cli import InputError, run
 from utils.io import atomic_save, load_array
-from utils.second_order import neuron_pcas, neurons_per_chunk, second_order_paths
+from utils.names import second_order_paths
+from utils.neuron_pca import neuron_pcas, neurons_per_chunk
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, Subset
 
 from prs_hook import hook_prs_logger
 from utils.datasets import build_dataset
-from utils.factory import add_model_args, load_model_from_args, pretrained_name
-from utils.io import StreamingArrays, atomic_save, labels_path, prs_paths
+from utils.factory import add_model_args, load_model_from_args
+from utils.io import StreamingArrays, atomic_save
+from utils.names import labels_path, pretrained_name, prs_paths
 from utils.cli import run
 
 

@@ -24,11 +24,14 @@ import numpy as np
 import torch
 
 from utils.cli import InputError, run
-from utils.factory import add_model_args, load_model_from_args, pretrained_name
+from utils.ablations import ABLATIONS, ablation_logits, accuracy_over_dataset
+from utils.datasets import build_second_order_dataset, class_labels
+from utils.factory import add_model_args, load_model_from_args
+from utils.inputs import load_classifier, load_second_order_files
 from utils.io import atomic_write_json, save_figure
-from utils.second_order import (ABLATIONS, COEFFICIENT, SecondOrderEffects, ablation_logits, accuracy_over_dataset,
-                                build_second_order_dataset, class_labels, load_classifier, load_second_order_files,
-                                neuron_means)
+from utils.names import pretrained_name, second_order_ablations_path
+from utils.neuron_pca import neuron_means
+from utils.second_order import COEFFICIENT, SecondOrderEffects
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -102,8 +105,8 @@ def main(args: argparse.Namespace) -> dict:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / (f"{args.dataset}_{args.split}_second_order_ablations_{args.model}_"
-                  f"{pretrained_name(args.pretrained)}_{args.mlp_layer}_{args.top_k_pca}.json")
+    path = second_order_ablations_path(out, args.dataset, args.split, args.model, args.pretrained, args.mlp_layer,
+                                       args.top_k_pca)
     result = {"args": vars(args), "num_images": len(labels), "classifier": str(cpath),
               "accuracy_percent": accuracy, "printed": {ABLATIONS[k]: v for k, v in accuracy.items()}}
     atomic_write_json(path, result)

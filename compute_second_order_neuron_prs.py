@@ -22,10 +22,11 @@ import tqdm
 from torch.utils.data import DataLoader, Subset
 
 from utils.cli import run
-from utils.factory import add_model_args, load_model_from_args, pretrained_name
+from utils.datasets import build_second_order_dataset
+from utils.factory import add_model_args, load_model_from_args
 from utils.io import StreamingArrays, atomic_save
-from utils.second_order import (COEFFICIENT, SecondOrderEffects, build_second_order_dataset, second_order_paths,
-                                split_labels_path)
+from utils.names import pretrained_name, second_order_paths, split_labels_path
+from utils.second_order import COEFFICIENT, SecondOrderEffects
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -30,9 +30,10 @@ from torch.utils.data import DataLoader, Subset
 
 from prs_hook import hook_prs_logger
 from utils.cli import InputError, run
-from utils.factory import add_model_args, load_model_from_args, pretrained_name
+from utils.factory import add_model_args, load_model_from_args
 from utils.imagenet_segmentation import MASK_RESIZE, ImagenetSegmentation
-from utils.io import StreamingArrays, atomic_save, atomic_write_json, atomic_write_text, classifier_path, load_array
+from utils.io import StreamingArrays, atomic_save, atomic_write_json, atomic_write_text, load_array
+from utils.names import classifier_path, pretrained_name, segmentation_dir
 from utils.segmentation import (aggregate_metrics, evaluate_batch, grid_and_patch, result_text,
                                 save_segmentation_images, unnormalize)
 
@@ -88,7 +89,7 @@ def main(args: argparse.Namespace) -> dict:
                          f"{prs.out_dim} dimensions; expected [{prs.out_dim}, classes] (written for another model?)")
     weights = torch.from_numpy(classifier).to(args.device)
 
-    out = Path(args.output_dir) / f"{args.train_dataset}_segmentation_{args.model}_{pretrained_name(args.pretrained)}"
+    out = segmentation_dir(args.output_dir, args.train_dataset, args.model, args.pretrained)
     out.mkdir(parents=True, exist_ok=True)
     B, S = len(ds), args.image_size
     meta = {"model": args.model, "pretrained": pretrained_name(args.pretrained), "data_path": str(args.data_path),

@@ -43,13 +43,16 @@ import torch
 
 from utils.cli import InputError, run
 from utils.factory import add_model_args, load_model_from_args
+from utils.ablations import accuracy_over_dataset
+from utils.datasets import build_second_order_dataset, class_labels
+from utils.inputs import load_classifier
 from utils.io import atomic_write_json, load_array
-from utils.second_order import (COEFFICIENT, SecondOrderEffects, accuracy_over_dataset, build_second_order_dataset,
-                                class_labels, find_input, find_text_set, load_classifier, neuron_means,
-                                second_order_paths)
+from utils.names import find_input, find_text_set, second_order_paths, sparse_decomposition_stem
+from utils.neuron_pca import neuron_means
+from utils.second_order import COEFFICIENT, SecondOrderEffects
 from utils.sparse_decomposition import (EVALUATIONS, NORMS, SOLVERS, build_text_dictionary, cosine_rows,
-                                        decompose, decomposition_json, output_stem, plot_fit,
-                                        reconstruction_logits, save_sparse_npz, top_components)
+                                        decompose, decomposition_json, plot_fit, reconstruction_logits,
+                                        save_sparse_npz, top_components)
 from utils.text_sets import read_text_set
 
 
@@ -175,7 +178,7 @@ def main(args: argparse.Namespace) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     penalty = args.transform_alpha if args.solver == "omp" else l1
-    stem = output_stem(args.dataset, args.model, args.pretrained, args.mlp_layer, args.text_descriptions,
+    stem = sparse_decomposition_stem(args.dataset, args.model, args.pretrained, args.mlp_layer, args.text_descriptions,
                        args.solver, penalty, args.components, args.dictionary_norm)
     atomic_write_json(out / f"{stem}.json", decomposition_json(top, inputs["lines"]), indent=None)
     save_sparse_npz(out / f"{stem}.npz", codes)

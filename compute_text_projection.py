@@ -10,7 +10,8 @@ from pathlib import Path
 
 from utils.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames
 from utils.factory import add_model_args, load_model_from_args
-from utils.io import atomic_save, classifier_path
+from utils.io import atomic_save
+from utils.names import classifier_path
 from utils.text import zero_shot_classifier
 from utils.cli import run
 

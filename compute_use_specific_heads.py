@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.ablations import check_decomposition
 from utils.cli import InputError, run
-from utils.io import atomic_write_json, classifier_path, labels_path, load_array, prs_paths, save_figure
+from utils.inputs import check_decomposition
+from utils.io import atomic_write_json, load_array, save_figure
+from utils.names import classifier_path, labels_path, prs_paths
 from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
                               head_logits, parse_heads, random_head_sets)
 

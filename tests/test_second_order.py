@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import GOLDEN, GOLDEN_WEIGHTS, tiny_model
-from utils.second_order import (SecondOrderEffects, ablation_logits, check_mlp_layer, find_classifier, find_input,
-                                find_text_set, load_second_order_files, neuron_means, neuron_pcas,
-                                second_order_paths)
+from utils.ablations import ablation_logits
+from utils.inputs import load_second_order_files
+from utils.names import find_classifier, find_input, find_text_set, second_order_paths
+from utils.neuron_pca import neuron_means, neuron_pcas
+from utils.second_order import SecondOrderEffects, check_mlp_layer
 
 SO = GOLDEN / "second_order"
 STEM = "golden_train_mlps_prsclip-tiny-quickgelu_golden_1"

@@ -15,8 +15,9 @@ from sklearn.linear_model import Lasso, orthogonal_mp_gram
 
 from utils.nnlasso import nnlasso_admm
 from utils.omp import omp
+from utils.names import sparse_decomposition_stem as output_stem
 from utils.sparse_decomposition import (build_text_dictionary, cosine_rows, decompose, decomposition_json,
-                                        output_stem, reconstruction_logits, save_sparse_npz, top_components)
+                                        reconstruction_logits, save_sparse_npz, top_components)
 
 
 @pytest.fixture(autouse=True, scope="module")

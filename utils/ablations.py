@@ -1,62 +1,22 @@
-"""Mean-ablation of decomposed components (paper 1, section 3), streamed over image chunks.
+"""Ablation studies, streamed over image chunks.
 
-Every ablation replaces a component by its mean over the dataset and re-classifies the summed representation
-with the zero-shot classifier. Arrays are read in chunks of images, so ImageNet-size memmaps never load whole.
+Paper 1 (section 3): every mean-ablation replaces a component of the first-order decomposition by its mean over
+the dataset and re-classifies the summed representation with the zero-shot classifier. Arrays are read in
+chunks of images, so ImageNet-size memmaps never load whole.
+
+Paper 2 (section 4): the second-order effects of one MLP layer's neurons are mean-ablated, kept only where a
+neuron is significant, or replaced by their projection on the neuron's first PC (``ablation_logits``).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
+from typing import Callable
 
 import numpy as np
+import torch
+import tqdm
 
-from utils.io import load_array
-from utils.cli import InputError
-
-
-def load_decomposition(input_dir: str, dataset: str, model: str) -> dict[str, np.ndarray]:
-    """Memory-map the arrays of compute_prs.py and compute_text_projection.py and check they agree.
-
-    Returns ``attn`` [B, L, H, d], ``mlp`` [B, L+1, d], ``cls_attn`` [B, L, d], ``classifier`` [d, C] and
-    ``labels`` [B] (the class column for Waterbirds' [B, 2]).
-    """
-    from utils.io import classifier_path, labels_path, prs_paths
-
-    paths = prs_paths(input_dir, dataset, model)
-    out = {k: load_array(p, "compute_prs.py") for k, p in paths.items()}
-    cpath = classifier_path(input_dir, dataset, model)
-    out["classifier"] = np.asarray(load_array(cpath, "compute_text_projection.py", mmap=False), np.float32)
-    lpath = labels_path(input_dir, dataset)
-    labels = np.asarray(load_array(lpath, "compute_prs.py", mmap=False))
-    out["labels"] = labels[:, 0] if labels.ndim == 2 else labels
-    check_decomposition(out, {**{k: str(p) for k, p in paths.items()}, "classifier": str(cpath), "labels": str(lpath)})
-    return out
-
-
-def check_decomposition(arrays: dict[str, np.ndarray], names: Optional[dict[str, str]] = None) -> None:
-    """Raise ``ValueError`` naming the file whose shape disagrees with the others."""
-    names = names or {}
-    n = lambda k: names.get(k, k)  # noqa: E731
-    attn, mlp = arrays["attn"], arrays["mlp"]
-    if attn.ndim != 4:
-        raise InputError(f"{n('attn')}: expected [B, L, H, d], got shape {attn.shape}")
-    B, L, H, d = attn.shape
-    if mlp.shape != (B, L + 1, d):
-        raise InputError(f"{n('mlp')}: shape {mlp.shape} does not match attn {attn.shape} (expected {(B, L + 1, d)})")
-    if "cls_attn" in arrays and arrays["cls_attn"].shape != (B, L, d):
-        raise InputError(f"{n('cls_attn')}: shape {arrays['cls_attn'].shape}, expected {(B, L, d)}")
-    if "classifier" in arrays:
-        c = arrays["classifier"]
-        if c.ndim != 2 or c.shape[0] != d:
-            raise InputError(f"{n('classifier')}: shape {c.shape} does not match the embedding dim d={d} of "
-                             f"{n('attn')} (wrong model?)")
-    if "labels" in arrays:
-        lab = arrays["labels"]
-        if len(lab) != B:
-            raise InputError(f"{n('labels')}: {len(lab)} labels but {B} images in {n('attn')}")
-        if "classifier" in arrays and len(lab) and lab.max() >= arrays["classifier"].shape[1]:
-            raise InputError(f"{n('labels')}: label {lab.max()} but the classifier has "
-                             f"{arrays['classifier'].shape[1]} classes")
+from utils.second_order import COEFFICIENT, SecondOrderEffects
 
 
 def _chunks(B: int, size: int):
@@ -107,3 +67,59 @@ def mean_ablation_study(attn: np.ndarray, mlp: np.ndarray, cls_attn: np.ndarray,
     if return_logits:
         out["logits"] = np.concatenate(logits_all, 1)
     return out
+
+
+# ----------------------------------------------------------------------------- paper 2: second-order ablations
+@torch.no_grad()
+def accuracy_over_dataset(effects: SecondOrderEffects, dataset, labels: np.ndarray,
+                          logits_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+                          batch_size: int, num_workers: int = 0, desc: str = "evaluate") -> dict[str, float]:
+    """Top-1 accuracy (%) of each set of logits ``logits_fn(effects [b, K, d], representation [b, d])`` returns
+    (name -> [b, C]), over ``dataset`` in order, against ``labels`` [B]; one forward pass per batch."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    correct: dict[str, int] = {}
+    start = 0
+    for images, _ in tqdm.tqdm(loader, desc=desc, unit="batch"):
+        batch_effects, representation = effects(images)
+        target = torch.from_numpy(np.asarray(labels[start:start + len(images)])).to(effects.device)
+        start += len(images)
+        for k, v in logits_fn(batch_effects, representation).items():
+            correct[k] = correct.get(k, 0) + int((v.argmax(-1) == target).sum())
+    return {k: 100.0 * c / max(1, len(labels)) for k, c in correct.items()}
+
+
+ABLATIONS = {  # JSON key: the original script's printed line
+    "baseline": "Baseline (from representations)",
+    "all_neurons_mean_ablated": "Without all the neurons",
+    "only_non_significant_kept": "Without significant neurons",
+    "only_significant_kept": "Without insignificant neurons",
+    "projected_to_first_pc": "With neurons reconstructed from PC",
+}
+
+
+@torch.no_grad()
+def ablation_logits(effects: torch.Tensor, representation: torch.Tensor, neuron_mean: torch.Tensor,
+                    pcas: torch.Tensor, thresholds: torch.Tensor, classifier: torch.Tensor,
+                    coefficient: float = COEFFICIENT) -> dict[str, torch.Tensor]:
+    """Logits ``[b, C]`` per ablation of ``ABLATIONS`` (second paper, section 4).
+
+    ``effects`` [b, K, d] (this batch's second-order effects, scaled by ``coefficient``), ``representation``
+    [b, d] (unnormalised), ``neuron_mean`` [K, d] (training mean per neuron), ``pcas`` [K, d] (unit first PCs),
+    ``thresholds`` [K] (a neuron is significant on an image when its centred norm exceeds this: its top_k-th
+    largest training norm), ``classifier`` [d, C]. Every ablation starts from ``coefficient * r/||r||`` with all
+    effects replaced by their means, then adds back: nothing; the centred effects of the non-significant or of
+    the significant neurons; or each centred effect's projection on its neuron's PC.
+    """
+    rep = coefficient * representation.float() / representation.float().norm(dim=-1, keepdim=True)
+    centred = effects - neuron_mean  # [b, K, d]
+    ablated = rep - effects.sum(1) + neuron_mean.sum(0)
+    significant = (centred.norm(dim=-1) > thresholds).float()  # [b, K]
+    sig_sum = torch.einsum("bk,bkd->bd", significant, centred)
+    insig_sum = centred.sum(1) - sig_sum
+    on_pc = torch.einsum("bkd,kd->bk", centred, pcas)
+    reps = {"baseline": rep, "all_neurons_mean_ablated": ablated, "only_non_significant_kept": ablated + insig_sum,
+            "only_significant_kept": ablated + sig_sum,
+            "projected_to_first_pc": ablated + torch.einsum("bk,kd->bd", on_pc, pcas)}
+    return {k: v @ classifier for k, v in reps.items()}

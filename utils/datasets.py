@@ -1,15 +1,19 @@
 """Datasets, written once for every script.
 
-``build_dataset(name, data_path, transform)`` understands:
+``build_dataset(name, data_path, transform, split)`` understands:
 
-- ``imagenet``: torchvision ``ImageNet`` val split (``data_path`` holds ``val/`` and ``meta.bin`` or the devkit).
-- ``binary_waterbirds``: ``metadata.csv`` (``img_filename, y, split, place``), test split (``split == 2``);
-  labels are ``[B, 2]`` = (class, background).
-- ``CIFAR10`` / ``CIFAR100``: torchvision's test split (downloaded into ``data_path`` if missing).
-- ``sample``: the photos bundled with scikit-image (no ``data_path`` needed).
-- anything else: an ``ImageFolder`` at ``data_path``.
+- ``imagenet``: torchvision ``ImageNet`` (``data_path`` holds ``train/``/``val/`` and ``meta.bin`` or the devkit);
+  splits ``train``, ``val`` (default ``val``).
+- ``binary_waterbirds``: ``metadata.csv`` (``img_filename, y, split, place``); splits ``train``, ``val``, ``test``
+  (default ``test``); labels are ``[B, 2]`` = (class, background).
+- ``CIFAR10`` / ``CIFAR100``: torchvision's files (downloaded into ``data_path`` if missing); splits ``train``,
+  ``test`` (default ``test``).
+- ``sample``: the photos bundled with scikit-image (no ``data_path``, one split).
+- anything else: an ``ImageFolder`` at ``data_path``, or at ``data_path/{split}/`` when that folder exists.
 
-Every dataset has ``.labels`` (a NumPy array in image order), so labels are written without decoding images.
+A split a dataset does not have is an ``InputError``. Every dataset has ``.labels`` (a NumPy array in image
+order), so labels are written without decoding images, and pickles (DataLoader workers under ``spawn``). An
+image that cannot be decoded stops the run with an ``InputError`` naming the file.
 """
 from __future__ import annotations
 
@@ -34,6 +38,24 @@ SAMPLE_IMAGES = [
     ("hubble_deep_field", "galaxies"),
     ("horse", "horse"),
 ]
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as RGB; an unreadable or corrupt file is an ``InputError`` naming it."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for truncated / non-image files
+        raise InputError(f"{path}: cannot read the image ({e})") from e
+
+
+def _check_split(dataset: str, split: Optional[str], splits: tuple[str, ...], default: str) -> str:
+    """``split`` (``None`` -> ``default``) if ``dataset`` has it, else an ``InputError`` listing its splits."""
+    split = default if split is None else split
+    if split not in splits:
+        raise InputError(f"--split {split}: dataset '{dataset}' has the splits {', '.join(splits)}")
+    return split
 
 
 def _require_dir(data_path: Optional[str], dataset: str) -> Path:
@@ -104,49 +126,81 @@ class BinaryWaterbirds(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        img = Image.open(self.files[i]).convert("RGB")
+        img = load_rgb(self.files[i])
         return (self.transform(img) if self.transform else img), int(self.labels[i, 0])
 
 
-def _cifar(name: str, root: Path, transform):
-    """torchvision CIFAR test split; a present copy is trusted without its md5 check (fixtures, mirrors)."""
-    from torchvision import datasets
+def _trust_present_files(base, name: str):
+    """A torchvision CIFAR class whose files are trusted when present (md5 None: only existence is checked), so
+    fixtures and mirrors work."""
+    return type(name, (base,), {
+        "train_list": [[f, None] for f, _ in base.train_list],
+        "test_list": [[f, None] for f, _ in base.test_list],
+        "meta": {**base.meta, "md5": None},
+        "__module__": __name__,
+    })
 
-    base = {"CIFAR10": datasets.CIFAR10, "CIFAR100": datasets.CIFAR100}[name]
 
-    class _CIFAR(base):  # md5 None: torchvision then checks that each file exists
-        train_list = [[f, None] for f, _ in base.train_list]
-        test_list = [[f, None] for f, _ in base.test_list]
-        meta = {**base.meta, "md5": None}
+def __getattr__(name: str):
+    """Module attributes ``_CIFAR10Files`` / ``_CIFAR100Files``, built on first use (torchvision is imported only
+    then). Being reachable by name makes them picklable for DataLoader workers started with ``spawn``."""
+    if name in ("_CIFAR10Files", "_CIFAR100Files"):
+        from torchvision import datasets
 
-    ds = _CIFAR(root=str(root), train=False, download=True, transform=transform)
+        cls = _trust_present_files(getattr(datasets, name[1:-len("Files")]), name)
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _cifar(name: str, root: Path, transform, split: str):
+    """torchvision's CIFAR ``split`` (train / test); a present copy is trusted without its md5 check."""
+    import sys
+
+    cls = getattr(sys.modules[__name__], f"_{name}Files")
+    ds = cls(root=str(root), train=split == "train", download=True, transform=transform)
     ds.labels = np.asarray(ds.targets, dtype=np.int64)
     return ds
 
 
 def build_dataset(name: str, data_path: Optional[str], transform: Optional[Callable] = None,
-                  split: str = "val") -> Dataset:
-    """The dataset ``name`` (see module docstring) with ``transform``; ``.labels`` holds its labels."""
+                  split: Optional[str] = None) -> Dataset:
+    """The dataset ``name`` (see module docstring), its ``split`` (``None``: its evaluation split), with
+    ``transform``; ``.labels`` holds its labels."""
     if name == "sample":
         return SampleImages(transform)
     if name in ("CIFAR10", "CIFAR100"):
+        split = _check_split(name, split, ("train", "test"), "test")
         root = Path(data_path or ".")
+        if root.exists() and not root.is_dir():
+            raise InputError(f"--data_path {root}: not a directory (dataset '{name}')")
         root.mkdir(parents=True, exist_ok=True)
-        return _cifar(name, root, transform)
+        try:
+            return _cifar(name, root, transform, split)
+        except RuntimeError as e:  # torchvision: files missing and the download failed / is not possible
+            raise InputError(f"--data_path {root}: no usable {name} files ({e})") from e
     root = _require_dir(data_path, name)
     if name == "imagenet":
         from torchvision.datasets import ImageNet
 
+        split = _check_split(name, split, ("train", "val"), "val")
         if not (root / split).is_dir():
             raise FileNotFoundError(f"--data_path {root}: no '{split}/' folder (torchvision ImageNet layout)")
-        ds = ImageNet(root=str(root), split=split, transform=transform)
+        try:
+            ds = ImageNet(root=str(root), split=split, transform=transform, loader=load_rgb)
+        except RuntimeError as e:  # the devkit / meta.bin is missing
+            raise InputError(f"--data_path {root}: ImageNet metadata missing: put meta.bin or "
+                             f"ILSVRC2012_devkit_t12.tar.gz there ({e})") from e
     elif name == "binary_waterbirds":
-        return BinaryWaterbirds(root, split="test", transform=transform)
+        return BinaryWaterbirds(root, split=_check_split(name, split, tuple(BinaryWaterbirds.SPLITS), "test"),
+                                transform=transform)
     else:
         from torchvision.datasets import ImageFolder
 
+        if split is not None and (root / split).is_dir():
+            root = root / split
         try:
-            ds = ImageFolder(root=str(root), transform=transform)
+            ds = ImageFolder(root=str(root), transform=transform, loader=load_rgb)
         except (FileNotFoundError, RuntimeError) as e:
             raise InputError(f"--data_path {root}: not a usable ImageFolder for dataset '{name}': {e}") from e
     ds.labels = np.asarray(ds.targets, dtype=np.int64)
@@ -169,3 +223,21 @@ def subsample_imagenet(ds: Dataset, split: str) -> Dataset:
     sub = Subset(ds, index)
     sub.labels = np.asarray(ds.labels)[index.start:index.stop:step]
     return sub
+
+
+def class_labels(ds, num_classes: int, what: str) -> np.ndarray:
+    """``ds.labels`` as [B] class indices (Waterbirds' [B, 2]: the class column), checked against the
+    ``num_classes`` of the classifier named ``what``."""
+    labels = np.asarray(ds.labels)
+    labels = labels[:, 0] if labels.ndim == 2 else labels
+    if len(labels) and labels.max() >= num_classes:
+        raise InputError(f"{what}: {num_classes} classes, but the dataset has label {labels.max()}")
+    return labels
+
+
+def build_second_order_dataset(name: str, data_path: Optional[str], transform: Optional[Callable],
+                               split: str):
+    """The second paper's datasets: ``imagenet`` subsampled (train: every 250th, val: every 10th image);
+    anything else as ``build_dataset`` builds it (``.labels`` in image order)."""
+    ds = build_dataset(name, data_path, transform, split=split)
+    return subsample_imagenet(ds, split) if name == "imagenet" else ds

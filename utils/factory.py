@@ -16,23 +16,14 @@ from typing import Callable, Optional
 import torch
 
 from prs_hook import UnsupportedModelError, check_supported
+from utils.names import NO_WEIGHTS
 from utils.cli import InputError
 
-NO_WEIGHTS = ("none", "None", "", "random")
 
 
 def default_device() -> str:
     """``cuda`` when available, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def pretrained_name(pretrained: Optional[str]) -> str:
-    """The ``{pretrained}`` part of output names: the tag, a checkpoint's file stem, or ``none``."""
-    if pretrained is None or pretrained in NO_WEIGHTS:
-        return "none"
-    if os.path.sep in pretrained or os.path.isfile(pretrained):
-        return Path(pretrained).stem
-    return pretrained
 
 
 def _check_config(model_name: str) -> dict:

@@ -19,27 +19,6 @@ from utils.cli import InputError
 PARTIAL = ".partial"
 
 
-# ----------------------------------------------------------------------------- names
-def prs_paths(output_dir: str | Path, dataset: str, model: str) -> dict[str, Path]:
-    """The files compute_prs.py writes (paper 1 names)."""
-    d = Path(output_dir)
-    return {
-        "attn": d / f"{dataset}_attn_{model}.npy",  # [B, L, H, d]
-        "mlp": d / f"{dataset}_mlp_{model}.npy",  # [B, L+1, d]
-        "cls_attn": d / f"{dataset}_cls_attn_{model}.npy",  # [B, L, d]
-    }
-
-
-def labels_path(output_dir: str | Path, dataset: str) -> Path:
-    """``{dataset}_labels.npy``: [B] (Waterbirds: [B, 2] = class, background)."""
-    return Path(output_dir) / f"{dataset}_labels.npy"
-
-
-def classifier_path(output_dir: str | Path, dataset: str, model: str) -> Path:
-    """``{dataset}_classifier_{model}.npy``: the zero-shot classifier [d, C]."""
-    return Path(output_dir) / f"{dataset}_classifier_{model}.npy"
-
-
 # ----------------------------------------------------------------------------- reading
 def load_array(path: str | Path, what: str, mmap: bool = True) -> np.ndarray:
     """``np.load`` with a clear error naming the file (and the script that writes it)."""

@@ -27,7 +27,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from utils.factory import pretrained_name
 from utils.io import atomic_write
 from utils.cli import InputError
 
@@ -123,18 +122,6 @@ def top_components(codes: sp.csr_matrix, components: int) -> tuple[list[list[tup
 def decomposition_json(top: Sequence[Sequence[tuple[int, float]]], lines: Sequence[str]) -> dict:
     """The original's ``.json`` content: ``{neuron: [[text index, coefficient, text], ...]}``, by |coefficient|."""
     return {int(k): [(j, c, str(lines[j])) for j, c in row] for k, row in enumerate(top)}
-
-
-def output_stem(dataset: str, model: str, pretrained: Optional[str], mlp_layer: int, text_set: str, solver: str,
-                penalty: float, components: int, norm: str = "per_dimension") -> str:
-    """The original's output name (``.json`` / ``.npz``), ``..._decomposition_omp_{transform_alpha}_{components}``.
-
-    Other settings get their own names: ``..._decomposition_nnlasso_{l1_penalty}_{components}`` and a
-    ``_per_text`` suffix for the per-text dictionary, so no run overwrites another's files.
-    """
-    stem = (f"{dataset}_mlps_{model}_{pretrained_name(pretrained)}_{mlp_layer}_{text_set}_decomposition_"
-            f"{solver}_{penalty}_{components}")
-    return stem + ("_per_text" if norm == "per_text" else "")
 
 
 def save_sparse_npz(path: str | Path, matrix: sp.spmatrix) -> None:

@@ -1,0 +1,159 @@
+"""Every output file name, in one place (the original code's names, so its command lines and notebooks work).
+
+Paper 1 names carry the model only (``{dataset}_attn_{model}.npy``); paper 2 names carry the pretrained tag too
+(``{dataset}_{split}_mlps_{model}_{pretrained}_{layer}_merged.npy``). ``{pretrained}`` is always
+``pretrained_name(...)``: the tag, a local checkpoint's file stem, or ``none``. Two checkpoints of one
+architecture share the paper-1 names; their provenance records (utils/provenance.py) tell them apart.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+NO_WEIGHTS = ("none", "None", "", "random")
+
+
+def pretrained_name(pretrained: Optional[str]) -> str:
+    """The ``{pretrained}`` part of output names: the tag, a checkpoint's file stem, or ``none``."""
+    if pretrained is None or pretrained in NO_WEIGHTS:
+        return "none"
+    if os.path.sep in pretrained or os.path.isfile(pretrained):
+        return Path(pretrained).stem
+    return pretrained
+
+
+# ----------------------------------------------------------------------------- paper 1 (clip_text_span)
+PRS_KINDS = ("attn", "mlp", "cls_attn")
+
+
+def prs_paths(output_dir: str | Path, dataset: str, model: str, suffix: str = "") -> dict[str, Path]:
+    """The files compute_prs.py writes: ``{dataset}_{attn|mlp|cls_attn}_{model}{suffix}.npy``.
+
+    ``attn`` [B, L, H, d], ``mlp`` [B, L+1, d], ``cls_attn`` [B, L, d]. ``suffix`` is ``_seed_{seed}`` for
+    PCLens's names.
+    """
+    d = Path(output_dir)
+    return {k: d / f"{dataset}_{k}_{model}{suffix}.npy" for k in PRS_KINDS}
+
+
+def attn_rest_path(output_dir: str | Path, dataset: str, model: str, suffix: str = "") -> Path:
+    """``{dataset}_attn_rest_{model}.npy`` [B, d]: the attention layers not kept by ``compute_prs.py --layers``."""
+    return Path(output_dir) / f"{dataset}_attn_rest_{model}{suffix}.npy"
+
+
+def labels_path(output_dir: str | Path, dataset: str, suffix: str = "") -> Path:
+    """``{dataset}_labels{suffix}.npy``: [B] (Waterbirds: [B, 2] = class, background)."""
+    return Path(output_dir) / f"{dataset}_labels{suffix}.npy"
+
+
+def classifier_path(output_dir: str | Path, dataset: str, model: str) -> Path:
+    """``{dataset}_classifier_{model}.npy``: the zero-shot classifier [d, C] (paper 1's name)."""
+    return Path(output_dir) / f"{dataset}_classifier_{model}.npy"
+
+
+def text_embeddings_path(output_dir: str | Path, text_set: str, model: str, pretrained: Optional[str] = None) -> Path:
+    """``{text_set}_{model}.npy`` (paper 1), or ``{text_set}_{model}_{pretrained}.npy`` when ``pretrained`` is given
+    (paper 2's name): the normalised embeddings [T, d] of a text set, row i = line i."""
+    tail = f"_{pretrained_name(pretrained)}" if pretrained is not None else ""
+    return Path(output_dir) / f"{text_set}_{model}{tail}.npy"
+
+
+def ablations_stem(dataset: str, model: str) -> str:
+    """``{dataset}_ablations_{model}``: compute_ablations.py's JSON and PNG (paper 1)."""
+    return f"{dataset}_ablations_{model}"
+
+
+def completeness_stem(dataset: str, text_set: str, texts_per_head: int, model: str, algorithm: str = "textspan") -> str:
+    """``{dataset}_completeness_{text_set}_top_{m}_heads_{model}`` (+ ``_pclens``): compute_complete_text_set.py."""
+    stem = f"{dataset}_completeness_{text_set}_top_{texts_per_head}_heads_{model}"
+    return stem + ("_pclens" if algorithm == "pclens" else "")
+
+
+def segmentation_dir(output_dir: str | Path, train_dataset: str, model: str, pretrained: Optional[str]) -> Path:
+    """``{train_dataset}_segmentation_{model}_{pretrained}/``: compute_segmentations.py's output folder."""
+    return Path(output_dir) / f"{train_dataset}_segmentation_{model}_{pretrained_name(pretrained)}"
+
+
+# ----------------------------------------------------------------------------- paper 2 (second_order_lens)
+def second_order_paths(output_dir: str | Path, dataset: str, split: str, model: str, pretrained: Optional[str],
+                       mlp_layer: int, top_k: Optional[int] = None) -> dict[str, Path]:
+    """``merged``: ``{dataset}_{split}_mlps_{model}_{pretrained}_{mlp_layer}_merged.npy`` [images, neurons, d];
+    with ``top_k``: ``pca`` ``..._{top_k}_pca.npy`` [neurons, d] and ``norm`` ``..._{top_k}_norm.npy``
+    [neurons, top_k] (the top-k centred norms per neuron, ascending)."""
+    stem = f"{dataset}_{split}_mlps_{model}_{pretrained_name(pretrained)}_{mlp_layer}"
+    d = Path(output_dir)
+    out = {"merged": d / f"{stem}_merged.npy"}
+    if top_k is not None:
+        out["pca"] = d / f"{stem}_{top_k}_pca.npy"
+        out["norm"] = d / f"{stem}_{top_k}_norm.npy"
+    return out
+
+
+def split_labels_path(output_dir: str | Path, dataset: str, split: str) -> Path:
+    """``{dataset}_{split}_labels.npy`` [images]: the labels beside a second-order file, in image order."""
+    return labels_path(output_dir, f"{dataset}_{split}")
+
+
+def classifier_path_pretrained(output_dir: str | Path, dataset: str, model: str, pretrained: Optional[str]) -> Path:
+    """``{dataset}_classifier_{model}_{pretrained}.npy``: the zero-shot classifier [d, C] (paper 2's name)."""
+    return Path(output_dir) / f"{dataset}_classifier_{model}_{pretrained_name(pretrained)}.npy"
+
+
+def second_order_ablations_path(output_dir: str | Path, dataset: str, split: str, model: str,
+                                pretrained: Optional[str], mlp_layer: int, top_k: int) -> Path:
+    """The JSON of compute_second_order_ablations.py (its PNG has the same stem)."""
+    return Path(output_dir) / (f"{dataset}_{split}_second_order_ablations_{model}_{pretrained_name(pretrained)}_"
+                               f"{mlp_layer}_{top_k}.json")
+
+
+def sparse_decomposition_stem(dataset: str, model: str, pretrained: Optional[str], mlp_layer: int, text_set: str,
+                              solver: str, penalty: float, components: int, norm: str = "per_dimension") -> str:
+    """compute_sparse_decomposition.py's ``.json`` / ``.npz`` name: the original's
+    ``{dataset}_mlps_{model}_{pretrained}_{layer}_{text_set}_decomposition_omp_{transform_alpha}_{components}``.
+
+    Other settings get their own names, ``..._decomposition_nnlasso_{l1_penalty}_{components}`` and a
+    ``_per_text`` suffix for the per-text dictionary, so no run overwrites another's files.
+    """
+    stem = (f"{dataset}_mlps_{model}_{pretrained_name(pretrained)}_{mlp_layer}_{text_set}_decomposition_"
+            f"{solver}_{penalty}_{components}")
+    return stem + ("_per_text" if norm == "per_text" else "")
+
+
+# ----------------------------------------------------------------------------- finding inputs by name
+def find_input(directory: str | Path | Sequence[str | Path], candidates: Sequence[str], what: str) -> Path:
+    """The first of the file names ``candidates`` that exists in ``directory`` (or in each of several, in order).
+
+    Raises ``FileNotFoundError`` listing every path tried and ``what`` (the thing and the script writing it).
+    """
+    dirs = [directory] if isinstance(directory, (str, Path)) else list(directory)
+    tried = []
+    for d in dirs:
+        for name in candidates:
+            path = Path(d) / name
+            if path.is_file():
+                return path
+            if path not in tried:
+                tried.append(path)
+    raise FileNotFoundError(f"{what}: none of {', '.join(map(str, tried))} exists")
+
+
+def find_classifier(directory: str | Path | Sequence[str | Path], dataset: str, model: str,
+                    pretrained: Optional[str]) -> Path:
+    """``{dataset}_classifier_{model}_{pretrained}.npy`` (paper 2), else ``{dataset}_classifier_{model}.npy``."""
+    names = [classifier_path_pretrained(".", dataset, model, pretrained).name, classifier_path(".", dataset, model).name]
+    return find_input(directory, names, f"zero-shot classifier [d, C] of {model} for '{dataset}' "
+                                        f"(written by compute_text_projection.py or compute_classifier_projection.py)")
+
+
+def find_text_set(directory: str | Path | Sequence[str | Path], text_set: str, model: str,
+                  pretrained: Optional[str]) -> Path:
+    """``{text_set}_{model}_{pretrained}.npy`` (paper 2), else ``{text_set}_{model}.npy`` (paper 1).
+
+    The two differ by a global scale: the original paper-2 script saved ``coefficient`` (100) times the normalised
+    embeddings, paper 1 the normalised embeddings. A consumer that centres and rescales the dictionary (as the
+    sparse decomposition does) is unaffected.
+    """
+    names = [text_embeddings_path(".", text_set, model, pretrained).name, text_embeddings_path(".", text_set, model).name]
+    return find_input(directory, names, f"text embeddings [T, d] of '{text_set}' for {model} "
+                                        f"(written by compute_text_set_projection.py)")
