@@ -17,7 +17,7 @@ import numpy as np
 from utils.cli import InputError, run
 from utils.inputs import check_decomposition
 from utils.io import atomic_write_json, load_array, save_figure
-from utils.names import classifier_path, labels_path, prs_paths
+from utils.names import classifier_path, labels_path, prs_paths, specific_heads_stem
 from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
                               head_logits, parse_heads, random_head_sets)
 
@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> dict:
 
     out = Path(args.figures_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.dataset}_specific_heads_{args.model}"
+    stem = specific_heads_stem(args.dataset, args.model)
     summary = {"args": vars(args), "num_images": B, "heads": [f"{l}.{h}" for l, h in heads],
                "baseline": results["baseline"], "ablated": results["heads mean-ablated"], "random": random}
     atomic_write_json(out / f"{stem}.json", summary)

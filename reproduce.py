@@ -35,10 +35,10 @@ from typing import Optional, Sequence
 
 from utils.cli import InputError, run
 from utils.io import StreamingArrays, atomic_write_text, make_output_dir
-from utils.names import (ablations_stem, classifier_path, classifier_path_pretrained, completeness_stem,
-                         labels_path, prs_paths, second_order_ablations_path, second_order_paths,
-                         segmentation_dir, sparse_decomposition_stem, split_classes_path, split_labels_path,
-                         representations_path, text_embeddings_path)
+from utils.names import (ablations_stem, classifier_path, classifier_path_pretrained, completeness_stem, labels_path,
+                         prs_paths, representations_path, second_order_ablations_path, second_order_paths,
+                         segmentation_dir, sparse_decomposition_stem, specific_heads_stem, split_classes_path,
+                         split_labels_path, text_embeddings_path)
 from utils.provenance import check_consistent, make_record, provenance_path, read_provenance, write_provenance
 from utils.report import Row, Section, build_section, load_published, read_key_values, write_report
 
@@ -90,14 +90,17 @@ class Plan:
         self.pretrained_arg = SMOKE_MODEL[-1] if self.smoke else self.pretrained  # as --pretrained says it
 
     def model_flags(self) -> list[str]:
+        """The model (and device) flags of the scripts that load the model."""
         if self.smoke:
-            flags = list(SMOKE_MODEL) + ["--device", "cpu"]
-        else:
-            flags = ["--model", self.model, "--pretrained", self.pretrained]
-            flags += ["--model_config", self.args.model_config] if self.args.model_config else []
-            flags += ["--force_quick_gelu"] if self.args.force_quick_gelu else []
-            flags += ["--device", self.args.device] if self.args.device else []
-        return flags + (["--allow_tf32"] if self.args.allow_tf32 else [])
+            return list(SMOKE_MODEL) + self.device_flags()
+        a = self.args
+        return ["--model", self.model, "--pretrained", self.pretrained,
+                *(["--model_config", a.model_config] if a.model_config else []),
+                *(["--force_quick_gelu"] if a.force_quick_gelu else []), *self.device_flags()]
+
+    def device_flags(self) -> list[str]:
+        device = "cpu" if self.smoke else self.args.device
+        return [*(["--device", device] if device else []), *(["--allow_tf32"] if self.args.allow_tf32 else [])]
 
     def loader_flags(self) -> list[str]:
         a = self.args
@@ -137,7 +140,7 @@ def paper1(p: Plan) -> tuple[list[Step], list[Section]]:
     heads = ["--heads", "3.0,3.1,2.2", "--random_trials", "3"] if p.smoke else ["--random_trials", "10"]
     abl, span = ablations_stem(ds, m), completeness_stem(ds, text_set, texts_per_head, m)
     seg = segmentation_dir(o, seg_ds, m, p.pretrained)
-    wb_stem = f"{wb}_specific_heads_{m}"
+    wb_stem = specific_heads_stem(wb, m)
     model, loader = p.model_flags(), p.loader_flags()
     steps = [
         Step("prs", "compute_prs.py", [*model, *p.images("imagenet", "imagenet"), *loader, "--output_dir", o],
@@ -152,8 +155,7 @@ def paper1(p: Plan) -> tuple[list[Step], list[Section]]:
              [text_embeddings_path(o, text_set, m)], needs=("texts",)),
         Step("textspan", "compute_complete_text_set.py",
              ["--model", m, "--dataset", ds, "--input_dir", o, "--output_dir", o, "--text_descriptions", text_set,
-              "--texts_per_head", texts_per_head, "--num_of_last_layers", layers,
-              *(["--device", "cpu"] if p.smoke else (["--device", p.args.device] if p.args.device else []))],
+              "--texts_per_head", texts_per_head, "--num_of_last_layers", layers, *p.device_flags()],
              [o / f"{span}.{ext}" for ext in ("json", "txt", "png")], needs=("prs", "classifier", "text_embeddings")),
         Step("segmentation", "compute_segmentations.py",
              [*model, "--data_path", p.path("imagenet_seg"), "--classifier_dir", o,
@@ -402,7 +404,8 @@ def execute(steps: Sequence[Step], plan: Plan, selected: Optional[set[str]], dry
             entry.update(status=f"skipped: no --{step.data} given", command=None)
         elif failed:
             entry.update(status=f"skipped: needs {', '.join(failed)}", command=None)
-        elif not fresh and up_to_date(step, argv, inputs, plan.pretrained):
+        elif not fresh and not any(status.get(n, "").startswith(("ran", "would run")) for n in step.needs) \
+                and up_to_date(step, argv, inputs, plan.pretrained):
             entry.update(status="up to date (skipped)")
         elif dry_run:
             entry.update(status="would run" if (REPO / step.script).is_file() else "would run: script missing")
@@ -417,7 +420,7 @@ def execute(steps: Sequence[Step], plan: Plan, selected: Optional[set[str]], dry
             entry["status"] = "ran" if code == 0 else f"failed (exit {code})"
         status[step.name] = entry["status"]
         if dry_run:
-            print(f"{step.name:24s} {entry['status']:32s} {entry['command'] or ''}")
+            print(f"{step.name:24s} {entry['status']:32s} {entry['command'] or ''}".rstrip())
         results.append(entry)
     return results
 
@@ -456,7 +459,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--imagenet_seg", default=None, help="gtsegs_ijcv.mat (ImageNet-segmentation)")
     parser.add_argument("--waterbirds", default=None, help="Waterbirds root (with metadata.csv); paper1")
     parser.add_argument("--cifar10", default=None, help="CIFAR-10 root (torchvision files); splice")
-    parser.add_argument("--mlp_layers", type=int, nargs="+", default=[9], help="paper2: MLP layers (default 9)")
+    parser.add_argument("--mlp_layers", type=int, nargs="+", default=None,
+                        help="paper2: MLP layers (default 9; --smoke: 1)")
     parser.add_argument("--steps", default=None, help="comma-separated steps to run (default: all)")
     parser.add_argument("--dry_run", action="store_true", help="print the plan and what would run; run nothing")
     parser.add_argument("--fresh", action="store_true", help="rerun every step from scratch (no skipping, no resume)")
@@ -474,6 +478,7 @@ def main(args: argparse.Namespace) -> dict:
         args.model, args.pretrained = default_model, args.pretrained or default_pretrained
     elif args.pretrained is None and args.pipeline != "splice":
         raise InputError(f"--pretrained is required with --model {args.model}")
+    args.mlp_layers = args.mlp_layers or ([1] if args.smoke else [9])
     plan = Plan(args)
     steps, sections = PIPELINES[args.pipeline](plan)
     names = {s.name for s in steps} | {s.group for s in steps if s.group}

@@ -70,6 +70,11 @@ def completeness_stem(dataset: str, text_set: str, texts_per_head: int, model: s
     return stem + ("_pclens" if algorithm == "pclens" else "")
 
 
+def specific_heads_stem(dataset: str, model: str) -> str:
+    """``{dataset}_specific_heads_{model}``: compute_use_specific_heads.py's JSON and PNG (paper 1, Waterbirds)."""
+    return f"{dataset}_specific_heads_{model}"
+
+
 def segmentation_dir(output_dir: str | Path, train_dataset: str, model: str, pretrained: Optional[str]) -> Path:
     """``{train_dataset}_segmentation_{model}_{pretrained}/``: compute_segmentations.py's output folder."""
     return Path(output_dir) / f"{train_dataset}_segmentation_{model}_{pretrained_name(pretrained)}"

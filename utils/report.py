@@ -52,7 +52,7 @@ class Section:
 
 
 def load_published(path: str | Path = PUBLISHED_NUMBERS) -> dict:
-    """The published-numbers table: ``{"sources": {...}, "numbers": [{quantity, model, ..., value, source, where}]}``."""
+    """The published numbers: ``{"sources": {...}, "numbers": [{quantity, model, ..., value, source, where}]}``."""
     return json.loads(Path(path).read_text())
 
 
