@@ -11,6 +11,7 @@ from pathlib import Path
 from utils.ablations import mean_ablation_study
 from utils.inputs import load_decomposition
 from utils.io import atomic_write_json, save_figure
+from utils.provenance import add_mismatch_arg, derived_record, write_provenance
 from utils.cli import run
 
 
@@ -23,6 +24,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_dir", default="./output_dir", help="where the arrays are")
     parser.add_argument("--dataset", type=str, default="imagenet", help="dataset name in file names")
     parser.add_argument("--chunk", type=int, default=1024, help="images per chunk read from the memmaps")
+    add_mismatch_arg(parser)
     return parser
 
 
@@ -48,7 +50,7 @@ def plot_layer_curve(acc: dict, num_layers: int, title: str, path: Path) -> None
 
 
 def main(args: argparse.Namespace) -> dict:
-    arrays = load_decomposition(args.input_dir, args.dataset, args.model)
+    arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch)
     res = mean_ablation_study(arrays["attn"], arrays["mlp"], arrays["cls_attn"], arrays["classifier"],
                               arrays["labels"], chunk=args.chunk)
     acc, L = res["accuracy"], arrays["attn"].shape[1]
@@ -68,6 +70,9 @@ def main(args: argparse.Namespace) -> dict:
               "printed": printed}
     atomic_write_json(out / f"{stem}.json", result)
     plot_layer_curve(acc, L, f"{args.model} on {args.dataset}", out / f"{stem}.png")
+    record = derived_record([arrays["paths"]["attn"], arrays["paths"]["classifier"]])
+    for suffix in (".json", ".png"):
+        write_provenance(out / f"{stem}{suffix}", record)
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return result
 

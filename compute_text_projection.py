@@ -10,10 +10,11 @@ from pathlib import Path
 
 from utils.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames
 from utils.factory import add_model_args, load_model_from_args
-from utils.io import atomic_save
+from utils.io import make_output_dir
 from utils.names import classifier_path
 from utils.text import zero_shot_classifier
 from utils.cli import run
+from utils.provenance import make_record, save_output
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,12 +30,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> Path:
     classnames = get_classnames(args.dataset, args.classnames)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    make_output_dir(args.output_dir)
     model, _, tokenizer = load_model_from_args(args)
     classifier = zero_shot_classifier(model, tokenizer, classnames, OPENAI_IMAGENET_TEMPLATES, args.device,
                                       args.batch_size)
     path = classifier_path(args.output_dir, args.dataset, args.model)
-    atomic_save(path, classifier.cpu().numpy())
+    save_output(path, classifier.cpu().numpy(), make_record(args, num_classes=len(classnames),
+                                                          classnames=args.classnames))
     print(f"wrote {path} {list(classifier.shape)} ({len(classnames)} classes x {len(OPENAI_IMAGENET_TEMPLATES)} templates)")
     return path
 
