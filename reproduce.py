@@ -415,9 +415,11 @@ def execute(steps: Sequence[Step], plan: Plan, selected: Optional[set[str]], dry
             start = time.time()
             code = run_logged([sys.executable, *argv], log)
             entry.update(seconds=round(time.time() - start, 1), log=os.path.relpath(log, plan.out))
-            if code == 0:
+            absent = [q.name for q in step.outputs if not q.is_file()]
+            if code == 0 and not absent:
                 record_outputs(step, argv)
-            entry["status"] = "ran" if code == 0 else f"failed (exit {code})"
+            entry["status"] = "ran" if code == 0 and not absent else f"failed (exit {code})" if code else \
+                f"failed: exit 0 but {', '.join(absent)} not written"
         status[step.name] = entry["status"]
         if dry_run:
             print(f"{step.name:24s} {entry['status']:32s} {entry['command'] or ''}".rstrip())
@@ -432,9 +434,9 @@ def make_smoke_waterbirds(folder: Path) -> None:
     from utils.datasets import SampleImages
 
     folder.mkdir(parents=True, exist_ok=True)
-    rows = ["img_filename,y,split,place"]
-    for i in range(len(SampleImages())):
-        SampleImages().load(i).resize((64, 64)).save(folder / f"{i}.png")
+    rows, photos = ["img_filename,y,split,place"], SampleImages()
+    for i in range(len(photos)):
+        photos.load(i).resize((64, 64)).save(folder / f"{i}.png")
         rows.append(f"{i}.png,{i % 2},2,{(i // 2) % 2}")
     atomic_write_text(folder / "metadata.csv", "\n".join(rows) + "\n")
 

@@ -187,6 +187,8 @@ def fake_pipeline(tmp_path: Path, fail: bool):
                  reproduce.Step("d", str(scripts["copy"]), [o / "c.json", o / "d.json"], [o / "d.json"], needs=("c",)),
                  reproduce.Step("e", str(scripts["copy"]), [o / "a.json", o / "e.json"], [o / "e.json"],
                                 data="waterbirds")]
+        if fail:  # exits 0 without writing what it should
+            steps.append(reproduce.Step("f", str(scripts["make"]), [o / "elsewhere.json"], [o / "f.json"]))
         sections = [Section("ImageNet top-1", "b", o / "b.json", [Row("top-1 (%)", "acc.top1", "imagenet_zero_shot_top1")],
                             context={"model": "ViT-B-16", "pretrained": "laion2b_s34b_b88k", "dataset": "imagenet"}),
                     Section("Never made", "d", o / "d.json", [Row("top-1 (%)", "acc.top1")])]
@@ -210,7 +212,8 @@ def test_runner_failed_step_stops_its_dependents_and_still_reports(monkeypatch, 
     code, status = run_fake(monkeypatch, tmp_path, fail=True)
     assert code == 1
     assert {k: v for k, v in status.items() if not k.startswith("_")} == {
-        "a": "ran", "b": "ran", "c": "failed (exit 3)", "d": "skipped: needs c", "e": "skipped: no --waterbirds given"}
+        "a": "ran", "b": "ran", "c": "failed (exit 3)", "d": "skipped: needs c", "e": "skipped: no --waterbirds given",
+        "f": "failed: exit 0 but f.json not written"}
     o, report = status["_out"], status["_report"]
     assert "this step fails on purpose" in (o / "logs" / "c.log").read_text()
     # the scripts wrote no record: reproduce.py wrote one holding the step's command
