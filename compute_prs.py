@@ -11,7 +11,7 @@ import argparse
 import os
 
 from prs_hook import hook_prs_logger
-from utils.cli import run
+from utils.cli import positive_int, run
 from utils.datasets import build_dataset
 from utils.factory import add_model_args, load_model_from_args
 from utils.io import make_output_dir
@@ -23,7 +23,7 @@ from utils.streaming import Output, init_distributed, is_main_process, stream_da
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Project residual stream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch_size", default=2, type=int, help="batch size")
+    parser.add_argument("--batch_size", default=2, type=positive_int, help="batch size")
     add_model_args(parser)
     parser.add_argument("--data_path", default=None, type=str, help="dataset root (not needed for 'sample')")
     parser.add_argument("--dataset", type=str, default="imagenet",

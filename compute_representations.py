@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.cli import run
+from utils.cli import positive_int, run
 from utils.datasets import build_second_order_dataset
 from utils.factory import add_model_args, load_model_from_args
 from utils.io import make_output_dir
@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="./output_dir", help="where to save")
     parser.add_argument("--dataset", type=str, default="imagenet",
                         help="imagenet (subsampled), CIFAR10, CIFAR100, sample, or any ImageFolder name")
-    parser.add_argument("--batch_size", default=16, type=int, help="batch size")
+    parser.add_argument("--batch_size", default=16, type=positive_int, help="batch size")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     return parser
 

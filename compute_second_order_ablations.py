@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import InputError, run
+from utils.cli import InputError, positive_int, run
 from utils.ablations import ABLATIONS, ablation_logits, accuracy_over_dataset
 from utils.datasets import build_second_order_dataset, class_labels
 from utils.factory import add_model_args, load_model_from_args
@@ -42,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlp_layer", default=9, type=int)
     parser.add_argument("--coefficient", default=COEFFICIENT, type=float)
     parser.add_argument("--top_k_pca", default=100, type=int, help="which PCA / norm files (their top k)")
-    parser.add_argument("--batch_size", default=16, type=int)
+    parser.add_argument("--batch_size", default=16, type=positive_int)
     parser.add_argument("--output_dir", default="./output_dir/", help="where the JSON goes")
     parser.add_argument("--input_dir", default="./output_dir/", help="where the training files are")
     parser.add_argument("--data_path", default=None, type=str, help="dataset root")

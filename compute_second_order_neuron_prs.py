@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.cli import run
+from utils.cli import positive_int, run
 from utils.datasets import build_second_order_dataset
 from utils.factory import add_model_args, load_model_from_args
 from utils.io import make_output_dir
@@ -32,7 +32,7 @@ from utils.streaming import Output, init_distributed, is_main_process, stream_da
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Project Second Order Residual Stream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch_size", default=16, type=int, help="images per batch")
+    parser.add_argument("--batch_size", default=16, type=positive_int, help="images per batch")
     add_model_args(parser, model="ViT-B-32", pretrained="openai")
     parser.add_argument("--mlp_layer", default=9, type=int, help="the MLP layer whose neurons to analyse (0-based)")
     parser.add_argument("--coefficient", default=COEFFICIENT, type=float,

@@ -28,7 +28,7 @@ import torch
 import tqdm
 
 from prs_hook import hook_prs_logger
-from utils.cli import InputError, run
+from utils.cli import InputError, positive_int, run
 from utils.factory import add_model_args, load_model_from_args
 from utils.imagenet_segmentation import MASK_RESIZE, ImagenetSegmentation
 from utils.io import atomic_save, atomic_write_json, atomic_write_text, load_array, make_output_dir
@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default="imagenet_seg/gtsegs_ijcv.mat", type=str, help="gtsegs_ijcv.mat")
     parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
     parser.add_argument("--classifier_dir", default="./output_dir/", help="where the classifier is")
-    parser.add_argument("--batch_size", default=1, type=int, help="batch size (does not change the numbers)")
+    parser.add_argument("--batch_size", default=1, type=positive_int, help="batch size (does not change the numbers)")
     add_model_args(parser)
     parser.add_argument("--output_dir", default="./output_dir", help="path where to save")
     parser.add_argument("--mask_resize", default="stretch", choices=MASK_RESIZE,

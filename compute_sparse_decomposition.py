@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import InputError, run
+from utils.cli import InputError, positive_int, run
 from utils.factory import add_model_args, load_model_from_args
 from utils.ablations import accuracy_over_dataset
 from utils.datasets import build_second_order_dataset, class_labels
@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--components", default=32, type=int, help="texts per neuron")
     parser.add_argument("--top_k_pca", default=100, type=int, help="which PCA file (its top k)")
     parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
-    parser.add_argument("--batch_size", default=16, type=int, help="images per batch for --evaluate")
+    parser.add_argument("--batch_size", default=16, type=positive_int, help="images per batch for --evaluate")
     parser.add_argument("--output_dir", default="./output_dir", help="where the decomposition is written")
     parser.add_argument("--descriptions_dir", default="./text_descriptions",
                         help="where {text_descriptions}.txt is (then its external/ subfolder)")

@@ -13,7 +13,7 @@ from utils.factory import add_model_args, load_model_from_args
 from utils.io import make_output_dir
 from utils.names import classifier_path
 from utils.text import zero_shot_classifier
-from utils.cli import run
+from utils.cli import positive_int, run
 from utils.provenance import make_record, save_output
 
 
@@ -23,7 +23,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     parser.add_argument("--dataset", default="imagenet", help="which class names (see above)")
     parser.add_argument("--classnames", default=None, help="file with one class name per line")
-    parser.add_argument("--batch_size", default=256, type=int, help="prompts per encode_text batch")
+    parser.add_argument("--batch_size", default=256, type=positive_int, help="prompts per encode_text batch")
     parser.add_argument("--output_dir", default="./output_dir", help="where to save")
     return parser
 

@@ -12,7 +12,7 @@ autocast (float16); this runs it in float32 (differences ~1e-3 on GPU).
 import argparse
 from pathlib import Path
 
-from utils.cli import run
+from utils.cli import positive_int, run
 from utils.factory import add_model_args, load_model_from_args
 from utils.io import make_output_dir
 from utils.names import text_embeddings_path
@@ -24,7 +24,7 @@ from utils.text_sets import read_text_set, resolve_text_file, sha256_of
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Get text list weights", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch_size", default=2048, type=int, help="texts per encode_text batch")
+    parser.add_argument("--batch_size", default=2048, type=positive_int, help="texts per encode_text batch")
     add_model_args(parser)
     parser.add_argument("--data_path", default="text_descriptions/image_descriptions_3500.txt", type=str,
                         help="the text set, one description per line (the original default, "

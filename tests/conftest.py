@@ -1,7 +1,9 @@
 """Shared test fixtures: tiny open_clip configs (registered here), the golden case, script runners."""
 from __future__ import annotations
 
+import csv
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
@@ -59,6 +62,38 @@ def golden_images() -> torch.Tensor:
     return torch.from_numpy(np.load(GOLDEN / "inputs" / "preprocessed.npy"))
 
 
+# ----------------------------------------------------------------------------- datasets in their real formats
+@pytest.fixture(scope="session")
+def imagenet_root(tmp_path_factory) -> Path:
+    """torchvision ImageNet val layout: meta.bin + val/<wnid>/*.JPEG (2 classes x 3 images)."""
+    root = tmp_path_factory.mktemp("imagenet")
+    wnids = ["n01440764", "n01443537"]
+    torch.save(({wnids[0]: ("tench",), wnids[1]: ("goldfish",)}, wnids * 3), root / "meta.bin")
+    for i, png in enumerate(sorted((GOLDEN / "images").rglob("*.png"))):
+        d = root / "val" / wnids[i // 3]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.open(png).convert("RGB").save(d / f"ILSVRC2012_val_{i + 1:08d}.JPEG", quality=95)
+    return root
+
+
+@pytest.fixture(scope="session")
+def waterbirds_root(tmp_path_factory) -> Path:
+    """metadata.csv (img_id, img_filename, y, split, place, place_filename) with train/val/test rows."""
+    root = tmp_path_factory.mktemp("waterbirds")
+    rows = []
+    for i, png in enumerate(sorted((GOLDEN / "images").rglob("*.png"))):
+        rel = f"{i:03d}.Bird/img_{i}.jpg"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.open(png).convert("RGB").save(root / rel)
+        rows.append({"img_id": i + 1, "img_filename": rel, "y": i % 2, "split": [2, 0, 2, 1, 2, 2][i],
+                     "place": (i // 2) % 2, "place_filename": f"/x/{i}.jpg"})
+    with open(root / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
 def run_script(script: str, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a top-level script through its command line (with the tests' configs registered)."""
     cmd = [sys.executable, str(REPO / script), *map(str, args)]
@@ -98,3 +133,59 @@ def run_inprocess(script: str, *args: str) -> tuple[int, str, str]:
 
 TINY_ARGS = ["--model_config", str(CONFIGS), "--model", "prsclip-tiny", "--pretrained", str(GOLDEN_WEIGHTS),
              "--device", "cpu"]
+
+
+def cifar_fixture(root: Path, name: str, train_labels=None) -> np.ndarray:
+    """CIFAR10/100 files in torchvision's layout, made of the 6 golden photos at 32x32; returns the test labels.
+
+    The train split holds the same images reversed, labelled ``train_labels`` (default: the test labels), so a
+    run that reads the wrong split shows it.
+    """
+    from PIL import Image
+
+    pngs = sorted((GOLDEN / "images").rglob("*.png"))
+    imgs = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in pngs])
+    data = imgs.transpose(0, 3, 1, 2).reshape(len(imgs), -1)
+    labels = [3, 1, 4, 1, 5, 9]
+    train = {"data": data[::-1].copy(), "labels": list(train_labels if train_labels is not None else labels)}
+    test = {"data": data, "labels": labels}
+    if name == "CIFAR10":
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            with open(folder / f, "wb") as fh:
+                pickle.dump(test if f == "test_batch" else train, fh)
+        with open(folder / "batches.meta", "wb") as fh:
+            pickle.dump({"label_names": [str(i) for i in range(10)]}, fh)
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True)
+        for f, part in [("train", train), ("test", test)]:
+            with open(folder / f, "wb") as fh:
+                pickle.dump({"data": part["data"], "fine_labels": part["labels"]}, fh)
+        with open(folder / "meta", "wb") as fh:
+            pickle.dump({"fine_label_names": [str(i) for i in range(100)]}, fh)
+    return np.array(labels)
+
+
+KILL_HARNESS = TESTS / "kill_harness.py"
+
+
+def run_killed(script: str, at: int, *args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
+    """Run ``script`` and SIGKILL it when the streaming loop reaches image ``at`` (tests/kill_harness.py);
+    ``torchrun=N`` runs it as N processes under torchrun (gloo)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PRSCLIP_KILL_AT=str(at))
+    cmd = [sys.executable, str(KILL_HARNESS), str(REPO / script), *map(str, args)]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port",
+               str(free_port()), *cmd[1:]]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+

@@ -1,17 +1,14 @@
 """End-to-end runs of compute_prs.py, compute_text_projection.py and compute_ablations.py on fixtures in each
 dataset format, plus bad input and crash/resume."""
-import csv
 import json
-import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import GOLDEN, TINY_ARGS, run_inprocess, run_script
+from conftest import GOLDEN, TINY_ARGS, cifar_fixture as _cifar_fixture, run_inprocess, run_script
 
 
 class _Result:
@@ -36,62 +33,6 @@ def _golden_pngs() -> list[Path]:
 
 def _load_prs(out: Path, dataset: str, model: str = "prsclip-tiny") -> dict:
     return {k: np.load(out / f"{dataset}_{k}_{model}.npy") for k in PRS_FILES}
-
-
-# ----------------------------------------------------------------------------- fixtures in real formats
-@pytest.fixture(scope="module")
-def imagenet_root(tmp_path_factory) -> Path:
-    """torchvision ImageNet val layout: meta.bin + val/<wnid>/*.JPEG (2 classes x 3 images)."""
-    root = tmp_path_factory.mktemp("imagenet")
-    wnids = ["n01440764", "n01443537"]
-    torch.save(({wnids[0]: ("tench",), wnids[1]: ("goldfish",)}, wnids * 3), root / "meta.bin")
-    for i, png in enumerate(_golden_pngs()):
-        d = root / "val" / wnids[i // 3]
-        d.mkdir(parents=True, exist_ok=True)
-        Image.open(png).convert("RGB").save(d / f"ILSVRC2012_val_{i + 1:08d}.JPEG", quality=95)
-    return root
-
-
-@pytest.fixture(scope="module")
-def waterbirds_root(tmp_path_factory) -> Path:
-    """metadata.csv (img_id, img_filename, y, split, place, place_filename) with train/val/test rows."""
-    root = tmp_path_factory.mktemp("waterbirds")
-    rows = []
-    for i, png in enumerate(_golden_pngs()):
-        rel = f"{i:03d}.Bird/img_{i}.jpg"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.open(png).convert("RGB").save(root / rel)
-        rows.append({"img_id": i + 1, "img_filename": rel, "y": i % 2, "split": [2, 0, 2, 1, 2, 2][i],
-                     "place": (i // 2) % 2, "place_filename": f"/x/{i}.jpg"})
-    with open(root / "metadata.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return root
-
-
-def _cifar_fixture(root: Path, name: str) -> np.ndarray:
-    imgs = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in _golden_pngs()])
-    data = imgs.transpose(0, 3, 1, 2).reshape(len(imgs), -1)
-    labels = [3, 1, 4, 1, 5, 9]
-    if name == "CIFAR10":
-        folder = root / "cifar-10-batches-py"
-        folder.mkdir(parents=True)
-        batch = {"data": data, "labels": labels}
-        for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            with open(folder / f, "wb") as fh:
-                pickle.dump(batch, fh)
-        with open(folder / "batches.meta", "wb") as fh:
-            pickle.dump({"label_names": [str(i) for i in range(10)]}, fh)
-    else:
-        folder = root / "cifar-100-python"
-        folder.mkdir(parents=True)
-        for f in ["train", "test"]:
-            with open(folder / f, "wb") as fh:
-                pickle.dump({"data": data, "fine_labels": labels}, fh)
-        with open(folder / "meta", "wb") as fh:
-            pickle.dump({"fine_label_names": [str(i) for i in range(100)]}, fh)
-    return np.array(labels)
 
 
 # ----------------------------------------------------------------------------- compute_prs

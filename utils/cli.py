@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["InputError", "run", "configure_torch", "add_tf32_arg"]
+__all__ = ["InputError", "run", "configure_torch", "add_tf32_arg", "positive_int"]
 
 
 class InputError(ValueError):
@@ -29,6 +29,17 @@ class InputError(ValueError):
 
     A subclass of ``ValueError`` so that library callers catching ``ValueError`` keep working.
     """
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--batch_size 0`` is refused before anything is loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 def configure_torch(allow_tf32: bool = False) -> None:

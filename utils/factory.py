@@ -10,6 +10,7 @@ QuickGELU weights pass ``--force_quick_gelu``.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -57,6 +58,15 @@ def _check_config(model_name: str) -> dict:
     return cfg
 
 
+def _safetensors_error() -> type:
+    """safetensors' error class (``Exception`` subclass), or a class nothing raises when it is missing."""
+    try:
+        from safetensors import SafetensorError
+        return SafetensorError
+    except ImportError:
+        return type("_NoSafetensorError", (Exception,), {})
+
+
 def load_model(
         model_name: str,
         pretrained: Optional[str],
@@ -67,7 +77,7 @@ def load_model(
     """Build an open_clip model in eval mode on ``device``.
 
     Returns ``(model, preprocess, tokenizer)``: ``preprocess`` is the eval transform for that tag or config.
-    Raises ``ValueError`` (unknown model or tag, missing checkpoint) or ``UnsupportedModelError``.
+    Raises ``InputError`` (unknown model or tag, missing or unusable checkpoint) or ``UnsupportedModelError``.
     """
     import open_clip
 
@@ -83,8 +93,15 @@ def load_model(
         if tag_cfg.get("quick_gelu", False) and not cfg.get("quick_gelu", False) and not force_quick_gelu:
             print(f"[load_model] '{weights}' weights were trained with QuickGELU: enabling it for {model_name}")
             force_quick_gelu = True
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=weights, force_quick_gelu=force_quick_gelu, device=device)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=weights, force_quick_gelu=force_quick_gelu, device=device)
+    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError, _safetensors_error()) as e:
+        if weights is None or not os.path.isfile(weights):
+            raise  # not about a file the user gave: a real error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"--pretrained {weights}: not a usable checkpoint of {model_name} "
+                         f"({type(e).__name__}: {first[:200]})") from e
     model.eval()
     if check_vision:
         check_supported(model, model_name)
