@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_inprocess, run_script
+from conftest import REPO, run_inprocess, run_killed, run_script
 
 import reproduce
 from utils.provenance import read_provenance
@@ -132,6 +132,21 @@ def test_paper1_rerun_skips_resumes_and_reruns_what_changed(paper1):
     assert {k for k, v in p.items() if not v.startswith("not selected")} == {"ablations", "waterbirds_heads"}
     p = plan("--fresh")
     assert all(v.startswith("would run") and not v.endswith("--resume") for v in p.values())
+
+
+def test_paper1_killed_step_continues_where_it_stopped(paper1, tmp_path):
+    smoke = ["reproduce.py", "paper1", "--smoke", "--output_dir", str(tmp_path)]
+    command = plan_lines(run_inprocess(*smoke, "--dry_run")[1])["prs"].split(None, 2)[2]
+    argv = shlex.split(command)  # python compute_prs.py ... --resume
+    assert argv[1] == "compute_prs.py" and argv[-1] == "--resume"
+    killed = run_killed("compute_prs.py", 4, *argv[2:])  # SIGKILL when image 4 (the second batch) is loaded
+    assert killed.returncode == -9, killed.stderr
+    assert plan_lines(run_inprocess(*smoke, "--dry_run")[1])["prs"].endswith("--resume")
+    code, out, err = run_inprocess(*smoke, "--steps", "prs")
+    assert code == 0, err
+    assert "Resuming at image 4 of 8" in out
+    name = "sample_attn_prsclip-tiny.npy"
+    assert (tmp_path / name).read_bytes() == (paper1[0] / name).read_bytes()
 
 
 # ----------------------------------------------------------------------------- paper 2 and SpLiCE, end to end
