@@ -9,6 +9,7 @@ QuickGELU weights pass ``--force_quick_gelu``.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,6 +20,16 @@ from prs_hook import UnsupportedModelError, check_supported
 from utils.names import NO_WEIGHTS
 from utils.cli import InputError
 
+
+
+_DOWNLOAD_FAILED = "Failed to download weights"
+
+
+class _DropDownloadError(logging.Filter):
+    """Drops open_clip's log line about a failed download (the same message is raised as an ``InputError``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_DOWNLOAD_FAILED)
 
 
 def default_device() -> str:
@@ -67,7 +78,8 @@ def load_model(
     """Build an open_clip model in eval mode on ``device``.
 
     Returns ``(model, preprocess, tokenizer)``: ``preprocess`` is the eval transform for that tag or config.
-    Raises ``ValueError`` (unknown model or tag, missing checkpoint) or ``UnsupportedModelError``.
+    Raises ``InputError`` (unknown model or tag, missing checkpoint, weights that cannot be downloaded) or
+    ``UnsupportedModelError``.
     """
     import open_clip
 
@@ -83,8 +95,18 @@ def load_model(
         if tag_cfg.get("quick_gelu", False) and not cfg.get("quick_gelu", False) and not force_quick_gelu:
             print(f"[load_model] '{weights}' weights were trained with QuickGELU: enabling it for {model_name}")
             force_quick_gelu = True
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=weights, force_quick_gelu=force_quick_gelu, device=device)
+    quiet = _DropDownloadError()  # open_clip logs the failure on the root logger, then raises it: say it once
+    logging.getLogger().addFilter(quiet)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=weights, force_quick_gelu=force_quick_gelu, device=device)
+    except RuntimeError as e:  # open_clip wraps a failed download (offline, no cache) in a RuntimeError
+        if not str(e).startswith(_DOWNLOAD_FAILED):
+            raise
+        raise InputError(f"--pretrained {weights}: the {model_name} weights are not cached and could not be "
+                         f"downloaded (offline? pass a checkpoint file instead): {e}") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
     model.eval()
     if check_vision:
         check_supported(model, model_name)
@@ -94,9 +116,11 @@ def load_model(
 
 def add_model_args(parser, model: str = "ViT-H-14", pretrained: str = "laion2b_s32b_b79k") -> None:
     """The model flags every script shares: ``--model --pretrained --force_quick_gelu --device``."""
-    parser.add_argument("--model", default=model, type=str, metavar="MODEL", help="open_clip model name")
+    parser.add_argument("--model", default=model, type=str, metavar="MODEL",
+                        help="open_clip model name (default: %(default)s)")
     parser.add_argument("--pretrained", default=pretrained, type=str,
-                        help="open_clip pretrained tag, a local checkpoint path, or 'none' (random init)")
+                        help="open_clip pretrained tag, a local checkpoint path, or 'none' (random init) "
+                             "(default: %(default)s)")
     parser.add_argument("--force_quick_gelu", action="store_true",
                         help="use QuickGELU whatever the config says (OpenAI weights from a local file)")
     parser.add_argument("--model_config", default=None, type=str,
