@@ -79,11 +79,12 @@ def segmentation_dir(output_dir: str | Path, train_dataset: str, model: str, pre
 def second_order_paths(output_dir: str | Path, dataset: str, split: str, model: str, pretrained: Optional[str],
                        mlp_layer: int, top_k: Optional[int] = None) -> dict[str, Path]:
     """``merged``: ``{dataset}_{split}_mlps_{model}_{pretrained}_{mlp_layer}_merged.npy`` [images, neurons, d];
+    ``mean``: ``..._{mlp_layer}_mean.npy`` [neurons, d], its per-neuron means (a cache of utils/neurons.py);
     with ``top_k``: ``pca`` ``..._{top_k}_pca.npy`` [neurons, d] and ``norm`` ``..._{top_k}_norm.npy``
     [neurons, top_k] (the top-k centred norms per neuron, ascending)."""
     stem = f"{dataset}_{split}_mlps_{model}_{pretrained_name(pretrained)}_{mlp_layer}"
     d = Path(output_dir)
-    out = {"merged": d / f"{stem}_merged.npy"}
+    out = {"merged": d / f"{stem}_merged.npy", "mean": d / f"{stem}_mean.npy"}
     if top_k is not None:
         out["pca"] = d / f"{stem}_{top_k}_pca.npy"
         out["norm"] = d / f"{stem}_{top_k}_norm.npy"
