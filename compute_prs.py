@@ -9,17 +9,15 @@ The parts of each image sum to its normalised embedding.
 """
 import argparse
 import os
-from pathlib import Path
-
-import tqdm
-from torch.utils.data import DataLoader, Subset
 
 from prs_hook import hook_prs_logger
+from utils.cli import run
 from utils.datasets import build_dataset
 from utils.factory import add_model_args, load_model_from_args
-from utils.io import StreamingArrays, atomic_save
-from utils.names import labels_path, pretrained_name, prs_paths
-from utils.cli import run
+from utils.io import make_output_dir
+from utils.names import labels_path, prs_paths
+from utils.provenance import make_record, save_output
+from utils.streaming import Output, init_distributed, is_main_process, stream_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,31 +36,31 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    init_distributed(args)
     ds = build_dataset(args.dataset, args.data_path)  # validate the data before loading any weights
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(args.output_dir)
     model, preprocess, _ = load_model_from_args(args)
     ds.transform = preprocess
-    atomic_save(labels_path(args.output_dir, args.dataset), ds.labels)
+    record = make_record(args)
+    if is_main_process():
+        save_output(labels_path(out, args.dataset), ds.labels, dict(record, num_images=len(ds)))
 
     prs = hook_prs_logger(model, args.device, model_name=args.model)
-    L, H, d, B = prs.num_layers, prs.num_heads, prs.out_dim, len(ds)
-    paths = prs_paths(args.output_dir, args.dataset, args.model)
-    shapes = {"attn": (B, L, H, d), "mlp": (B, L + 1, d), "cls_attn": (B, L, d)}
-    meta = {"model": args.model, "pretrained": pretrained_name(args.pretrained), "dataset": args.dataset,
-            "force_quick_gelu": args.force_quick_gelu}
-    writer = StreamingArrays(paths, shapes, args.dtype, resume=args.resume, meta=meta)
-    if writer.done:
-        print(f"Resuming at image {writer.done} of {B}")
-    loader = DataLoader(Subset(ds, range(writer.done, B)), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers)
-    for images, _ in tqdm.tqdm(loader, desc=f"compute_prs {args.model} {args.dataset}", unit="batch"):
-        representation = prs.encode_image(images)
-        attentions, mlps = prs.finalize(representation)
-        writer.write({"attn": attentions.cpu().numpy(), "mlp": mlps.cpu().numpy(),
-                      "cls_attn": prs.cls_attentions.cpu().numpy()})
-    writer.finish()
-    for k, p in paths.items():
-        print(f"wrote {p} {list(shapes[k])} {args.dtype}")
+    L, H, d = prs.num_layers, prs.num_heads, prs.out_dim
+    paths = prs_paths(out, args.dataset, args.model)
+    outputs = {"attn": Output(paths["attn"], (L, H, d), args.dtype), "mlp": Output(paths["mlp"], (L + 1, d), args.dtype),
+               "cls_attn": Output(paths["cls_attn"], (L, d), args.dtype)}
+
+    def compute(images, labels, start):
+        attentions, mlps = prs.finalize(prs.encode_image(images))
+        return {"attn": attentions.cpu().numpy(), "mlp": mlps.cpu().numpy(),
+                "cls_attn": prs.cls_attentions.cpu().numpy()}
+
+    stream_dataset(ds, outputs, compute, record=record, resume=args.resume, batch_size=args.batch_size,
+                   num_workers=args.num_workers, desc=f"compute_prs {args.model} {args.dataset}")
+    if is_main_process():
+        for k, o in outputs.items():
+            print(f"wrote {o.path} {[len(ds), *o.shape]} {args.dtype}")
     return {k: str(v) for k, v in paths.items()}
 
 

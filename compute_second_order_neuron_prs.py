@@ -18,15 +18,15 @@ import os
 from pathlib import Path
 
 import numpy as np
-import tqdm
-from torch.utils.data import DataLoader, Subset
 
 from utils.cli import run
 from utils.datasets import build_second_order_dataset
 from utils.factory import add_model_args, load_model_from_args
-from utils.io import StreamingArrays, atomic_save
-from utils.names import pretrained_name, second_order_paths, split_labels_path
+from utils.io import make_output_dir
+from utils.names import second_order_paths, split_labels_path
+from utils.provenance import make_record, save_output
 from utils.second_order import COEFFICIENT, SecondOrderEffects
+from utils.streaming import Output, init_distributed, is_main_process, stream_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,28 +49,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> Path:
+    init_distributed(args)
     model, preprocess, _ = load_model_from_args(args)
     effects = SecondOrderEffects(model, args.mlp_layer, args.device, args.coefficient, model_name=args.model)
     ds = build_second_order_dataset(args.dataset, args.data_path, preprocess, args.split)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    atomic_save(split_labels_path(args.output_dir, args.dataset, args.split), np.asarray(ds.labels))
+    out = make_output_dir(args.output_dir)
+    record = make_record(args, mlp_layer=args.mlp_layer, coefficient=args.coefficient)
+    if is_main_process():
+        save_output(split_labels_path(out, args.dataset, args.split), np.asarray(ds.labels),
+                    dict(record, num_images=len(ds)))
 
     B, K, d = len(ds), effects.num_neurons, effects.out_dim
-    path = second_order_paths(args.output_dir, args.dataset, args.split, args.model, args.pretrained,
-                              args.mlp_layer)["merged"]
-    meta = {"model": args.model, "pretrained": pretrained_name(args.pretrained), "dataset": args.dataset,
-            "split": args.split, "mlp_layer": args.mlp_layer, "coefficient": args.coefficient,
-            "force_quick_gelu": args.force_quick_gelu}
-    writer = StreamingArrays({"merged": path}, {"merged": (B, K, d)}, args.dtype, resume=args.resume, meta=meta)
-    if writer.done:
-        print(f"Resuming at image {writer.done} of {B}")
-    loader = DataLoader(Subset(ds, range(writer.done, B)), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers)
-    for images, _ in tqdm.tqdm(loader, desc=f"second order {args.model} layer {args.mlp_layer}", unit="batch"):
-        batch_effects, _ = effects(images)
-        writer.write({"merged": batch_effects.cpu().numpy()})
-    writer.finish()
-    print(f"wrote {path} {[B, K, d]} {args.dtype}")
+    path = second_order_paths(out, args.dataset, args.split, args.model, args.pretrained, args.mlp_layer)["merged"]
+    stream_dataset(ds, {"merged": Output(path, (K, d), args.dtype)},
+                   lambda images, labels, start: {"merged": effects(images)[0].cpu().numpy()},
+                   record=record, resume=args.resume, batch_size=args.batch_size, num_workers=args.num_workers,
+                   desc=f"second order {args.model} layer {args.mlp_layer}")
+    if is_main_process():
+        print(f"wrote {path} {[B, K, d]} {args.dtype}")
     return path
 
 

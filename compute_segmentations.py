@@ -26,16 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import tqdm
-from torch.utils.data import DataLoader, Subset
 
 from prs_hook import hook_prs_logger
 from utils.cli import InputError, run
 from utils.factory import add_model_args, load_model_from_args
 from utils.imagenet_segmentation import MASK_RESIZE, ImagenetSegmentation
-from utils.io import StreamingArrays, atomic_save, atomic_write_json, atomic_write_text, load_array
+from utils.io import atomic_save, atomic_write_json, atomic_write_text, load_array, make_output_dir
 from utils.names import classifier_path, pretrained_name, segmentation_dir
+from utils.provenance import add_mismatch_arg, check_consistent, make_record, write_provenance
 from utils.segmentation import (aggregate_metrics, evaluate_batch, grid_and_patch, result_text,
                                 save_segmentation_images, unnormalize)
+from utils.streaming import Output, init_distributed, is_main_process, stream_dataset
 
 METRIC_COLUMNS = ["correct", "labeled", "inter_bg", "inter_fg", "union_bg", "union_fg", "ap", "chosen_class"]
 
@@ -61,6 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="stretch: the original's mask resize (misaligned on non-square images); "
                              "crop: resize + centre crop like the image")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    add_mismatch_arg(parser)
     return parser
 
 
@@ -74,6 +76,7 @@ def load_classifier(args: argparse.Namespace) -> tuple[Path, np.ndarray]:
 
 
 def main(args: argparse.Namespace) -> dict:
+    init_distributed(args)
     # validate the inputs before loading any weights
     ds = ImagenetSegmentation(args.data_path, image_size=args.image_size, mask_resize=args.mask_resize)
     cls_file, classifier = load_classifier(args)
@@ -87,45 +90,38 @@ def main(args: argparse.Namespace) -> dict:
     if classifier.shape[0] != prs.out_dim:
         raise InputError(f"{cls_file}: classifier of shape {list(classifier.shape)}, but {args.model} embeds into "
                          f"{prs.out_dim} dimensions; expected [{prs.out_dim}, classes] (written for another model?)")
+    check_consistent([cls_file], ("model", "pretrained"), expected={"model": args.model, "pretrained": args.pretrained},
+                     allow_mismatch=args.allow_mismatch)
     weights = torch.from_numpy(classifier).to(args.device)
 
-    out = segmentation_dir(args.output_dir, args.train_dataset, args.model, args.pretrained)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(segmentation_dir(args.output_dir, args.train_dataset, args.model, args.pretrained))
     B, S = len(ds), args.image_size
-    meta = {"model": args.model, "pretrained": pretrained_name(args.pretrained), "data_path": str(args.data_path),
-            "classifier": str(cls_file), "image_size": S, "thr": args.thr, "mask_resize": args.mask_resize}
-    maps = StreamingArrays({"heatmaps": out / "heatmaps.npy"}, {"heatmaps": (B, S, S)}, "float32",
-                           resume=args.resume, meta=meta)
-    table = StreamingArrays({"metrics": out / "per_image_metrics.npy"}, {"metrics": (B, len(METRIC_COLUMNS))},
-                            "float64", resume=args.resume, meta=meta)
-    done = min(maps.done, table.done)  # a crash between the two writes: redo that batch
-    maps.done = table.done = done
-    if done:
-        print(f"Resuming at image {done} of {B}")
+    record = make_record(args, dataset=args.train_dataset, classifier=str(cls_file), image_size=S, thr=args.thr,
+                         mask_resize=args.mask_resize)
+    running = {"rows": []}
 
-    totals = table.arrays["metrics"][:done].sum(0) if done else np.zeros(len(METRIC_COLUMNS))
-    aps = list(table.arrays["metrics"][:done, 6])
-    loader = DataLoader(Subset(ds, range(done, B)), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers)
-    bar = tqdm.tqdm(loader, desc="segmentation", unit="batch")
-    index = done
-    for images, targets in bar:
+    def compute(images, targets, start):
         res = evaluate_batch(prs, images, targets, weights, grid, patch, args.thr)
         rows = np.concatenate([res["correct"][:, None], res["labeled"][:, None], res["inter"], res["union"],
                                res["ap"][:, None], res["chosen_class"][:, None]], 1).astype(np.float64)
         if args.save_img:
             for i in range(len(images)):
-                save_segmentation_images(out / "images", index + i, unnormalize(images[i], preprocess),
+                save_segmentation_images(out / "images", start + i, unnormalize(images[i], preprocess),
                                          targets[i].numpy(), res["foreground"][i], res["heatmap"][i])
-        maps.write({"heatmaps": res["pred"]})
-        table.write({"metrics": rows})
-        index += len(images)
-        totals += rows.sum(0)
-        aps += list(res["ap"])
-        m = aggregate_metrics(totals[0], totals[1], totals[2:4], totals[4:6], np.asarray(aps))
-        bar.set_description("pixAcc: %.4f, mIoU: %.4f, mAP: %.4f" % (m["pixAcc"], m["mIoU"], m["mAP"]))
-    maps.finish()
-    table.finish()
+        running["rows"].append(rows)
+        return {"heatmaps": res["pred"], "metrics": rows}
+
+    def describe(batch) -> str:  # running metrics over the images of this invocation
+        r = np.concatenate(running["rows"])
+        m = aggregate_metrics(r[:, 0], r[:, 1], r[:, 2:4], r[:, 4:6], r[:, 6])
+        return "pixAcc: %.4f, mIoU: %.4f, mAP: %.4f" % (m["pixAcc"], m["mIoU"], m["mAP"])
+
+    stream_dataset(ds, {"heatmaps": Output(out / "heatmaps.npy", (S, S), "float32"),
+                        "metrics": Output(out / "per_image_metrics.npy", (len(METRIC_COLUMNS),), "float64")},
+                   compute, record=record, resume=args.resume, batch_size=args.batch_size,
+                   num_workers=args.num_workers, desc="segmentation", describe=describe)
+    if not is_main_process():
+        return {}
 
     per_image = np.load(out / "per_image_metrics.npy")
     counts = per_image[:, :6].astype(np.int64)
@@ -156,6 +152,7 @@ def main(args: argparse.Namespace) -> dict:
         "args": {k: v for k, v in vars(args).items()},
     }
     atomic_write_json(out / "segmentation.json", summary)
+    write_provenance(out, dict(record, num_images=B))
     print(f"wrote {out}/ (segmentation.json, {result_file.name}, precision.npy, recall.npy, heatmaps.npy"
           f"{', images/' if args.save_img else ''})")
     return summary

@@ -295,7 +295,10 @@ def test_compute_segmentations_end_to_end(tmp_path):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     images = [f"images/{i:05d}_{k}.png" for i in range(3) for k in ("gt", "heatmap", "input", "mask")]
     assert files == sorted(["heatmaps.npy", "per_image_metrics.npy", "precision.npy", "recall.npy",
-                            "result_mIoU_0.2622.txt", "segmentation.json", *images])
+                            "result_mIoU_0.2622.txt", "segmentation.json", *images, "provenance.json",
+                            "heatmaps.npy.provenance.json", "per_image_metrics.npy.provenance.json"])
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["model"] == "prsclip-tiny" and record["num_images"] == 3 and record["image_size"] == 64
     text = (out / "result_mIoU_0.2622.txt").read_text()
     golden_lines = GOLDEN_JSON["result_txt"].splitlines()
     lines = text.splitlines()

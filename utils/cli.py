@@ -64,8 +64,7 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
     except (InputError, FileNotFoundError) as e:
         if os.environ.get("PRSCLIP_TRACEBACK"):
             raise
-        message = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"{e.filename}: {e.strerror}"
-        print(f"{_script_name()}: error: {message}", file=sys.stderr)
+        print(f"{_script_name()}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except BaseException as e:
         if _is_cuda_oom(e):
@@ -77,6 +76,27 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
                   file=sys.stderr)
             sys.exit(1)
         raise
+    finally:
+        _end_distributed()
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of an input error; one raised in a DataLoader worker carries the worker's traceback, whose last
+    line is the original ``...Error: message``."""
+    if isinstance(e, FileNotFoundError) and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    message = str(e)
+    if "Original Traceback" in message:
+        last = [line for line in message.strip().splitlines() if line.strip()][-1]
+        message = last.split("Error: ", 1)[1] if "Error: " in last else last
+    return message
+
+
+def _end_distributed() -> None:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _is_cuda_oom(e: BaseException) -> bool:

@@ -1,9 +1,11 @@
-"""Output naming and crash-safe writing, in one place.
+"""Crash-safe writing and reading, in one place.
 
-Big arrays are streamed batch by batch into pre-allocated ``.npy`` memmaps named ``<final>.partial``; a
-sidecar ``<first final>.progress.json`` records how many rows are complete. Only when every row is written
-are the files renamed to their final names, so a killed run never leaves a complete-looking file, and
-``--resume`` continues from the last completed batch.
+Small files are written to ``<final>.partial``, fsynced and renamed (``atomic_write`` and friends). Big arrays
+are streamed batch by batch into pre-allocated ``.npy`` memmaps named ``<final>.partial``
+(``StreamingArrays``); a sidecar ``<first final>.progress.json`` (one per process under torchrun:
+``.progress.rank{r}.json``) records how many of the rows are complete. Only when every row is written are the
+files renamed to their final names, so a killed run never leaves a complete-looking file, and ``--resume``
+continues from the last completed batch. The loop that fills them is ``utils.streaming.stream_dataset``.
 """
 from __future__ import annotations
 
@@ -31,6 +33,18 @@ def load_array(path: str | Path, what: str, mmap: bool = True) -> np.ndarray:
     return np.load(path, mmap_mode="r" if mmap else None)
 
 
+def make_output_dir(path: str | Path, flag: str = "--output_dir") -> Path:
+    """Create the output folder ``path`` (and its parents); a path that is a file is an ``InputError``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise InputError(f"{flag} {path}: cannot create the folder ({e})") from e
+    return path
+
+
 # ----------------------------------------------------------------------------- writing
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on a temporary file in the same folder, fsync, then rename: never a half-written ``path``."""
@@ -49,11 +63,8 @@ def atomic_save(path: str | Path, array: np.ndarray) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file via a temporary name and rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + PARTIAL)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write a text file via a temporary name, fsync, and rename."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def atomic_write_json(path: str | Path, obj, indent: Optional[int] = 1) -> None:
@@ -61,84 +72,157 @@ def atomic_write_json(path: str | Path, obj, indent: Optional[int] = 1) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent))
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
 class StreamingArrays:
-    """A group of ``.npy`` arrays with a common first axis, filled in row order and resumable.
+    """A group of ``.npy`` arrays with a common first axis, filled in row order, resumable, rows ``[start, stop)``.
+
+    Several writers (torchrun processes) can fill disjoint row ranges of the same pre-allocated files: one
+    creates them (``create=True``), the others open them (``create=False``), each keeps its own progress file.
 
     Args:
         paths: final file name per array.
         shapes: full shape per array (first axis = number of rows, the same for all).
-        dtype: storage dtype (``float32`` or ``float16``).
-        resume: continue a previous partial run (its ``meta`` must match) instead of starting over.
-        meta: whatever identifies the run (model, dataset, ...); checked on resume.
+        dtypes: storage dtype (``float32``, ``float16``, ...), one for all or one per array.
+        key: what identifies the run (model, weights, dataset, data_path, number of images, ...); stored in
+            the progress file, and a resume with another key is refused.
+        resume: continue from this writer's progress file (``False``: start at ``start``).
+        start, stop: the rows this writer fills (default: all).
+        create: allocate the ``.partial`` files (else open the existing ones).
+        progress_suffix: ``.progress.json`` (one writer) or ``.progress.rank{r}.json``.
     """
 
-    def __init__(self, paths: Mapping[str, Path], shapes: Mapping[str, tuple], dtype: str | np.dtype,
-                 resume: bool = False, meta: Optional[dict] = None):
+    def __init__(self, paths: Mapping[str, Path], shapes: Mapping[str, tuple], dtypes: str | np.dtype | Mapping,
+                 key: Optional[dict] = None, resume: bool = False, start: int = 0, stop: Optional[int] = None,
+                 create: bool = True, progress_suffix: str = ".progress.json"):
         self.paths = {k: Path(p) for k, p in paths.items()}
-        self.rows = {s[0] for s in shapes.values()}
-        if len(self.rows) != 1:
+        rows = {s[0] for s in shapes.values()}
+        if len(rows) != 1:
             raise ValueError(f"StreamingArrays: arrays differ in their first axis: {dict(shapes)}")
-        self.rows = self.rows.pop()
-        self.dtype = np.dtype(dtype)
+        self.rows = rows.pop()
+        self.start, self.stop = start, self.rows if stop is None else stop
+        self.dtypes = {k: np.dtype(dtypes[k] if isinstance(dtypes, Mapping) else dtypes) for k in self.paths}
         first = next(iter(self.paths.values()))
-        self.progress_file = first.with_name(first.name + ".progress.json")
-        self.meta = dict(meta or {}, shapes={k: list(v) for k, v in shapes.items()}, dtype=self.dtype.name)
-        self.done = 0
-        self.arrays: dict[str, np.memmap] = {}
-        if resume and self.progress_file.exists():
-            state = json.loads(self.progress_file.read_text())
-            if state.get("meta") != json.loads(json.dumps(self.meta)):
-                raise InputError(
-                    f"--resume: {self.progress_file} belongs to a different run ({state.get('meta')}); "
-                    f"rerun without --resume to start over")
+        self.progress_file = first.with_name(first.name + progress_suffix)
+        self.key = json.loads(json.dumps(dict(key or {}, shapes={k: list(v) for k, v in shapes.items()},
+                                              dtypes={k: d.name for k, d in self.dtypes.items()})))
+        self.done = 0  # rows of [start, stop) written
+        state = self.read_progress(self.progress_file) if resume else None
+        if state is not None:
+            if state.get("key") != self.key:
+                old, new = _flat(state.get("key", {})), _flat(self.key)
+                changed = [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+                           if old.get(k) != new.get(k)]
+                raise InputError(f"--resume: {self.progress_file} belongs to a different run ({'; '.join(changed[:3])})"
+                                 f"; rerun without --resume to start over")
+            if (state.get("start"), state.get("stop")) != (self.start, self.stop):
+                raise InputError(f"--resume: {self.progress_file} covers rows {state.get('start')}..{state.get('stop')}, "
+                                 f"this process rows {self.start}..{self.stop} (another number of processes or "
+                                 f"--batch_size?); rerun with the same settings, or without --resume")
             self.done = int(state["done"])
-            for k, p in self.paths.items():
-                self.arrays[k] = np.lib.format.open_memmap(self._partial(p), mode="r+")
-        else:
-            for k, p in self.paths.items():
-                self.arrays[k] = np.lib.format.open_memmap(
-                    self._partial(p), mode="w+", dtype=self.dtype, shape=tuple(shapes[k]))
-            self._save_progress()
+        self.arrays: dict[str, np.memmap] = {}
+        for k, p in self.paths.items():
+            if create and state is None:
+                self.arrays[k] = np.lib.format.open_memmap(self.partial(p), mode="w+", dtype=self.dtypes[k],
+                                                           shape=tuple(shapes[k]))
+            else:
+                if not self.partial(p).is_file():
+                    raise InputError(f"--resume: {self.partial(p)} is missing; rerun without --resume to start over")
+                self.arrays[k] = np.lib.format.open_memmap(self.partial(p), mode="r+")
+        self._save_progress()
 
     @staticmethod
-    def _partial(path: Path) -> Path:
+    def partial(path: Path) -> Path:
         return path.with_name(path.name + PARTIAL)
+
+    @staticmethod
+    def read_progress(path: Path) -> Optional[dict]:
+        """The progress record in ``path`` (``None`` when there is none)."""
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    @property
+    def next_row(self) -> int:
+        return self.start + self.done
 
     @property
     def complete(self) -> bool:
-        return self.done >= self.rows
+        return self.next_row >= self.stop
 
     def write(self, batch: Mapping[str, np.ndarray]) -> None:
-        """Append one batch (same number of rows in every array) and record it as done."""
+        """Append one batch (same number of rows in every array), flush it, and record it as done.
+
+        Values beyond float16's range in a float16 array are an ``InputError`` (suggesting float32), not inf.
+        """
         n = {len(v) for v in batch.values()}
         if len(n) != 1:
             raise ValueError(f"StreamingArrays.write: batch arrays differ in length: {[len(v) for v in batch.values()]}")
         n = n.pop()
-        if self.done + n > self.rows:
-            raise ValueError(f"StreamingArrays.write: {self.done} + {n} rows exceeds the {self.rows} allocated")
+        if self.next_row + n > self.stop:
+            raise ValueError(f"StreamingArrays.write: {self.next_row} + {n} rows exceeds the rows {self.start}.."
+                             f"{self.stop} of this writer")
         for k, v in batch.items():
-            self.arrays[k][self.done:self.done + n] = v
+            if self.dtypes[k] == np.float16:
+                big = float(np.abs(v).max()) if v.size else 0.0
+                if big > FLOAT16_MAX:
+                    raise InputError(f"{self.paths[k]}: values up to {big:.4g} exceed float16's range "
+                                     f"({FLOAT16_MAX:.0f}); rerun with --dtype float32")
+        s = self.next_row
+        for k, v in batch.items():
+            self.arrays[k][s:s + n] = v
         for a in self.arrays.values():
             a.flush()
         self.done += n
         self._save_progress()
 
     def _save_progress(self) -> None:
-        tmp = self.progress_file.with_name(self.progress_file.name + ".tmp")
-        tmp.write_text(json.dumps({"done": self.done, "meta": self.meta}))
-        os.replace(tmp, self.progress_file)
+        atomic_write_json(self.progress_file, {"done": self.done, "start": self.start, "stop": self.stop,
+                                               "key": self.key}, indent=None)
 
-    def finish(self) -> None:
-        """Flush and rename every array to its final name; remove the progress file."""
-        if not self.complete:
-            raise RuntimeError(f"StreamingArrays.finish: only {self.done} of {self.rows} rows written")
-        for k, a in self.arrays.items():
+    def close(self) -> None:
+        """Flush and drop the memory maps (the progress file stays)."""
+        for a in self.arrays.values():
             a.flush()
-            del a
         self.arrays.clear()
-        for p in self.paths.values():
-            os.replace(self._partial(p), p)
-        self.progress_file.unlink(missing_ok=True)
+
+    def finish(self, progress_files: Optional[list[Path]] = None, before_rename: Optional[Callable[[Path], None]] = None
+               ) -> None:
+        """Rename every ``.partial`` to its final name, then remove the progress files.
+
+        ``before_rename(final_path)`` runs first for each file (e.g. to write its provenance record). A crash part
+        way leaves the progress files in place, so ``--resume`` finishes the renames (``finish_renames``).
+        """
+        if not self.complete:
+            raise RuntimeError(f"StreamingArrays.finish: only rows {self.start}..{self.next_row} of "
+                               f"{self.start}..{self.stop} written")
+        self.close()
+        finish_renames(self.paths.values(), progress_files or [self.progress_file], before_rename)
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for naming what differs between two keys)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def finish_renames(paths, progress_files, before_rename: Optional[Callable[[Path], None]] = None) -> None:
+    """The last step of a streamed run: each ``<p>.partial`` -> ``p`` (those already renamed are skipped), then the
+    progress files are removed. Idempotent, so a run killed in the middle of it is completed by calling it again."""
+    for p in map(Path, paths):
+        partial = StreamingArrays.partial(p)
+        if partial.is_file():
+            if before_rename is not None:
+                before_rename(p)
+            os.replace(partial, p)
+        elif not p.is_file():
+            raise RuntimeError(f"finish: neither {partial} nor {p} exists")
+    for f in progress_files:
+        Path(f).unlink(missing_ok=True)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> None:

@@ -96,6 +96,16 @@ def split_labels_path(output_dir: str | Path, dataset: str, split: str) -> Path:
     return labels_path(output_dir, f"{dataset}_{split}")
 
 
+def representations_path(output_dir: str | Path, dataset: str, split: str, model: str, pretrained: Optional[str]) -> Path:
+    """``{dataset}_{split}_representations_{model}_{pretrained}.npy`` [images, d]: compute_representations.py."""
+    return Path(output_dir) / f"{dataset}_{split}_representations_{model}_{pretrained_name(pretrained)}.npy"
+
+
+def split_classes_path(output_dir: str | Path, dataset: str, split: str) -> Path:
+    """``{dataset}_{split}_classes.npy`` [images] int64: compute_representations.py's labels."""
+    return Path(output_dir) / f"{dataset}_{split}_classes.npy"
+
+
 def classifier_path_pretrained(output_dir: str | Path, dataset: str, model: str, pretrained: Optional[str]) -> Path:
     """``{dataset}_classifier_{model}_{pretrained}.npy``: the zero-shot classifier [d, C] (paper 2's name)."""
     return Path(output_dir) / f"{dataset}_classifier_{model}_{pretrained_name(pretrained)}.npy"

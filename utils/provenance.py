@@ -25,17 +25,15 @@ import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from utils.cli import InputError
 
 __all__ = ["provenance_path", "make_record", "write_provenance", "read_provenance", "pretrained_identity",
-           "run_key", "check_consistent", "add_mismatch_arg", "IDENTITY_FIELDS"]
+           "run_key", "check_consistent", "add_mismatch_arg", "save_output"]
 
 RECORD_SUFFIX = ".provenance.json"
 FOLDER_RECORD = "provenance.json"
-# the fields that identify what a file was computed from (resume keys and consistency checks use these)
-IDENTITY_FIELDS = ("model", "pretrained", "force_quick_gelu", "dataset", "split", "data_path", "num_images")
 NO_WEIGHTS = ("none", "None", "", "random")
 
 
@@ -126,10 +124,15 @@ def make_record(args: Any = None, **fields: Any) -> dict:
     return rec
 
 
-def run_key(record: Mapping[str, Any], extra: Iterable[str] = ()) -> dict:
-    """The identifying part of a record (``IDENTITY_FIELDS`` + ``extra``), JSON-normalised: a resume key."""
-    keys = list(IDENTITY_FIELDS) + list(extra)
-    return json.loads(json.dumps({k: _comparable(k, record[k]) for k in keys if k in record}))
+# record fields that describe the process or the file, not what was computed
+VOLATILE_FIELDS = ("file", "script", "command", "created", "versions", "git_commit", "git_dirty", "shape",
+                   "storage_dtype")
+
+
+def run_key(record: Mapping[str, Any]) -> dict:
+    """What identifies the computation of a record (every field but ``VOLATILE_FIELDS``), JSON-normalised:
+    the resume key, and what a finished output must match for ``--resume`` to skip it."""
+    return json.loads(json.dumps({k: _comparable(k, v) for k, v in record.items() if k not in VOLATILE_FIELDS}))
 
 
 def write_provenance(path: str | Path, record: Mapping[str, Any]) -> Path:
@@ -140,6 +143,18 @@ def write_provenance(path: str | Path, record: Mapping[str, Any]) -> Path:
     target = provenance_path(path)
     atomic_write_json(target, {"file": path.name, **record})
     return target
+
+
+def save_output(path: str | Path, array, record: Mapping[str, Any]) -> Path:
+    """``np.save`` ``array`` to ``path`` atomically, with its provenance record (shape and dtype added)."""
+    import numpy as np
+
+    from utils.io import atomic_save
+
+    array = np.asarray(array)
+    atomic_save(path, array)
+    write_provenance(path, dict(record, shape=list(array.shape), storage_dtype=array.dtype.name))
+    return Path(path)
 
 
 def read_provenance(path: str | Path) -> Optional[dict]:
