@@ -44,7 +44,8 @@ def main(args: argparse.Namespace, output_path: Optional[Callable[[argparse.Name
     write_provenance(path, make_record(args, shape=list(classifier.shape), num_classes=len(classnames),
                                        templates=len(OPENAI_IMAGENET_TEMPLATES),
                                        classnames=args.classnames or f"built-in: {args.dataset}"))
-    print(f"wrote {path} {list(classifier.shape)} ({len(classnames)} classes x {len(OPENAI_IMAGENET_TEMPLATES)} templates)")
+    print(f"wrote {path} {list(classifier.shape)} ({len(classnames)} classes x {len(OPENAI_IMAGENET_TEMPLATES)} "
+          f"templates)")
     return path
 
 

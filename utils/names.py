@@ -118,6 +118,17 @@ def second_order_ablations_path(output_dir: str | Path, dataset: str, split: str
                                f"{mlp_layer}_{top_k}.json")
 
 
+def neuron_segmentation_dir(output_dir: str | Path, train_dataset: str, model: str, pretrained: Optional[str],
+                            mlp_layers: Sequence[int], top_k_pca: int, top_neurons: int,
+                            random_seed: Optional[int] = None) -> Path:
+    """compute_segmentation.py's output folder (paper 2), one per setting:
+    ``{train_dataset}_neuron_segmentation_{model}_{pretrained}_mlp_{l1_l2..}_pca_{top_k_pca}_top_{top_neurons}``,
+    plus ``_random_{seed}`` for a random choice of neurons."""
+    name = (f"{train_dataset}_neuron_segmentation_{model}_{pretrained_name(pretrained)}_mlp_"
+            f"{'_'.join(map(str, mlp_layers))}_pca_{top_k_pca}_top_{top_neurons}")
+    return Path(output_dir) / (name + (f"_random_{random_seed}" if random_seed is not None else ""))
+
+
 def sparse_decomposition_stem(dataset: str, model: str, pretrained: Optional[str], mlp_layer: int, text_set: str,
                               solver: str, penalty: float, components: int, norm: str = "per_dimension") -> str:
     """compute_sparse_decomposition.py's ``.json`` / ``.npz`` name: the original's
