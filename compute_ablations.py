@@ -25,6 +25,7 @@ from utils.ablations import mean_ablation_study
 from utils.cli import InputError, run
 from utils.inputs import load_decomposition
 from utils.io import atomic_write_json, save_figure
+from utils.provenance import add_mismatch_arg, derived_record, write_provenance
 
 # the flags that select paper 2's study (the others of its parser are paper 2's too, but do not select it)
 PAPER2_SELECTORS = ("mlp_layer", "pretrained", "coefficient", "top_k_pca", "data_path", "split")
@@ -39,6 +40,7 @@ def paper1_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_dir", default="./output_dir", help="where the arrays are")
     parser.add_argument("--dataset", type=str, default="imagenet", help="dataset name in file names")
     parser.add_argument("--chunk", type=int, default=1024, help="images per chunk read from the memmaps")
+    add_mismatch_arg(parser)
     return parser
 
 
@@ -117,7 +119,7 @@ def plot_layer_curve(acc: dict, num_layers: int, title: str, path: Path) -> None
 
 def mean_ablations(args: argparse.Namespace) -> dict:
     """Paper 1's study (the flags of ``paper1_parser``)."""
-    arrays = load_decomposition(args.input_dir, args.dataset, args.model)
+    arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch)
     res = mean_ablation_study(arrays["attn"], arrays["mlp"], arrays["cls_attn"], arrays["classifier"],
                               arrays["labels"], chunk=args.chunk)
     acc, L = res["accuracy"], arrays["attn"].shape[1]
@@ -137,6 +139,9 @@ def mean_ablations(args: argparse.Namespace) -> dict:
               "printed": printed}
     atomic_write_json(out / f"{stem}.json", result)
     plot_layer_curve(acc, L, f"{args.model} on {args.dataset}", out / f"{stem}.png")
+    record = derived_record([arrays["paths"]["attn"], arrays["paths"]["classifier"]])
+    for suffix in (".json", ".png"):
+        write_provenance(out / f"{stem}{suffix}", record)
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return result
 

@@ -25,7 +25,9 @@ import torch
 from utils.inputs import load_decomposition
 from utils.cli import InputError, run
 from utils.factory import default_device
-from utils.io import atomic_write_json, atomic_write_text, load_array, save_figure
+from utils.io import atomic_write_json, atomic_write_text, load_array, make_output_dir, save_figure
+from utils.names import completeness_stem, text_embeddings_path
+from utils.provenance import add_mismatch_arg, check_consistent, derived_record, write_provenance
 from utils.text_sets import read_text_set
 from utils.textspan import pclens_from_stats, replacement_accuracy, scan_decomposition, textspan_from_stats
 
@@ -59,12 +61,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats_dtype", default="float64", choices=["float64", "float32"],
                         help="precision of the per-head scatter products (float32: faster on GPUs with slow "
                              "float64, but small singular values get ~3e-4 relative noise)")
+    add_mismatch_arg(parser)
     return parser
 
 
 def load_text_set(args: argparse.Namespace, d: int) -> tuple[np.ndarray, list[str]]:
     """The text embeddings [T, d] and their lines, checked against each other and the model dimension."""
-    emb_path = Path(args.input_dir) / f"{args.text_descriptions}_{args.model}.npy"
+    emb_path = text_embeddings_path(args.input_dir, args.text_descriptions, args.model)
     features = np.asarray(load_array(emb_path, "compute_text_set_projection.py", mmap=False), np.float32)
     if features.ndim != 2 or features.shape[1] != d:
         raise InputError(f"{emb_path}: text embeddings of shape {list(features.shape)} do not match the model "
@@ -74,6 +77,7 @@ def load_text_set(args: argparse.Namespace, d: int) -> tuple[np.ndarray, list[st
     if len(lines) != len(features):
         raise InputError(f"{txt_path} has {len(lines)} lines but {emb_path} has {len(features)} rows; "
                          f"recompute the embeddings with compute_text_set_projection.py")
+    args.text_embeddings = str(emb_path)
     return features, lines
 
 
@@ -130,7 +134,7 @@ def plot_curve(curve: list[float], baseline: float, title: str, xlabel: str, pat
 
 
 def main(args: argparse.Namespace) -> dict:
-    arrays = load_decomposition(args.input_dir, args.dataset, args.model)
+    arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch)
     attn, mlp, classifier, labels = arrays["attn"], arrays["mlp"], arrays["classifier"], arrays["labels"]
     B, L, H, d = attn.shape
     if not 1 <= args.num_of_last_layers <= L:
@@ -140,6 +144,8 @@ def main(args: argparse.Namespace) -> dict:
     if B < 2:
         raise InputError(f"{args.input_dir}: TextSpan needs at least 2 images, the attn file has {B}")
     features, lines = load_text_set(args, d)
+    check_consistent([arrays["paths"]["attn"], args.text_embeddings], ("model", "pretrained", "force_quick_gelu"),
+                     allow_mismatch=args.allow_mismatch)
     first = L - args.num_of_last_layers
     if args.algorithm == "textspan" and args.texts_per_head > min(args.w_ov_rank, B, d):
         print(f"warning: --texts_per_head {args.texts_per_head} > the rank of the text span "
@@ -160,10 +166,8 @@ def main(args: argparse.Namespace) -> dict:
     all_texts = {t for h in heads for t in h["texts"]}
     print("Current accuracy:", current_accuracy, "\nNumber of texts:", len(all_texts))
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.dataset}_completeness_{args.text_descriptions}_top_{args.texts_per_head}_heads_{args.model}"
-    stem += "_pclens" if args.algorithm == "pclens" else ""
+    out = make_output_dir(args.output_dir)
+    stem = completeness_stem(args.dataset, args.text_descriptions, args.texts_per_head, args.model, args.algorithm)
     blocks = "".join(f"{SEP}Layer {h['layer']}, Head {h['head']}\n{SEP}" + "".join(f"{t}\n" for t in h["texts"])
                      for h in heads)
     atomic_write_text(out / f"{stem}.txt", blocks + f"{SEP}Current accuracy: {current_accuracy}\n"
@@ -177,6 +181,10 @@ def main(args: argparse.Namespace) -> dict:
     xlabel = "texts per head" if args.algorithm == "textspan" else "principal components (texts) per head"
     plot_curve(curve, baseline, f"{args.model} on {args.dataset}: last {args.num_of_last_layers} layers, "
                                 f"{args.text_descriptions}", xlabel, out / f"{stem}.png")
+    record = derived_record([arrays["paths"]["attn"], args.text_embeddings], algorithm=args.algorithm,
+                            texts_per_head=args.texts_per_head, text_set=args.text_descriptions)
+    for suffix in (".txt", ".json", ".png"):
+        write_provenance(out / f"{stem}{suffix}", record)
     print(f"wrote {out / stem}.txt, .json and .png")
     return result
 

@@ -9,12 +9,12 @@ and orient it so that more than top_k_pca // 2 of them project positively. Write
 (The original always reads the train split; --split makes that explicit.)
 """
 import argparse
-from pathlib import Path
 
 from utils.cli import InputError, run
-from utils.io import atomic_save, load_array
+from utils.io import load_array, make_output_dir
 from utils.names import second_order_paths
 from utils.neuron_pca import neuron_pcas, neurons_per_chunk
+from utils.provenance import derived_record, save_output
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,9 +46,10 @@ def main(args: argparse.Namespace) -> dict:
     pcas, norms = neuron_pcas(merged, args.top_k_pca, chunk)
     out = second_order_paths(args.output_dir, args.dataset, args.split, args.model, args.pretrained,
                              args.mlp_layer, args.top_k_pca)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    atomic_save(out["pca"], pcas)
-    atomic_save(out["norm"], norms)
+    make_output_dir(args.output_dir)
+    record = derived_record([src["merged"]], top_k_pca=args.top_k_pca)
+    save_output(out["pca"], pcas, record)
+    save_output(out["norm"], norms, record)
     print(f"wrote {out['pca']} {list(pcas.shape)} and {out['norm']} {list(norms.shape)}")
     return {"pca": str(out["pca"]), "norm": str(out["norm"])}
 

@@ -28,9 +28,10 @@ from utils.ablations import ABLATIONS, ablation_logits, accuracy_over_dataset
 from utils.datasets import build_second_order_dataset, class_labels
 from utils.factory import add_model_args, load_model_from_args
 from utils.inputs import load_classifier, load_second_order_files
-from utils.io import atomic_write_json, save_figure
+from utils.io import atomic_write_json, make_output_dir, save_figure
 from utils.names import pretrained_name, second_order_ablations_path
 from utils.neuron_pca import neuron_means
+from utils.provenance import add_mismatch_arg, derived_record, write_provenance
 from utils.second_order import COEFFICIENT, SecondOrderEffects
 
 
@@ -54,6 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="dataset name of the training files and classifier (default: --dataset without a "
                              "trailing '_r', as the original)")
     parser.add_argument("--train_split", default="train", type=str, help="split of the training files")
+    add_mismatch_arg(parser)
     return parser
 
 
@@ -82,12 +84,12 @@ def main(args: argparse.Namespace) -> dict:
     K, d = effects.num_neurons, effects.out_dim
 
     files = load_second_order_files(args.input_dir, train_dataset, args.train_split, args.model, args.pretrained,
-                                    args.mlp_layer, args.top_k_pca)
+                                    args.mlp_layer, args.top_k_pca, args.allow_mismatch)
     if files["merged"].shape[1:] != (K, d):
         raise InputError(f"{files['paths']['merged']}: shape {files['merged'].shape} does not match {args.model} "
                          f"layer {args.mlp_layer} ([images, {K}, {d}])")
     classifier, cpath = load_classifier([args.input_dir, args.output_dir], train_dataset, args.model,
-                                        args.pretrained, d)
+                                        args.pretrained, d, args.allow_mismatch)
     print(f"classifier: {cpath} {list(classifier.shape)}")
     dev = effects.device
     mean = torch.from_numpy(neuron_means(files["merged"], progress=True)).to(dev)
@@ -104,8 +106,7 @@ def main(args: argparse.Namespace) -> dict:
     for k, v in accuracy.items():
         print(f"{ABLATIONS[k]}:", v)
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(args.output_dir)
     path = second_order_ablations_path(out, args.dataset, args.split, args.model, args.pretrained, args.mlp_layer,
                                        args.top_k_pca)
     result = {"args": vars(args), "num_images": len(labels), "classifier": str(cpath),
@@ -113,6 +114,10 @@ def main(args: argparse.Namespace) -> dict:
     atomic_write_json(path, result)
     plot_accuracies(accuracy, f"{args.model} ({pretrained_name(args.pretrained)}), MLP layer {args.mlp_layer}: "
                               f"{len(labels)} images of {args.dataset} {args.split}", path.with_suffix(".png"))
+    record = derived_record([files["paths"]["merged"], cpath], dataset=args.dataset, split=args.split,
+                            data_path=args.data_path, num_images=len(labels), top_k_pca=args.top_k_pca)
+    for p in (path, path.with_suffix(".png")):
+        write_provenance(p, record)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return result
 

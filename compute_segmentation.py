@@ -50,9 +50,9 @@ from utils.cli import InputError, run
 from utils.factory import add_model_args, load_model_from_args
 from utils.imagenet_segmentation import MASK_RESIZE, ImagenetSegmentation
 from utils.inputs import load_classifier
-from utils.io import atomic_save, load_array, make_output_dir
+from utils.io import load_array, make_output_dir
 from utils.names import neuron_segmentation_dir, pretrained_name, second_order_paths
-from utils.provenance import add_mismatch_arg, check_consistent, make_record, write_provenance
+from utils.provenance import add_mismatch_arg, check_consistent, make_record, save_output
 from utils.segmentation import (check_image_size, evaluate_neuron_batch, finish_segmentation, neuron_layer_pairs,
                                 select_neurons, stream_segmentation)
 from utils.streaming import Output, init_distributed, is_main_process
@@ -114,7 +114,7 @@ def main(args: argparse.Namespace) -> dict:
     ds = ImagenetSegmentation(args.data_path, image_size=args.image_size, mask_resize=args.mask_resize)
     pca_files, pcs = load_pcas(args)
     classifier, cls_file = load_classifier(args.classifier_dir, args.dataset, args.model, args.pretrained,
-                                           pcs.shape[1])
+                                           pcs.shape[1], args.allow_mismatch)
     model, preprocess, _ = load_model_from_args(args)
     ds.transform = preprocess
     grid, patch = check_image_size(model, args.image_size, args.model)
@@ -129,7 +129,7 @@ def main(args: argparse.Namespace) -> dict:
         if [neurons, pcs.shape[1]] != expected:
             raise InputError(f"{f}: PCs of shape {[neurons, pcs.shape[1]]}, but {args.model} layer {layer} has "
                              f"[neurons, d] = {expected} (written for another model?)")
-    check_consistent([cls_file, *pca_files], ("model", "pretrained"),
+    check_consistent(pca_files, ("model", "pretrained"),
                      expected={"model": args.model, "pretrained": args.pretrained}, allow_mismatch=args.allow_mismatch)
 
     rows = select_neurons(pcs, classifier, args.top_neurons, args.random, args.seed)  # [C, k] stacked-PC rows
@@ -141,9 +141,7 @@ def main(args: argparse.Namespace) -> dict:
                          random=args.random, seed=args.seed, image_size=args.image_size, thr=args.thr,
                          mask_resize=args.mask_resize)
     if is_main_process():
-        pairs = out / "neurons_per_class.npy"
-        atomic_save(pairs, neuron_layer_pairs(rows, args.mlp_layers, neurons).astype(np.int64))
-        write_provenance(pairs, record)
+        save_output(out / "neurons_per_class.npy", neuron_layer_pairs(rows, args.mlp_layers, neurons), record)
     weights = torch.from_numpy(classifier).to(args.device)
     selection = torch.from_numpy(rows).to(args.device)
     stream_segmentation(ds, out, lambda images, targets: evaluate_neuron_batch(

@@ -46,9 +46,10 @@ from utils.factory import add_model_args, load_model_from_args
 from utils.ablations import accuracy_over_dataset
 from utils.datasets import build_second_order_dataset, class_labels
 from utils.inputs import load_classifier
-from utils.io import atomic_write_json, load_array
+from utils.io import atomic_write_json, load_array, make_output_dir
 from utils.names import find_input, find_text_set, second_order_paths, sparse_decomposition_stem
 from utils.neuron_pca import neuron_means
+from utils.provenance import add_mismatch_arg, check_consistent, derived_record, write_provenance
 from utils.second_order import COEFFICIENT, SecondOrderEffects
 from utils.sparse_decomposition import (EVALUATIONS, NORMS, SOLVERS, build_text_dictionary, cosine_rows,
                                         decompose, decomposition_json, plot_fit, reconstruction_logits,
@@ -93,6 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "--coefficient over the texts) or per_text (each text scaled to the same norm); "
                              "see above")
     parser.add_argument("--solver_batch_size", default=1024, type=int, help="neurons solved at once")
+    add_mismatch_arg(parser)
     return parser
 
 
@@ -120,6 +122,7 @@ def load_inputs(args: argparse.Namespace) -> dict:
     if not 1 <= args.components <= len(texts):
         raise InputError(f"--components {args.components}: must be between 1 and the number of texts in the "
                          f"dictionary ({len(texts)}, {text_path})")
+    check_consistent([pca_path, text_path], ("model", "pretrained"), allow_mismatch=args.allow_mismatch)
     return {"pcas": pcas, "pca_path": pca_path, "texts": texts, "text_path": text_path, "lines": lines}
 
 
@@ -137,7 +140,9 @@ def prepare_evaluation(args: argparse.Namespace, K: int, d: int) -> dict:
         raise InputError(f"{mpath}: shape {merged.shape} does not match the PCs [{K}, {d}] "
                          f"(expected [images, {K}, {d}])")
     classifier, cpath = load_classifier([args.input_dir, args.output_dir], args.dataset, args.model,
-                                        args.pretrained, d)
+                                        args.pretrained, d, args.allow_mismatch)
+    check_consistent([mpath], ("model", "pretrained"), expected={"model": args.model, "pretrained": args.pretrained},
+                     allow_mismatch=args.allow_mismatch)
     ds = build_second_order_dataset(args.dataset, args.data_path, preprocess, args.split)
     labels = class_labels(ds, classifier.shape[1], str(cpath))
     mean = neuron_means(merged, progress=True)
@@ -175,8 +180,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"decomposed in {time.time() - before:.1f} s")
     top, truncated = top_components(codes, args.components)
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(args.output_dir)
     penalty = args.transform_alpha if args.solver == "omp" else l1
     stem = sparse_decomposition_stem(args.dataset, args.model, args.pretrained, args.mlp_layer, args.text_descriptions,
                        args.solver, penalty, args.components, args.dictionary_norm)
@@ -188,6 +192,11 @@ def main(args: argparse.Namespace) -> dict:
     print(f"texts per neuron: mean {nnz.mean():.1f} (min {nnz.min()}, max {nnz.max()}); "
           f"cosine(reconstruction, PC): mean {cos.mean():.4f}, median {np.median(cos):.4f}, min {cos.min():.4f}")
     plot_fit(cos, f"{stem}\n{args.solver}, {args.components} texts, {args.dictionary_norm}", out / f"{stem}_fit.png")
+    record = derived_record([inputs["pca_path"], inputs["text_path"]], solver=args.solver, penalty=penalty,
+                            components=args.components, dictionary_norm=args.dictionary_norm,
+                            text_set=args.text_descriptions)
+    for suffix in (".json", ".npz", "_fit.png"):
+        write_provenance(out / f"{stem}{suffix}", record)
     print(f"wrote {out / (stem + '.json')}, {stem}.npz and {stem}_fit.png")
     result = {"json": str(out / f"{stem}.json"), "npz": str(out / f"{stem}.npz"),
               "cosine_mean": float(cos.mean()), "texts_per_neuron_mean": float(nnz.mean())}
@@ -203,6 +212,8 @@ def main(args: argparse.Namespace) -> dict:
                   "printed": {EVALUATIONS[k]: v for k, v in accuracy.items()},
                   "cosine_reconstruction_pc_mean": float(cos.mean())}
     atomic_write_json(out / f"{stem}_evaluation.json", evaluation)
+    write_provenance(out / f"{stem}_evaluation.json", dict(record, split=args.split, data_path=args.data_path,
+                                                           num_images=len(ev["labels"])))
     print(f"wrote {out / (stem + '_evaluation.json')}")
     result["accuracy_percent"] = accuracy
     return result

@@ -12,11 +12,11 @@ from typing import Callable, Optional
 
 from utils.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames
 from utils.factory import add_model_args, load_model_from_args
-from utils.io import atomic_save
+from utils.io import make_output_dir
 from utils.names import classifier_path
-from utils.provenance import make_record, write_provenance
 from utils.text import zero_shot_classifier
 from utils.cli import run
+from utils.provenance import make_record, save_output
 
 
 def get_args_parser(description: str = __doc__, model: str = "ViT-H-14",
@@ -35,15 +35,14 @@ def get_args_parser(description: str = __doc__, model: str = "ViT-H-14",
 def main(args: argparse.Namespace, output_path: Optional[Callable[[argparse.Namespace], Path]] = None) -> Path:
     """Compute the classifier and save it at ``output_path(args)``, by default paper 1's name."""
     classnames = get_classnames(args.dataset, args.classnames)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    make_output_dir(args.output_dir)
     model, _, tokenizer = load_model_from_args(args)
     classifier = zero_shot_classifier(model, tokenizer, classnames, OPENAI_IMAGENET_TEMPLATES, args.device,
                                       args.batch_size)
     path = output_path(args) if output_path else classifier_path(args.output_dir, args.dataset, args.model)
-    atomic_save(path, classifier.cpu().numpy())
-    write_provenance(path, make_record(args, shape=list(classifier.shape), num_classes=len(classnames),
-                                       templates=len(OPENAI_IMAGENET_TEMPLATES),
-                                       classnames=args.classnames or f"built-in: {args.dataset}"))
+    save_output(path, classifier.cpu().numpy(), make_record(args, num_classes=len(classnames),
+                                                          classnames=args.classnames,
+                                                          templates=len(OPENAI_IMAGENET_TEMPLATES)))
     print(f"wrote {path} {list(classifier.shape)} ({len(classnames)} classes x {len(OPENAI_IMAGENET_TEMPLATES)} "
           f"templates)")
     return path

@@ -14,9 +14,11 @@ from pathlib import Path
 
 from utils.cli import run
 from utils.factory import add_model_args, load_model_from_args
-from utils.io import atomic_save
+from utils.io import make_output_dir
+from utils.names import text_embeddings_path
+from utils.provenance import make_record, save_output
 from utils.text import encode_texts
-from utils.text_sets import read_text_set, resolve_text_file
+from utils.text_sets import read_text_set, resolve_text_file, sha256_of
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,13 +36,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> Path:
     lines = read_text_set(args.data_path, "--data_path")
-    name = resolve_text_file(args.data_path).name
+    text_file = resolve_text_file(args.data_path)
+    name = text_file.name
     name = name[:-len(".txt")] if name.endswith(".txt") else name
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    make_output_dir(args.output_dir)
     model, _, tokenizer = load_model_from_args(args)
     features = encode_texts(model, tokenizer, lines, args.device, args.batch_size)  # [T, d], unit rows
-    path = Path(args.output_dir) / f"{name}_{args.model}.npy"
-    atomic_save(path, features.cpu().numpy())
+    path = text_embeddings_path(args.output_dir, name, args.model)
+    save_output(path, features.cpu().numpy(), make_record(args, text_set=name, num_texts=len(lines),
+                                                        text_file_sha256=sha256_of(text_file)))
     print(f"wrote {path} {list(features.shape)} ({len(lines)} lines of {args.data_path})")
     return path
 

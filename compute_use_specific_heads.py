@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from utils.cli import InputError, run
-from utils.inputs import check_decomposition
+from utils.inputs import DATA_FIELDS, MODEL_FIELDS, check_decomposition
 from utils.io import atomic_write_json, load_array, save_figure
 from utils.names import classifier_path, labels_path, prs_paths
+from utils.provenance import add_mismatch_arg, check_consistent, derived_record, write_provenance
 from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
                               head_logits, parse_heads, random_head_sets)
 
@@ -39,6 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random_trials", type=int, default=0, help="random head sets of the same size to try")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random head sets")
     parser.add_argument("--chunk", type=int, default=1024, help="images per chunk read from the memmaps")
+    add_mismatch_arg(parser)
     return parser
 
 
@@ -55,7 +57,12 @@ def load(args: argparse.Namespace) -> dict:
     arrays["labels"] = labels[:, 0]
     check_decomposition(arrays, {"attn": str(paths["attn"]), "mlp": str(paths["mlp"]), "classifier": str(cpath),
                                  "labels": str(lpath)})
+    check_consistent([paths["attn"], paths["mlp"], lpath, cpath], MODEL_FIELDS, allow_mismatch=args.allow_mismatch)
+    check_consistent([paths["attn"], paths["mlp"], lpath], DATA_FIELDS, allow_mismatch=args.allow_mismatch)
+    check_consistent([cpath], ("dataset",), expected={"dataset": args.dataset}, expected_from=f"--dataset {args.dataset}",
+                     allow_mismatch=args.allow_mismatch)
     arrays["groups"] = labels
+    arrays["paths"] = [paths["attn"], cpath]
     return arrays
 
 
@@ -118,6 +125,9 @@ def main(args: argparse.Namespace) -> dict:
                "baseline": results["baseline"], "ablated": results["heads mean-ablated"], "random": random}
     atomic_write_json(out / f"{stem}.json", summary)
     plot_groups(results, f"{args.model} on {args.dataset}: mean-ablating {len(heads)} heads", out / f"{stem}.png")
+    record = derived_record(arrays["paths"], heads=[f"{l}.{h}" for l, h in heads])
+    for suffix in (".json", ".png"):
+        write_provenance(out / f"{stem}{suffix}", record)
     print(f"wrote {out / stem}.json and .png")
     return summary
 

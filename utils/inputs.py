@@ -14,22 +14,36 @@ import numpy as np
 from utils.cli import InputError
 from utils.io import load_array
 from utils.names import classifier_path, find_classifier, labels_path, prs_paths, second_order_paths
+from utils.provenance import check_consistent
 
 
-def load_decomposition(input_dir: str, dataset: str, model: str) -> dict[str, np.ndarray]:
+MODEL_FIELDS = ("model", "pretrained", "force_quick_gelu")  # files used together must share these
+DATA_FIELDS = ("dataset", "split", "data_path", "num_images")  # ... and per-image files these
+
+
+def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch: bool = False) -> dict:
     """Memory-map the arrays of compute_prs.py and compute_text_projection.py and check they agree.
 
-    Returns ``attn`` [B, L, H, d], ``mlp`` [B, L+1, d], ``cls_attn`` [B, L, d], ``classifier`` [d, C] and
-    ``labels`` [B] (the class column for Waterbirds' [B, 2]).
+    Returns ``attn`` [B, L, H, d], ``mlp`` [B, L+1, d], ``cls_attn`` [B, L, d], ``classifier`` [d, C],
+    ``labels`` [B] (the class column for Waterbirds' [B, 2]) and ``paths`` (name -> file). Shapes must agree,
+    and so must the files' provenance records: the same model and weights everywhere, the same images in the
+    per-image files, and a classifier made for ``dataset`` (``InputError`` unless ``allow_mismatch``).
     """
     paths = prs_paths(input_dir, dataset, model)
     out = {k: load_array(p, "compute_prs.py") for k, p in paths.items()}
-    cpath = classifier_path(input_dir, dataset, model)
-    out["classifier"] = np.asarray(load_array(cpath, "compute_text_projection.py", mmap=False), np.float32)
-    lpath = labels_path(input_dir, dataset)
-    labels = np.asarray(load_array(lpath, "compute_prs.py", mmap=False))
+    paths["classifier"] = classifier_path(input_dir, dataset, model)
+    out["classifier"] = np.asarray(load_array(paths["classifier"], "compute_text_projection.py", mmap=False),
+                                   np.float32)
+    paths["labels"] = labels_path(input_dir, dataset)
+    labels = np.asarray(load_array(paths["labels"], "compute_prs.py", mmap=False))
     out["labels"] = labels[:, 0] if labels.ndim == 2 else labels
-    check_decomposition(out, {**{k: str(p) for k, p in paths.items()}, "classifier": str(cpath), "labels": str(lpath)})
+    check_decomposition(out, {k: str(p) for k, p in paths.items()})
+    per_image = [paths[k] for k in ("attn", "mlp", "cls_attn", "labels")]
+    check_consistent([*per_image, paths["classifier"]], MODEL_FIELDS, allow_mismatch=allow_mismatch)
+    check_consistent(per_image, DATA_FIELDS, allow_mismatch=allow_mismatch)
+    check_consistent([paths["classifier"]], ("dataset",), expected={"dataset": dataset},
+                     expected_from=f"--dataset {dataset}", allow_mismatch=allow_mismatch)
+    out["paths"] = paths
     return out
 
 
@@ -60,20 +74,29 @@ def check_decomposition(arrays: dict[str, np.ndarray], names: Optional[dict[str,
 
 
 def load_classifier(directory: str | Path | Sequence[str | Path], dataset: str, model: str,
-                    pretrained: Optional[str], dim: int) -> tuple[np.ndarray, Path]:
-    """``find_classifier`` then load it as float32 ``[d, C]``; ``ValueError`` unless ``d == dim``."""
+                    pretrained: Optional[str], dim: int, allow_mismatch: bool = False) -> tuple[np.ndarray, Path]:
+    """``find_classifier`` then load it as float32 ``[d, C]``.
+
+    ``InputError`` unless ``d == dim`` and its provenance record says it was made with ``model`` and
+    ``pretrained`` for ``dataset`` (a mismatch is a warning with ``allow_mismatch``).
+    """
     path = find_classifier(directory, dataset, model, pretrained)
     classifier = np.asarray(load_array(path, "compute_text_projection.py", mmap=False), np.float32)
     if classifier.ndim != 2 or classifier.shape[0] != dim:
         raise InputError(f"{path}: shape {classifier.shape}, expected [d={dim}, classes]")
+    check_consistent([path], ("model", "pretrained", "dataset"),
+                     expected={"model": model, "pretrained": pretrained, "dataset": dataset},
+                     expected_from="this command", allow_mismatch=allow_mismatch)
     return classifier, path
 
 
 def load_second_order_files(input_dir: str | Path, dataset: str, split: str, model: str,
-                            pretrained: Optional[str], mlp_layer: int, top_k: int) -> dict[str, np.ndarray]:
-    """Memory-map ``merged`` [B, K, d] and load ``pca`` [K, d] and ``norm`` [K, top_k]; check they agree.
+                            pretrained: Optional[str], mlp_layer: int, top_k: int,
+                            allow_mismatch: bool = False) -> dict[str, np.ndarray]:
+    """Memory-map ``merged`` [B, K, d] and load ``pca`` [K, d] and ``norm`` [K, top_k]; check they agree in shape
+    and provenance (made with ``model`` and ``pretrained``, from the same images).
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the file at fault.
+    Raises ``FileNotFoundError`` / ``InputError`` naming the file at fault.
     """
     paths = second_order_paths(input_dir, dataset, split, model, pretrained, mlp_layer, top_k)
     merged = load_array(paths["merged"], "compute_second_order_neuron_prs.py")
@@ -88,4 +111,8 @@ def load_second_order_files(input_dir: str | Path, dataset: str, split: str, mod
     if norm.ndim != 2 or norm.shape[0] != K:
         raise InputError(f"{paths['norm']}: shape {norm.shape} does not match {paths['merged']} {merged.shape} "
                          f"(expected [neurons, top_k] = {(K, top_k)}; rerun compute_pcas.py)")
+    files = [paths["merged"], paths["pca"], paths["norm"]]
+    check_consistent(files, ("model", "pretrained"), expected={"model": model, "pretrained": pretrained},
+                     allow_mismatch=allow_mismatch)
+    check_consistent(files, MODEL_FIELDS + DATA_FIELDS + ("mlp_layer", "coefficient"), allow_mismatch=allow_mismatch)
     return {"merged": merged, "pca": pca, "norm": norm, "paths": paths}

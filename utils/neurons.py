@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from utils.cli import InputError
-from utils.io import atomic_save, load_array, save_figure
+from utils.io import load_array, save_figure
 from utils.neuron_pca import neuron_means
-from utils.provenance import make_record, write_provenance
+from utils.provenance import derived_record, save_output
 
 __all__ = ["cached_neuron_means", "top_images", "read_decomposition", "image_centred_norms", "active_neurons",
            "concept_scores", "display_image", "plot_neuron", "plot_concepts"]
@@ -45,9 +45,7 @@ def cached_neuron_means(merged_path: str | Path, mean_path: str | Path, progress
         if mean.shape == merged.shape[1:]:
             return mean
     mean = neuron_means(merged, progress=progress)
-    atomic_save(mean_path, mean)
-    write_provenance(mean_path, make_record(source=str(merged_path.resolve()), num_images=int(merged.shape[0]),
-                                            shape=list(mean.shape)))
+    save_output(mean_path, mean, derived_record([merged_path]))
     return mean
 
 

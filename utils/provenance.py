@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from utils.cli import InputError
 
 __all__ = ["provenance_path", "make_record", "write_provenance", "read_provenance", "pretrained_identity",
-           "run_key", "check_consistent", "add_mismatch_arg", "save_output"]
+           "run_key", "check_consistent", "add_mismatch_arg", "save_output", "derived_record"]
 
 RECORD_SUFFIX = ".provenance.json"
 FOLDER_RECORD = "provenance.json"
@@ -126,7 +126,19 @@ def make_record(args: Any = None, **fields: Any) -> dict:
 
 # record fields that describe the process or the file, not what was computed
 VOLATILE_FIELDS = ("file", "script", "command", "created", "versions", "git_commit", "git_dirty", "shape",
-                   "storage_dtype")
+                   "storage_dtype", "inputs")
+
+
+def derived_record(inputs: Sequence[str | Path], **fields: Any) -> dict:
+    """The record of an output computed from other outputs: what identifies the first input that has a record
+    (model, weights, dataset, ...), then ``fields``, the input paths and this process's details."""
+    base: dict[str, Any] = {}
+    for path in inputs:
+        rec = read_provenance(path)
+        if rec is not None:
+            base = {k: v for k, v in rec.items() if k not in VOLATILE_FIELDS}
+            break
+    return make_record(None, **{**base, **fields, "inputs": [str(p) for p in inputs]})
 
 
 def run_key(record: Mapping[str, Any]) -> dict:
