@@ -39,7 +39,6 @@ The original forces QuickGELU for every model; here OpenAI tags get it automatic
 QuickGELU weights from a file). The --save_img pictures are paper 1's (input, mask, predicted mask, heatmap).
 """
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -48,50 +47,30 @@ import torch
 from prs_hook import hook_prs_logger
 from utils.cli import InputError, run
 from utils.factory import add_model_args, load_model_from_args
-from utils.imagenet_segmentation import MASK_RESIZE, ImagenetSegmentation
+from utils.imagenet_segmentation import ImagenetSegmentation
 from utils.inputs import load_classifier
 from utils.io import load_array, make_output_dir
 from utils.names import neuron_segmentation_dir, pretrained_name, second_order_paths
-from utils.provenance import add_mismatch_arg, check_consistent, make_record, save_output
-from utils.segmentation import (check_image_size, evaluate_neuron_batch, finish_segmentation, neuron_layer_pairs,
-                                select_neurons, stream_segmentation)
+from utils.provenance import check_consistent, make_record, save_output
+from utils.segmentation import (add_segmentation_args, check_image_size, evaluate_neuron_batch, finish_segmentation,
+                                neuron_layer_pairs, select_neurons, stream_segmentation)
 from utils.streaming import Output, init_distributed, is_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Segmentation scores", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--save_img", action="store_true", default=False,
-                        help="save input, ground-truth mask, predicted mask and heatmap overlay per image (PNG)")
+    add_segmentation_args(parser, output_help="where the PCA files are and the results go")
     parser.add_argument("--random", action="store_true", default=False,
                         help="a random choice of --top_neurons neurons per class instead of the aligned ones")
     parser.add_argument("--seed", default=0, type=int, help="seed of --random (default 0)")
-    parser.add_argument("--train_dataset", type=str, default="imagenet_seg",
-                        help="dataset name in the output folder (default imagenet_seg)")
     parser.add_argument("--dataset", type=str, default="imagenet",
                         help="dataset name of the classifier and PCA files (default imagenet)")
-    parser.add_argument("--image_size", default=224, type=int, help="image size, the model's input size (default 224)")
-    parser.add_argument("--thr", type=float, default=0.0,
-                        help="lower clamp of the scores behind the precision-recall curve (default 0.0)")
-    parser.add_argument("--data_path", default="imagenet_seg/gtsegs_ijcv.mat", type=str,
-                        help="ImageNet-segmentation's gtsegs_ijcv.mat (default imagenet_seg/gtsegs_ijcv.mat)")
-    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int, help="DataLoader workers")
-    parser.add_argument("--classifier_dir", default="./output_dir/", help="where the classifier is (default "
-                                                                           "./output_dir/)")
-    parser.add_argument("--batch_size", default=1, type=int, help="images per batch; does not change the numbers "
-                                                                  "(default 1)")
     add_model_args(parser, model="ViT-B-32", pretrained="openai")
-    parser.add_argument("--output_dir", default="./output_dir",
-                        help="where the PCA files are and the results go (default ./output_dir)")
     parser.add_argument("--mlp_layers", default=[8, 9, 10], nargs="+", type=int,
                         help="MLP layers whose neurons are candidates, any order (default 8 9 10)")
     parser.add_argument("--top_k_pca", default=100, type=int, help="which PCA files (their top k; default 100)")
     parser.add_argument("--top_neurons", default=200, type=int, help="neurons per class (default 200)")
-    parser.add_argument("--mask_resize", default="stretch", choices=MASK_RESIZE,
-                        help="stretch: the original's mask resize (misaligned on non-square images); "
-                             "crop: resize + centre crop like the image (default stretch)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    add_mismatch_arg(parser)
     return parser
 
 

@@ -20,7 +20,6 @@ Writes --output_dir/{train_dataset}_segmentation_{model}_{pretrained}/:
        images/NNNNN_{input,gt,mask,heatmap}.png   with --save_img
 """
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,36 +28,22 @@ import torch
 from prs_hook import hook_prs_logger
 from utils.cli import InputError, run
 from utils.factory import add_model_args, load_model_from_args
-from utils.imagenet_segmentation import MASK_RESIZE, ImagenetSegmentation
+from utils.imagenet_segmentation import ImagenetSegmentation
 from utils.io import load_array, make_output_dir
 from utils.names import classifier_path, pretrained_name, segmentation_dir
-from utils.provenance import add_mismatch_arg, check_consistent, make_record
-from utils.segmentation import check_image_size, evaluate_batch, finish_segmentation, stream_segmentation
+from utils.provenance import check_consistent, make_record
+from utils.segmentation import (add_segmentation_args, check_image_size, evaluate_batch, finish_segmentation,
+                                stream_segmentation)
 from utils.streaming import init_distributed, is_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Segmentation scores", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--save_img", action="store_true", default=False,
-                        help="save input, ground-truth mask, predicted mask and heatmap overlay per image (PNG)")
-    parser.add_argument("--train_dataset", type=str, default="imagenet_seg", help="dataset name in the output folder")
+    add_segmentation_args(parser)
     parser.add_argument("--classifier_dataset", type=str, default="imagenet",
-                        help="which {dataset}_classifier_{model}.npy to use")
-    parser.add_argument("--image_size", default=224, type=int, help="image size (the model's input size)")
-    parser.add_argument("--thr", type=float, default=0.0,
-                        help="lower clamp of the scores behind the precision-recall curve (as the original)")
-    parser.add_argument("--data_path", default="imagenet_seg/gtsegs_ijcv.mat", type=str, help="gtsegs_ijcv.mat")
-    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
-    parser.add_argument("--classifier_dir", default="./output_dir/", help="where the classifier is")
-    parser.add_argument("--batch_size", default=1, type=int, help="batch size (does not change the numbers)")
+                        help="which {dataset}_classifier_{model}.npy to use (default imagenet)")
     add_model_args(parser)
-    parser.add_argument("--output_dir", default="./output_dir", help="path where to save")
-    parser.add_argument("--mask_resize", default="stretch", choices=MASK_RESIZE,
-                        help="stretch: the original's mask resize (misaligned on non-square images); "
-                             "crop: resize + centre crop like the image")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    add_mismatch_arg(parser)
     return parser
 
 

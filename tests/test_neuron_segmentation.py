@@ -214,7 +214,8 @@ def test_bad_inputs(tmp_path):
     err = _error(wrong, "--mlp_layers", "1")
     assert f"golden_classifier_prsclip-tiny-quickgelu_{PRETRAINED}.npy: shape (16, 3), expected [d=32" in err
     # PCs of another model (another width)
-    np.save(wrong / f"golden_train_mlps_prsclip-tiny-quickgelu_{PRETRAINED}_1_3_pca.npy", np.ones((128, 16), np.float32))
+    np.save(wrong / f"golden_train_mlps_prsclip-tiny-quickgelu_{PRETRAINED}_1_3_pca.npy",
+            np.ones((128, 16), np.float32))
     err = _error(wrong, "--mlp_layers", "1")
     assert "_1_3_pca.npy: PCs of shape [128, 16], but prsclip-tiny-quickgelu layer 1 has [neurons, d] = [256, 32]" \
         in err

@@ -309,6 +309,36 @@ def evaluate_neuron_batch(prs, images: torch.Tensor, targets: torch.Tensor, clas
 METRIC_COLUMNS = ["correct", "labeled", "inter_bg", "inter_fg", "union_bg", "union_fg", "ap", "chosen_class"]
 
 
+def add_segmentation_args(parser, output_help: str = "where the results go") -> None:
+    """The flags both segmentation scripts share (the originals' names and defaults)."""
+    import os
+
+    from utils.imagenet_segmentation import MASK_RESIZE
+    from utils.provenance import add_mismatch_arg
+
+    parser.add_argument("--save_img", action="store_true", default=False,
+                        help="save input, ground-truth mask, predicted mask and heatmap overlay per image (PNG)")
+    parser.add_argument("--train_dataset", type=str, default="imagenet_seg",
+                        help="dataset name in the output folder (default imagenet_seg)")
+    parser.add_argument("--image_size", default=224, type=int, help="image size, the model's input size (default 224)")
+    parser.add_argument("--thr", type=float, default=0.0,
+                        help="lower clamp of the scores behind the precision-recall curve (default 0.0, as the "
+                             "original)")
+    parser.add_argument("--data_path", default="imagenet_seg/gtsegs_ijcv.mat", type=str,
+                        help="ImageNet-segmentation's gtsegs_ijcv.mat (default imagenet_seg/gtsegs_ijcv.mat)")
+    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int, help="DataLoader workers")
+    parser.add_argument("--classifier_dir", default="./output_dir/",
+                        help="where the classifier is (default ./output_dir/)")
+    parser.add_argument("--batch_size", default=1, type=int,
+                        help="images per batch; does not change the numbers (default 1)")
+    parser.add_argument("--output_dir", default="./output_dir", help=f"{output_help} (default ./output_dir)")
+    parser.add_argument("--mask_resize", default="stretch", choices=MASK_RESIZE,
+                        help="stretch: the original's mask resize (misaligned on non-square images); "
+                             "crop: resize + centre crop like the image (default stretch)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    add_mismatch_arg(parser)
+
+
 def check_image_size(model: torch.nn.Module, image_size: int, model_name: str):
     """``(grid, patch)`` of the model; ``InputError`` unless it takes ``image_size`` × ``image_size`` inputs."""
     grid, patch = grid_and_patch(model)
