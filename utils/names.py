@@ -79,11 +79,12 @@ def segmentation_dir(output_dir: str | Path, train_dataset: str, model: str, pre
 def second_order_paths(output_dir: str | Path, dataset: str, split: str, model: str, pretrained: Optional[str],
                        mlp_layer: int, top_k: Optional[int] = None) -> dict[str, Path]:
     """``merged``: ``{dataset}_{split}_mlps_{model}_{pretrained}_{mlp_layer}_merged.npy`` [images, neurons, d];
+    ``mean``: ``..._{mlp_layer}_mean.npy`` [neurons, d], its per-neuron means (a cache of utils/neurons.py);
     with ``top_k``: ``pca`` ``..._{top_k}_pca.npy`` [neurons, d] and ``norm`` ``..._{top_k}_norm.npy``
     [neurons, top_k] (the top-k centred norms per neuron, ascending)."""
     stem = f"{dataset}_{split}_mlps_{model}_{pretrained_name(pretrained)}_{mlp_layer}"
     d = Path(output_dir)
-    out = {"merged": d / f"{stem}_merged.npy"}
+    out = {"merged": d / f"{stem}_merged.npy", "mean": d / f"{stem}_mean.npy"}
     if top_k is not None:
         out["pca"] = d / f"{stem}_{top_k}_pca.npy"
         out["norm"] = d / f"{stem}_{top_k}_norm.npy"
@@ -115,6 +116,17 @@ def second_order_ablations_path(output_dir: str | Path, dataset: str, split: str
     """The JSON of compute_second_order_ablations.py (its PNG has the same stem)."""
     return Path(output_dir) / (f"{dataset}_{split}_second_order_ablations_{model}_{pretrained_name(pretrained)}_"
                                f"{mlp_layer}_{top_k}.json")
+
+
+def neuron_segmentation_dir(output_dir: str | Path, train_dataset: str, model: str, pretrained: Optional[str],
+                            mlp_layers: Sequence[int], top_k_pca: int, top_neurons: int,
+                            random_seed: Optional[int] = None) -> Path:
+    """compute_segmentation.py's output folder (paper 2), one per setting:
+    ``{train_dataset}_neuron_segmentation_{model}_{pretrained}_mlp_{l1_l2..}_pca_{top_k_pca}_top_{top_neurons}``,
+    plus ``_random_{seed}`` for a random choice of neurons."""
+    name = (f"{train_dataset}_neuron_segmentation_{model}_{pretrained_name(pretrained)}_mlp_"
+            f"{'_'.join(map(str, mlp_layers))}_pca_{top_k_pca}_top_{top_neurons}")
+    return Path(output_dir) / (name + (f"_random_{random_seed}" if random_seed is not None else ""))
 
 
 def sparse_decomposition_stem(dataset: str, model: str, pretrained: Optional[str], mlp_layer: int, text_set: str,
