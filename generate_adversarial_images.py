@@ -44,9 +44,20 @@ RUN_SETTINGS = ("model", "pretrained", "class_0", "class_1", "dataset", "train_s
                 "if_stage_2", "batch_size")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; each flag's default shown unless its help already names one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Generate semantic adversarial images", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_model_args(parser, model="ViT-B-32", pretrained="openai")
     parser.add_argument("--class_0", default="dog", type=str,
                         help="the wrong class the images are pushed toward (never named in a description)")

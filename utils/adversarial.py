@@ -155,8 +155,9 @@ def decomposition_paths(input_dir: str | Path, dataset: str, model: str, pretrai
                         spans: Sequence[LayerSpan], text_set: str, solver: str, penalty: float, components: int,
                         norm: str = "per_dimension") -> list[Path]:
     """The sparse-decomposition JSON of each layer, as compute_sparse_decomposition.py names it."""
-    return [Path(input_dir) / f"{output_stem(dataset, model, pretrained, s.layer, text_set, solver, penalty, components, norm)}.json"
-            for s in spans]
+    stems = [output_stem(dataset, model, pretrained, s.layer, text_set, solver, penalty, components, norm)
+             for s in spans]
+    return [Path(input_dir) / f"{stem}.json" for stem in stems]
 
 
 def load_decompositions(paths: Sequence[Path], spans: Sequence[LayerSpan]) -> dict[int, list[tuple[float, str]]]:
