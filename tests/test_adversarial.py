@@ -389,6 +389,7 @@ def test_end_to_end_and_resume(tmp_path, tiny, direction):
     assert all(r[2:4] == [CLASS_0, CLASS_1] for r in rows)
     expected = clip_scores([out / p for p in pngs], direction)
     np.testing.assert_allclose([float(r[4]) for r in rows], expected, rtol=1e-4, atol=1e-5)
+    assert all(r[4] == str(np.float32(r[4])) for r in rows)  # printed as the original's float32 scores
 
     summary = json.loads((out / "summary.json").read_text())
     assert [(w["word"], round(w["weight"] / np.linalg.norm(direction) ** 2, 5)) for w in summary["words"]] == \

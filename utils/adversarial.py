@@ -334,11 +334,11 @@ def usable(description: str, class_0: str, class_1: str) -> bool:
     return class_1.lower() in d and class_0.lower() not in d
 
 
-def select_descriptions(reply: str, class_0: str, class_1: str, num: int, source: str = "the LLM") -> list[str]:
+def select_descriptions(reply: str, class_0: str, class_1: str, num: int) -> list[str]:
     """The first ``num`` usable numbered descriptions of ``reply``; fewer is an ``InputError``."""
     found = [d for d in parse_descriptions(reply) if usable(d, class_0, class_1)]
     if len(found) < num:
-        raise InputError(f"{source} gave {len(found)} numbered description(s) that mention '{class_1}' and not "
+        raise InputError(f"the LLM gave {len(found)} numbered description(s) that mention '{class_1}' and not "
                          f"'{class_0}', fewer than --results_per_generation {num} (its reply is printed above); "
                          f"rerun with another --seed, --llm or fewer --results_per_generation, or pass "
                          f"--prompts_file")
@@ -511,7 +511,8 @@ def score_jobs(model: torch.nn.Module, preprocess: Callable, jobs: Sequence[Job]
 
 def files_csv(rows: Sequence[tuple[str, str, float]], class_0: str, class_1: str) -> str:
     """The original's files.csv: tab-separated ``file, prompt, class_0, class_1, score`` lines, no header."""
-    return "".join(f"{name}\t{prompt}\t{class_0}\t{class_1}\t{np.float32(score)}\n" for name, prompt, score in rows)
+    return "".join(f"{name}\t{prompt}\t{class_0}\t{class_1}\t{str(np.float32(score))}\n"  # str: float32 digits
+                   for name, prompt, score in rows)
 
 
 def success_rates(scores: Sequence[float], per_prompt: int) -> tuple[list[float], float]:
