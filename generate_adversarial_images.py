@@ -30,7 +30,8 @@ import tqdm
 
 from utils import adversarial as adv
 from utils.cli import InputError, run
-from utils.factory import add_model_args, load_model_from_args, pretrained_name
+from utils.factory import add_model_args, load_model_from_args
+from utils.names import pretrained_name
 from utils.io import atomic_write_json, atomic_write_text
 from utils.provenance import add_mismatch_arg, check_consistent, make_record, write_provenance
 from utils.sparse_decomposition import NORMS, SOLVERS

@@ -33,8 +33,7 @@ import torch
 
 from utils.cli import InputError
 from utils.io import atomic_write, load_array
-from utils.second_order import second_order_paths
-from utils.sparse_decomposition import output_stem
+from utils.names import second_order_paths, sparse_decomposition_stem
 from utils.text import encode_texts
 
 EXTRA_INSTALL = 'pip install -e ".[adversarial]"'
@@ -155,7 +154,7 @@ def decomposition_paths(input_dir: str | Path, dataset: str, model: str, pretrai
                         spans: Sequence[LayerSpan], text_set: str, solver: str, penalty: float, components: int,
                         norm: str = "per_dimension") -> list[Path]:
     """The sparse-decomposition JSON of each layer, as compute_sparse_decomposition.py names it."""
-    stems = [output_stem(dataset, model, pretrained, s.layer, text_set, solver, penalty, components, norm)
+    stems = [sparse_decomposition_stem(dataset, model, pretrained, s.layer, text_set, solver, penalty, components, norm)
              for s in spans]
     return [Path(input_dir) / f"{stem}.json" for stem in stems]
 
