@@ -41,11 +41,15 @@ def main(args: argparse.Namespace) -> dict:
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     model, preprocess, _ = load_model_from_args(args)
     ds.transform = preprocess
-    atomic_save(labels_path(args.output_dir, args.dataset), ds.labels)
+    # hooks for utils/scripts/compute_activation_values.py (PCLens): a subset of the images, other file names
+    ds = args.select_images(ds) if getattr(args, "select_images", None) else ds
+    names = getattr(args, "output_names", None)  # {"attn", "mlp", "cls_attn", "labels"} -> path
+    atomic_save(names["labels"] if names else labels_path(args.output_dir, args.dataset), ds.labels)
 
     prs = hook_prs_logger(model, args.device, model_name=args.model)
     L, H, d, B = prs.num_layers, prs.num_heads, prs.out_dim, len(ds)
-    paths = prs_paths(args.output_dir, args.dataset, args.model)
+    paths = {k: names[k] for k in ("attn", "mlp", "cls_attn")} if names else prs_paths(args.output_dir, args.dataset,
+                                                                                         args.model)
     shapes = {"attn": (B, L, H, d), "mlp": (B, L + 1, d), "cls_attn": (B, L, d)}
     meta = {"model": args.model, "pretrained": pretrained_name(args.pretrained), "dataset": args.dataset,
             "force_quick_gelu": args.force_quick_gelu}
