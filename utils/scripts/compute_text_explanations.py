@@ -16,6 +16,7 @@ Runs compute_complete_text_set.py's computation (streamed; utils/textspan.py) wi
                    component's top text. PCLens keeps the SVD's arbitrary sign of each component and so
                    reconstructs from an arbitrary pole; here each component's stronger pole is made positive,
                    listed first and used, which removes that dependence. Strengths: s^2 and 100 s^2 / sum s^2.
+                   A head that keeps one component works (PCLens: IndexError).
   text_span        PCLens' TextSpan variant: --max_text texts per head, rank 80, centred texts and data.
 and writes --output_dir/{dataset}_completeness_{text_descriptions}_{model}_algo_{algorithm}_seed_{seed}.jsonl:
 one record per head ("layer", "head" and PCLens' fields), then one for the whole final embedding ("layer" and
