@@ -42,6 +42,17 @@ def attn_rest_path(output_dir: str | Path, dataset: str, model: str, suffix: str
     return Path(output_dir) / f"{dataset}_attn_rest_{model}{suffix}.npy"
 
 
+def pclens_paths(output_dir: str | Path, dataset: str, model: str, seed: int) -> dict[str, Path]:
+    """PCLens' names of the decomposition files: ``{dataset}_{attn|mlp|cls_attn|labels}_{model}_seed_{seed}.npy``."""
+    return {k: Path(output_dir) / f"{dataset}_{k}_{model}_seed_{seed}.npy" for k in (*PRS_KINDS, "labels")}
+
+
+def pclens_explanations_path(output_dir: str | Path, dataset: str, text_set: str, model: str, algorithm: str,
+                             seed: int) -> Path:
+    """``{dataset}_completeness_{text_set}_{model}_algo_{algorithm}_seed_{seed}.jsonl``: PCLens' explanations."""
+    return Path(output_dir) / f"{dataset}_completeness_{text_set}_{model}_algo_{algorithm}_seed_{seed}.jsonl"
+
+
 def labels_path(output_dir: str | Path, dataset: str, suffix: str = "") -> Path:
     """``{dataset}_labels{suffix}.npy``: [B] (Waterbirds: [B, 2] = class, background)."""
     return Path(output_dir) / f"{dataset}_labels{suffix}.npy"
@@ -65,9 +76,10 @@ def ablations_stem(dataset: str, model: str) -> str:
 
 
 def completeness_stem(dataset: str, text_set: str, texts_per_head: int, model: str, algorithm: str = "textspan") -> str:
-    """``{dataset}_completeness_{text_set}_top_{m}_heads_{model}`` (+ ``_pclens``): compute_complete_text_set.py."""
+    """``{dataset}_completeness_{text_set}_top_{m}_heads_{model}`` (+ ``_{algorithm}`` but for TextSpan):
+    compute_complete_text_set.py."""
     stem = f"{dataset}_completeness_{text_set}_top_{texts_per_head}_heads_{model}"
-    return stem + ("_pclens" if algorithm == "pclens" else "")
+    return stem + ("" if algorithm == "textspan" else f"_{algorithm}")
 
 
 def segmentation_dir(output_dir: str | Path, train_dataset: str, model: str, pretrained: Optional[str]) -> Path:
