@@ -1,31 +1,99 @@
-"""Mean-ablation study (paper 1, section 3): how much of zero-shot accuracy each component carries.
+"""Ablation studies of both papers; the flags given choose which.
 
-Reads (memory-mapped) from --input_dir the outputs of compute_prs.py and compute_text_projection.py and
-prints: the baseline; MLPs mean-ablated; the CLS->CLS term mean-ablated; both; and the accuracy as the
-attention layers are mean-ablated cumulatively. Labels come from {dataset}_labels.npy. Also writes
-{dataset}_ablations_{model}.json and a plot {dataset}_ablations_{model}.png to --figures_dir.
+Paper 1 (clip_text_span, section 3): mean-ablations of the first-order decomposition. Reads (memory-mapped) from
+--input_dir the outputs of compute_prs.py and compute_text_projection.py and prints: the baseline; MLPs
+mean-ablated; the CLS->CLS term mean-ablated; both; and the accuracy as the attention layers are mean-ablated
+cumulatively. Labels come from {dataset}_labels.npy. Also writes {dataset}_ablations_{model}.json and a plot
+{dataset}_ablations_{model}.png to --figures_dir.
+    python compute_ablations.py --model ViT-H-14 --dataset imagenet --input_dir DIR --figures_dir DIR
+
+Paper 2 (second_order_lens, section 4): the second-order ablation study, exactly compute_second_order_ablations.py
+(see its --help). It runs when any of --mlp_layer, --pretrained, --coefficient, --top_k_pca, --data_path, --split
+is given:
+    python compute_ablations.py --model ViT-B-32 --pretrained openai --mlp_layer 9 --output_dir DIR \\
+        --input_dir DIR --data_path IMAGENET
+
+--model, --input_dir, --dataset and --num_workers belong to both (their defaults are the mode's own). A flag of
+one study only (--figures_dir, --chunk: paper 1; the rest: paper 2) together with a flag of the other is an error.
 """
 import argparse
+import copy
 from pathlib import Path
 
+import compute_second_order_ablations
 from utils.ablations import mean_ablation_study
+from utils.cli import InputError, run
 from utils.inputs import load_decomposition
 from utils.io import atomic_write_json, save_figure
 from utils.provenance import add_mismatch_arg, derived_record, write_provenance
-from utils.cli import run
+
+# the flags that select paper 2's study (the others of its parser are paper 2's too, but do not select it)
+PAPER2_SELECTORS = ("mlp_layer", "pretrained", "coefficient", "top_k_pca", "data_path", "split")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Ablations part", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def paper1_parser() -> argparse.ArgumentParser:
+    """Paper 1's flags (the original clip_text_span command line, plus --chunk)."""
+    parser = argparse.ArgumentParser("Ablations part", add_help=False)
     parser.add_argument("--model", default="ViT-H-14", type=str, metavar="MODEL", help="model name in file names")
-    parser.add_argument("--num_workers", default=10, type=int, help="unused; kept for the original command line")
+    parser.add_argument("--num_workers", default=10, type=int, help="unused (kept for the original command line)")
     parser.add_argument("--figures_dir", default="./output_dir", help="where the JSON and the plot go")
     parser.add_argument("--input_dir", default="./output_dir", help="where the arrays are")
     parser.add_argument("--dataset", type=str, default="imagenet", help="dataset name in file names")
     parser.add_argument("--chunk", type=int, default=1024, help="images per chunk read from the memmaps")
     add_mismatch_arg(parser)
     return parser
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Both studies' flags, grouped for --help; a flag not given is left out of the namespace (mode detection)."""
+    parser = argparse.ArgumentParser("Ablations part", description=__doc__, argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p1, p2 = paper1_parser(), compute_second_order_ablations.get_args_parser()
+    groups = {"both": parser.add_argument_group("both studies"),
+              1: parser.add_argument_group("paper 1 only (mean-ablations of the first-order decomposition)"),
+              2: parser.add_argument_group("paper 2 only (second-order ablations; compute_second_order_ablations.py)")}
+    actions1 = {a.dest: a for a in p1._actions}
+    actions2 = {a.dest: a for a in p2._actions if a.dest != "help"}
+
+    def described(a: argparse.Action) -> str:  # the help with the default written out (it is suppressed below)
+        text = (a.help or "").replace("%(default)s", str(a.default))
+        return text if "default" in text else f"{text} (default: {a.default})"
+
+    for dest, action in [*actions1.items(), *((d, a) for d, a in actions2.items() if d not in actions1)]:
+        action = copy.copy(action)
+        if dest in actions1 and dest in actions2:
+            group = "both"
+            action.help = f"paper 1: {described(actions1[dest])}; paper 2: {described(actions2[dest])}"
+        else:
+            group = 1 if dest in actions1 else 2
+            action.help = described(action).lstrip()
+        action.default = argparse.SUPPRESS
+        groups[group]._add_action(action)
+    return parser
+
+
+def choose_study(given: set[str]) -> int:
+    """1 or 2 from the flags given (their dests); ``InputError`` naming the flags when they fit neither study."""
+    dests1 = {a.dest for a in paper1_parser()._actions}
+    dests2 = {a.dest for a in compute_second_order_ablations.get_args_parser()._actions} - {"help"}
+    flags = lambda dests: ", ".join("--" + d for d in sorted(dests))  # noqa: E731
+    in1, in2 = given & (dests1 - dests2), given & (dests2 - dests1)
+    if in1 and in2:
+        raise InputError(f"{flags(in1)} (paper 1's mean-ablation study) and {flags(in2)} (paper 2's second-order "
+                         f"study) cannot be combined; see --help")
+    if in2 and not in2 & set(PAPER2_SELECTORS):
+        raise InputError(f"{flags(in2)}: paper 2's second-order study, which runs only with one of "
+                         f"{flags(PAPER2_SELECTORS)}; without them this is paper 1's study (see --help)")
+    return 2 if in2 else 1
+
+
+def main(args: argparse.Namespace) -> dict:
+    given = set(vars(args)) - {"allow_tf32"}
+    study = choose_study(given)
+    parser = paper1_parser() if study == 1 else compute_second_order_ablations.get_args_parser()
+    full = parser.parse_args([])  # the study's own defaults, then the flags given
+    vars(full).update(vars(args))
+    return mean_ablations(full) if study == 1 else compute_second_order_ablations.main(full)
 
 
 def plot_layer_curve(acc: dict, num_layers: int, title: str, path: Path) -> None:
@@ -49,7 +117,8 @@ def plot_layer_curve(acc: dict, num_layers: int, title: str, path: Path) -> None
     save_figure(fig, path)
 
 
-def main(args: argparse.Namespace) -> dict:
+def mean_ablations(args: argparse.Namespace) -> dict:
+    """Paper 1's study (the flags of ``paper1_parser``)."""
     arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch)
     res = mean_ablation_study(arrays["attn"], arrays["mlp"], arrays["cls_attn"], arrays["classifier"],
                               arrays["labels"], chunk=args.chunk)

@@ -41,15 +41,18 @@ def main(args: argparse.Namespace) -> dict:
     out = make_output_dir(args.output_dir)
     model, preprocess, _ = load_model_from_args(args)
     ds.transform = preprocess
+    # hooks for `python -m utils.scripts.compute_activation_values` (PCLens): a subset of the images, other names
+    ds = args.select_images(ds) if getattr(args, "select_images", None) else ds
+    names = getattr(args, "output_names", None) or {**prs_paths(out, args.dataset, args.model),
+                                                    "labels": labels_path(out, args.dataset)}
     record = make_record(args)
     if is_main_process():
-        save_output(labels_path(out, args.dataset), ds.labels, dict(record, num_images=len(ds)))
+        save_output(names["labels"], ds.labels, dict(record, num_images=len(ds)))
 
     prs = hook_prs_logger(model, args.device, model_name=args.model)
     L, H, d = prs.num_layers, prs.num_heads, prs.out_dim
-    paths = prs_paths(out, args.dataset, args.model)
-    outputs = {"attn": Output(paths["attn"], (L, H, d), args.dtype), "mlp": Output(paths["mlp"], (L + 1, d), args.dtype),
-               "cls_attn": Output(paths["cls_attn"], (L, d), args.dtype)}
+    outputs = {"attn": Output(names["attn"], (L, H, d), args.dtype), "mlp": Output(names["mlp"], (L + 1, d), args.dtype),
+               "cls_attn": Output(names["cls_attn"], (L, d), args.dtype)}
 
     def compute(images, labels, start):
         attentions, mlps = prs.finalize(prs.encode_image(images))
@@ -61,7 +64,7 @@ def main(args: argparse.Namespace) -> dict:
     if is_main_process():
         for k, o in outputs.items():
             print(f"wrote {o.path} {[len(ds), *o.shape]} {args.dtype}")
-    return {k: str(v) for k, v in paths.items()}
+    return {k: str(v) for k, v in names.items()}
 
 
 if __name__ == "__main__":

@@ -39,15 +39,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Ablations part", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser, model="ViT-B-32", pretrained="openai")
-    parser.add_argument("--mlp_layer", default=9, type=int)
-    parser.add_argument("--coefficient", default=COEFFICIENT, type=float)
+    parser.add_argument("--mlp_layer", default=9, type=int, help="the MLP layer of the neurons (0-based)")
+    parser.add_argument("--coefficient", default=COEFFICIENT, type=float,
+                        help="scale on the normalised output (the paper's 100)")
     parser.add_argument("--top_k_pca", default=100, type=int, help="which PCA / norm files (their top k)")
-    parser.add_argument("--batch_size", default=16, type=positive_int)
+    parser.add_argument("--batch_size", default=16, type=positive_int, help="images per batch")
     parser.add_argument("--output_dir", default="./output_dir/", help="where the JSON goes")
     parser.add_argument("--input_dir", default="./output_dir/", help="where the training files are")
     parser.add_argument("--data_path", default=None, type=str, help="dataset root")
     parser.add_argument("--split", default="val", type=str, help="the evaluated split")
-    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int, help="DataLoader workers")
     parser.add_argument("--dataset", type=str, default="imagenet",
                         help="evaluated dataset: imagenet (val: every 10th image), CIFAR10/100, or an ImageFolder")
     parser.add_argument("--train_dataset", default=None, type=str,

@@ -20,49 +20,30 @@ Writes --output_dir/{train_dataset}_segmentation_{model}_{pretrained}/:
        images/NNNNN_{input,gt,mask,heatmap}.png   with --save_img
 """
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-import tqdm
 
 from prs_hook import hook_prs_logger
-from utils.cli import InputError, positive_int, run
+from utils.cli import InputError, run
 from utils.factory import add_model_args, load_model_from_args
-from utils.imagenet_segmentation import MASK_RESIZE, ImagenetSegmentation
-from utils.io import atomic_save, atomic_write_json, atomic_write_text, load_array, make_output_dir
+from utils.imagenet_segmentation import ImagenetSegmentation
+from utils.io import load_array, make_output_dir
 from utils.names import classifier_path, pretrained_name, segmentation_dir
-from utils.provenance import add_mismatch_arg, check_consistent, make_record, write_provenance
-from utils.segmentation import (aggregate_metrics, evaluate_batch, grid_and_patch, result_text,
-                                save_segmentation_images, unnormalize)
-from utils.streaming import Output, init_distributed, is_main_process, stream_dataset
-
-METRIC_COLUMNS = ["correct", "labeled", "inter_bg", "inter_fg", "union_bg", "union_fg", "ap", "chosen_class"]
+from utils.provenance import check_consistent, make_record
+from utils.segmentation import (add_segmentation_args, check_image_size, evaluate_batch, finish_segmentation,
+                                stream_segmentation)
+from utils.streaming import init_distributed, is_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Segmentation scores", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--save_img", action="store_true", default=False,
-                        help="save input, ground-truth mask, predicted mask and heatmap overlay per image (PNG)")
-    parser.add_argument("--train_dataset", type=str, default="imagenet_seg", help="dataset name in the output folder")
+    add_segmentation_args(parser)
     parser.add_argument("--classifier_dataset", type=str, default="imagenet",
-                        help="which {dataset}_classifier_{model}.npy to use")
-    parser.add_argument("--image_size", default=224, type=int, help="image size (the model's input size)")
-    parser.add_argument("--thr", type=float, default=0.0,
-                        help="lower clamp of the scores behind the precision-recall curve (as the original)")
-    parser.add_argument("--data_path", default="imagenet_seg/gtsegs_ijcv.mat", type=str, help="gtsegs_ijcv.mat")
-    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
-    parser.add_argument("--classifier_dir", default="./output_dir/", help="where the classifier is")
-    parser.add_argument("--batch_size", default=1, type=positive_int, help="batch size (does not change the numbers)")
+                        help="which {dataset}_classifier_{model}.npy to use (default imagenet)")
     add_model_args(parser)
-    parser.add_argument("--output_dir", default="./output_dir", help="path where to save")
-    parser.add_argument("--mask_resize", default="stretch", choices=MASK_RESIZE,
-                        help="stretch: the original's mask resize (misaligned on non-square images); "
-                             "crop: resize + centre crop like the image")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    add_mismatch_arg(parser)
     return parser
 
 
@@ -82,10 +63,7 @@ def main(args: argparse.Namespace) -> dict:
     cls_file, classifier = load_classifier(args)
     model, preprocess, _ = load_model_from_args(args)
     ds.transform = preprocess
-    grid, patch = grid_and_patch(model)
-    size = (grid[0] * patch[0], grid[1] * patch[1])
-    if size != (args.image_size, args.image_size):
-        raise InputError(f"--image_size {args.image_size}: {args.model} takes {size[0]}x{size[1]} inputs")
+    grid, patch = check_image_size(model, args.image_size, args.model)
     prs = hook_prs_logger(model, args.device, spatial="sum", model_name=args.model)
     if classifier.shape[0] != prs.out_dim:
         raise InputError(f"{cls_file}: classifier of shape {list(classifier.shape)}, but {args.model} embeds into "
@@ -95,67 +73,14 @@ def main(args: argparse.Namespace) -> dict:
     weights = torch.from_numpy(classifier).to(args.device)
 
     out = make_output_dir(segmentation_dir(args.output_dir, args.train_dataset, args.model, args.pretrained))
-    B, S = len(ds), args.image_size
-    record = make_record(args, dataset=args.train_dataset, classifier=str(cls_file), image_size=S, thr=args.thr,
-                         mask_resize=args.mask_resize)
-    running = {"rows": []}
-
-    def compute(images, targets, start):
-        res = evaluate_batch(prs, images, targets, weights, grid, patch, args.thr)
-        rows = np.concatenate([res["correct"][:, None], res["labeled"][:, None], res["inter"], res["union"],
-                               res["ap"][:, None], res["chosen_class"][:, None]], 1).astype(np.float64)
-        if args.save_img:
-            for i in range(len(images)):
-                save_segmentation_images(out / "images", start + i, unnormalize(images[i], preprocess),
-                                         targets[i].numpy(), res["foreground"][i], res["heatmap"][i])
-        running["rows"].append(rows)
-        return {"heatmaps": res["pred"], "metrics": rows}
-
-    def describe(batch) -> str:  # running metrics over the images of this invocation
-        r = np.concatenate(running["rows"])
-        m = aggregate_metrics(r[:, 0], r[:, 1], r[:, 2:4], r[:, 4:6], r[:, 6])
-        return "pixAcc: %.4f, mIoU: %.4f, mAP: %.4f" % (m["pixAcc"], m["mIoU"], m["mAP"])
-
-    stream_dataset(ds, {"heatmaps": Output(out / "heatmaps.npy", (S, S), "float32"),
-                        "metrics": Output(out / "per_image_metrics.npy", (len(METRIC_COLUMNS),), "float64")},
-                   compute, record=record, resume=args.resume, batch_size=args.batch_size,
-                   num_workers=args.num_workers, desc="segmentation", describe=describe)
+    record = make_record(args, dataset=args.train_dataset, classifier=str(cls_file), image_size=args.image_size,
+                         thr=args.thr, mask_resize=args.mask_resize)
+    stream_segmentation(ds, out, lambda images, targets: evaluate_batch(prs, images, targets, weights, grid, patch,
+                                                                        args.thr), preprocess, args, record)
     if not is_main_process():
         return {}
-
-    per_image = np.load(out / "per_image_metrics.npy")
-    counts = per_image[:, :6].astype(np.int64)
-    metrics = aggregate_metrics(counts[:, 0], counts[:, 1], counts[:, 2:4], counts[:, 4:6], per_image[:, 6])
-
-    # precision-recall curve over every pixel of every image (as the original)
-    from sklearn.metrics import precision_recall_curve
-
-    heatmaps = np.load(out / "heatmaps.npy", mmap_mode="r")
-    masks = np.stack([ds.mask(i) for i in tqdm.trange(B, desc="masks for the PR curve")])  # uint8
-    precision, recall, _ = precision_recall_curve(masks.reshape(-1), np.asarray(heatmaps).reshape(-1))
-    atomic_save(out / "precision.npy", precision)
-    atomic_save(out / "recall.npy", recall)
-
-    text = result_text(metrics)
-    for old in out.glob("result_mIoU_*.txt"):
-        old.unlink()
-    result_file = out / ("result_mIoU_%.4f.txt" % metrics["mIoU"])
-    atomic_write_text(result_file, text)
-    print(text, end="")
-    summary = {
-        "model": args.model, "pretrained": pretrained_name(args.pretrained), "num_images": B,
-        "metrics": metrics, "result_txt": text, "result_file": result_file.name,
-        "classifier": str(cls_file), "per_image_columns": METRIC_COLUMNS,
-        "per_image": [{"correct": int(c[0]), "labeled": int(c[1]), "inter": [int(c[2]), int(c[3])],
-                       "union": [int(c[4]), int(c[5])], "ap": float(r[6]), "chosen_class": int(r[7])}
-                      for c, r in zip(counts, per_image)],
-        "args": {k: v for k, v in vars(args).items()},
-    }
-    atomic_write_json(out / "segmentation.json", summary)
-    write_provenance(out, dict(record, num_images=B))
-    print(f"wrote {out}/ (segmentation.json, {result_file.name}, precision.npy, recall.npy, heatmaps.npy"
-          f"{', images/' if args.save_img else ''})")
-    return summary
+    summary = {"model": args.model, "pretrained": pretrained_name(args.pretrained), "classifier": str(cls_file)}
+    return finish_segmentation(ds, out, args, record, summary)
 
 
 if __name__ == "__main__":

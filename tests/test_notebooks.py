@@ -1,5 +1,6 @@
 """demo.ipynb and nns.ipynb run top to bottom (nbclient, parameters injected after the `parameters` cell) on the
 tiny golden model and the bundled sample photos, on the CPU, without the network, and produce their figures."""
+import json
 import os
 from pathlib import Path
 
@@ -87,3 +88,82 @@ def test_nns_notebook(tmp_path):
     head_line = next(l for l in out.splitlines() if l.startswith("head top-k:"))
     ranked = eval(head_line.split(":", 1)[1])
     assert len(ranked) == 4 and 2 not in ranked  # the query itself is excluded
+
+
+# ----------------------------------------------------------------------------- paper 2's notebooks
+SO = Path(__file__).parent / "golden" / "second_order"
+GOLDEN_MERGED = SO / "golden_train_mlps_prsclip-tiny-quickgelu_golden_1_merged.npy"  # [6, 256, 32], layer 1
+
+
+def _decomposition(path: Path, neurons: int = 256, per_neuron: int = 3, seed: int = 0) -> dict:
+    """A decomposition JSON in compute_sparse_decomposition.py's format, words shared between neurons."""
+    rng = np.random.default_rng(seed)
+    words = [f"word {i}" for i in range(20)]
+    table = {str(k): [[int(j), float(rng.normal()), words[j]] for j in rng.choice(20, per_neuron, replace=False)]
+             for k in range(neurons)}
+    path.write_text(json.dumps(table))
+    return table
+
+
+def test_visualize_neurons_notebook(tmp_path):
+    import shutil
+
+    merged = np.load(GOLDEN_MERGED)
+    shutil.copy(GOLDEN_MERGED, tmp_path / GOLDEN_MERGED.name)
+    table = _decomposition(tmp_path / "golden_mlps_prsclip-tiny-quickgelu_golden_1_words_decomposition_omp_1.0_3.json")
+    figs = tmp_path / "figs"
+    nb = execute("visualize_neurons.ipynb", {
+        "model_name": "prsclip-tiny-quickgelu", "pretrained": "golden", "mlp_layer": 1, "neurons": [4, 200],
+        "top_k": 4, "dataset": "golden", "data_path": str(Path(__file__).parent / "golden" / "images"),
+        "split": "train", "input_dir": str(tmp_path), "text_descriptions": "words", "components": 3,
+        "decomposition_dir": str(tmp_path), "figures_dir": str(figs)}, tmp_path)
+    for n in (4, 200):
+        _check_png(figs / f"neuron_1_{n}.png")
+    assert _png_outputs(nb) >= 2
+    out = _stream(nb)
+    for n in (4, 200):  # the top images: an independent argsort of the centred norms, largest first
+        norms = np.linalg.norm(merged[:, n].astype(np.float64) - merged.astype(np.float64).mean(0)[n], axis=-1)
+        expected = np.argsort(norms)[::-1][:4].tolist()
+        assert f"neuron {n}: top images {expected}" in out
+        words = "; ".join(f"{t} {c:+.4f}" for _, c, t in table[str(n)])
+        assert f"neuron {n}: words {words}" in out
+    cache = tmp_path / "golden_train_mlps_prsclip-tiny-quickgelu_golden_1_mean.npy"
+    np.testing.assert_allclose(np.load(cache), merged.mean(0), atol=1e-6)
+
+
+def test_concept_discovery_notebook(tmp_path):
+    """Image 0 of the golden set against the other five as the 'training' set; the word scores by hand from the
+    original code's effects of image 0 (golden), not from ours."""
+    merged = np.load(GOLDEN_MERGED).astype(np.float64)
+    train, query = merged[1:], merged[0]
+    stem = "golden_train_mlps_prsclip-tiny-quickgelu_prsclip-tiny_seed0_1"  # {pretrained}: the checkpoint's stem
+    np.save(tmp_path / f"{stem}_merged.npy", train.astype(np.float32))
+    centred = np.linalg.norm(train - train.mean(0), axis=-1)  # [5, 256]
+    np.save(tmp_path / f"{stem}_3_norm.npy", np.sort(centred, 0)[-3:].T.astype(np.float32))  # top 3, ascending
+    table = _decomposition(tmp_path / ("golden_mlps_prsclip-tiny-quickgelu_prsclip-tiny_seed0_1_words_"
+                                       "decomposition_omp_1.0_4.json"), per_neuron=4, seed=1)
+    # by hand
+    norms = np.linalg.norm(query - train.mean(0), axis=-1)
+    thresholds = np.sort(centred, 0)[-3]
+    assert np.abs(norms - thresholds).min() > 1e-4  # no activity decision within float error (~1e-5)
+    scores = {}
+    for k in np.nonzero(norms > thresholds)[0]:
+        for _, c, t in table[str(k)]:
+            scores[t] = scores.get(t, 0.0) + c * norms[k]
+    expected = sorted(scores.items(), key=lambda kv: -kv[1])[:5]
+    assert min(a[1] - b[1] for a, b in zip(expected, expected[1:])) > 1e-3  # a well-defined order
+
+    figs = tmp_path / "figs"
+    nb = execute("concept_discovery.ipynb", {
+        **TINY, "model_name": "prsclip-tiny-quickgelu", "mlp_layer": 1, "top_k_pca": 3, "dataset": "golden",
+        "input_dir": str(tmp_path), "text_descriptions": "words", "components": 4, "decomposition_dir": str(tmp_path),
+        "image_path": str(Path(__file__).parent / "golden" / "images" / "0_living" / "astronaut.png"),
+        "top_words": 5, "figures_dir": str(figs)}, tmp_path)
+    _check_png(figs / "concepts_astronaut_1.png")
+    assert _png_outputs(nb) >= 1
+    out = _stream(nb).splitlines()
+    active = eval(next(l for l in out if "active neurons of 256" in l).split(": ", 2)[2])
+    assert active == np.nonzero(norms > thresholds)[0].tolist()
+    printed = [l.split("\t") for l in out if "\t" in l]
+    assert [t for _, t in printed] == [t for t, _ in expected]
+    np.testing.assert_allclose([float(s) for s, _ in printed], [s for _, s in expected], atol=1e-3)

@@ -327,3 +327,60 @@ def _torchrun(args, out):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     return res
+
+
+# ----------------------------------------------------------------------------- utils.cli: numerics and errors
+def test_tf32_is_off_unless_asked(tmp_path):
+    import argparse
+
+    from utils.cli import run
+
+    seen = {}
+
+    def main(args):
+        seen[args.allow_tf32] = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                                 torch.get_float32_matmul_precision())
+
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
+        run(main, argparse.ArgumentParser(), [])
+        run(main, argparse.ArgumentParser(), ["--allow_tf32"])
+    finally:
+        from utils.cli import configure_torch
+        configure_torch(False)
+    assert seen[False] == (False, False, "highest") and seen[True] == (True, True, "high")
+
+
+def test_real_errors_keep_their_traceback_and_oom_gets_a_hint(capsys):
+    import argparse
+
+    from utils.cli import run
+
+    parser = argparse.ArgumentParser(prog="x")
+    parser.add_argument("--batch_size", type=int, default=64)
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):  # not turned into an input error
+        run(bug, parser, [])
+
+    def oom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.raises(SystemExit) as e:
+        run(oom, argparse.ArgumentParser(parents=[parser], add_help=False), [])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" in err and "Tried to allocate" in err
+    assert "try a smaller --batch_size (now 64)" in err.strip().splitlines()[-1]
+
+
+def test_resume_refuses_another_data_path(tmp_path):
+    other = tmp_path / "copy"
+    for p in (GOLDEN / "images").rglob("*.png"):
+        (other / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (other / p.parent.name / p.name).write_bytes(p.read_bytes())
+    base = [*TINY_ARGS, "--dataset", "golden", "--num_workers", "0", "--batch_size", "2", "--output_dir", tmp_path]
+    assert run_killed("compute_prs.py", 2, *base, "--data_path", GOLDEN / "images").returncode == -signal.SIGKILL
+    code, _, err = run_inprocess("compute_prs.py", *map(str, base), "--data_path", str(other), "--resume")
+    assert code == 2 and "data_path" in _error_line(err)

@@ -107,21 +107,8 @@ def val_folder(tmp_path_factory):
     return root
 
 
-def test_ablation_script(out, val_folder, tmp_path):
-    clf = np.load(GOLDEN / "ablations" / "classifier_random2.npy")  # [d, 2]
-    np.save(out / "golden_classifier_prsclip-tiny-quickgelu.npy", clf)  # paper-1 name: the fallback
-    code, stdout, stderr = run_inprocess(
-        "compute_second_order_ablations.py", *MODEL, "--mlp_layer", "1", "--top_k_pca", "3", "--dataset", "golden",
-        "--data_path", val_folder, "--split", "val", "--num_workers", "0", "--batch_size", "4", "--input_dir", out,
-        "--output_dir", tmp_path)
-    assert code == 0, stderr
-    json_path = next(tmp_path.glob("golden_val_second_order_ablations_*_1_3.json"))
-    result = json.loads(json_path.read_text())
-    assert json_path.with_suffix(".png").stat().st_size > 1000
-    assert result["classifier"].endswith("golden_classifier_prsclip-tiny-quickgelu.npy")
-    assert "Without significant neurons:" in stdout and result["num_images"] == 6
-
-    # expected: the original arithmetic on the evaluation images' effects (written by the first script)
+def expected_ablation_accuracy(out, val_folder, tmp_path, clf) -> dict:
+    """The original arithmetic on the evaluation images' effects (written by the first script)."""
     compute_second_order_neuron_prs.main(compute_second_order_neuron_prs.get_args_parser().parse_args(
         NEURONS + ["--split", "val", "--data_path", str(val_folder), "--output_dir", str(tmp_path)]))
     val = np.load(tmp_path / f"{STEM.replace('_train_', '_val_')}_merged.npy")
@@ -134,10 +121,30 @@ def test_ablation_script(out, val_folder, tmp_path):
     norms = np.load(out / f"{STEM}_3_norm.npy")
     logits = original_style_ablations(val, rep, train.mean(0), np.load(out / f"{STEM}_3_pca.npy"), norms, clf)
     labels = np.array([0, 0, 0, 1, 1, 1])
-    expected = {k: float((v.argmax(-1) == labels).mean() * 100) for k, v in logits.items()}
-    assert result["accuracy_percent"] == pytest.approx(expected)
     centred_norm = np.linalg.norm(val - train.mean(0), axis=-1)
     assert np.abs(centred_norm - norms[:, 0]).min() > 1e-5  # no significance ties at float precision
+    return {k: float((v.argmax(-1) == labels).mean() * 100) for k, v in logits.items()}
+
+
+@pytest.mark.parametrize("script", ["compute_second_order_ablations.py", "compute_ablations.py"])
+def test_ablation_script(script, out, val_folder, tmp_path):
+    """compute_ablations.py with paper 2's flags is the same study (its paper-1 command lines: test_scripts.py)."""
+    clf = np.load(GOLDEN / "ablations" / "classifier_random2.npy")  # [d, 2]
+    np.save(out / "golden_classifier_prsclip-tiny-quickgelu.npy", clf)  # paper-1 name: the fallback
+    code, stdout, stderr = run_inprocess(
+        script, *MODEL, "--mlp_layer", "1", "--top_k_pca", "3", "--dataset", "golden",
+        "--data_path", val_folder, "--split", "val", "--num_workers", "0", "--batch_size", "4", "--input_dir", out,
+        "--output_dir", tmp_path)
+    assert code == 0, stderr
+    json_path = next(tmp_path.glob("golden_val_second_order_ablations_*_1_3.json"))
+    result = json.loads(json_path.read_text())
+    assert json_path.with_suffix(".png").stat().st_size > 1000
+    assert result["classifier"].endswith("golden_classifier_prsclip-tiny-quickgelu.npy")
+    assert "Without significant neurons:" in stdout and result["num_images"] == 6
+    expected = expected_ablation_accuracy(out, val_folder, tmp_path, clf)
+    assert result["accuracy_percent"] == pytest.approx(expected)
+    if script == "compute_ablations.py":
+        return
 
     # the paper-2 classifier name wins over the fallback
     np.save(out / "golden_classifier_prsclip-tiny-quickgelu_prsclip-tiny_seed0.npy", clf[:, ::-1].copy())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, run_script
-from utils.textspan import text_span
+from utils.textspan import svd_data_approx, text_span
 
 IMAGES = GOLDEN / "images"
 MODEL = "prsclip-tiny"
@@ -116,18 +116,26 @@ def test_complete_text_set_textspan(workdir):
     assert acc == pytest.approx(((rep @ W).argmax(-1) == labels).mean() * 100)
 
 
-def test_complete_text_set_pclens(workdir):
+@pytest.mark.parametrize("algorithm", ["pclens", "svd_data_approx"])
+def test_complete_text_set_pclens(workdir, algorithm):
     run_script("compute_complete_text_set.py", *_complete_args(workdir, "--num_of_last_layers", 1,
-                                                               "--texts_per_head", 2, "--algorithm", "pclens"))
+                                                               "--texts_per_head", 2, "--algorithm", algorithm,
+                                                               "--max_text", 3))
     stem = workdir / "res" / f"{DATASET}_completeness_small60_top_2_heads_{MODEL}_pclens"
     summary = json.loads(stem.with_suffix(".json").read_text())
-    assert len(summary["heads"]) == 4
+    assert len(summary["heads"]) == 4 and summary["algorithm"] == "pclens"
+    attn = np.load(workdir / "out" / f"{DATASET}_attn_{MODEL}.npy")
+    emb = np.load(workdir / "out" / f"small60_{MODEL}.npy")
+    lines = (workdir / "texts" / "small60.txt").read_text().splitlines()
     for rec in summary["heads"]:
-        assert 1 <= rec["rank"] <= 5  # 6 images: at most 5 centred components
+        assert 1 <= rec["rank"] <= 3  # 6 images (at most 5 centred components), capped at --max_text 3
         assert len(rec["components"]) == rec["rank"] == len(rec["texts"])
-        for comp in rec["components"]:
+        _, info = svd_data_approx(attn[:, 3, rec["head"]], emb, lines, text_per_princ_comp=2, iters=3)
+        for comp, ref in zip(rec["components"], info["embeddings_sort"]):
             assert len(comp["positive"]) == len(comp["negative"]) == 2
-            assert comp["positive_values"][0] >= abs(comp["negative_values"][0])  # stronger pole first
+            assert comp["positive_cosines"][0] >= abs(comp["negative_cosines"][0])  # stronger pole first
+            assert comp["positive"] + comp["negative"] == [list(t.values())[0] for t in ref["text"]]
+            assert comp["strength_abs"] == pytest.approx(ref["strength_abs"], rel=1e-4)
     assert stem.with_suffix(".txt").read_text().startswith("------------------\nLayer 3, Head 0\n")
 
 

@@ -164,22 +164,26 @@ def test_textspan_bad_inputs():
 def test_pclens_planted_components_one_text_per_component_both_poles():
     g = np.random.default_rng(6)
     d, B = 16, 40
-    u = np.linalg.qr(g.normal(size=(d, 3)))[0].T
-    data = (g.normal(size=(B, 3)) * [3.0, 2.0, 1.0]) @ u + g.normal(size=d)  # exactly 3 components
+    u = np.linalg.qr(g.normal(size=(d, 6)))[0].T
+    data = (g.normal(size=(B, 3)) * [3.0, 2.0, 1.0]) @ u[:3] + g.normal(size=d)  # exactly 3 components
     distract = 0.1 * g.normal(size=(30, d))
-    feats = np.concatenate([distract, u, -0.8 * u])  # rows 30..32: + poles, 33..35: - poles (weaker)
+    # rows 30..32: + poles along the components; 33..35: - poles, tilted off them (smaller |cosine|)
+    feats = np.concatenate([distract, u[:3], -0.8 * u[:3] + 0.6 * u[3:]])
     texts = [f"d{i}" for i in range(30)] + ["pos0", "pos1", "pos2", "neg0", "neg1", "neg2"]
     res = pclens_from_stats(head_stats(data[None].astype(np.float32)), feats, 2)[0]
     assert res.rank == 3  # cumulative singular values pass 99 % at the third
     assert [texts[i] for i in res.top[:, 0]] == ["pos0", "pos1", "pos2"]
     assert [texts[i] for i in res.bottom[:, 0]] == ["neg0", "neg1", "neg2"]
     assert res.top.shape == res.bottom.shape == (3, 2)
+    assert (res.top_values[:, 0] > 0.9).all() and (np.abs(res.bottom_values[:, 0]) < res.top_values[:, 0]).all()
     s = np.linalg.svd(data - data.mean(0), compute_uv=False)
     np.testing.assert_allclose(res.singular_values, s[:3], rtol=1e-4)
-    np.testing.assert_allclose(res.strength_rel, 100 * s[:3] / s[:3].sum(), rtol=1e-4)
-    rec, info = svd_data_approx(data, feats, texts, 2)
+    np.testing.assert_allclose(res.strength, s[:3] ** 2, rtol=1e-4)  # PCLens' strength: s^2
+    np.testing.assert_allclose(res.strength_rel, 100 * s[:3] ** 2 / (s[:3] ** 2).sum(), rtol=1e-4)
+    rec, info = svd_data_approx(data, feats, texts, text_per_princ_comp=2)
     np.testing.assert_allclose(rec, data, atol=1e-4)  # the 3 texts span the 3 components
-    assert [c["positive"][0] for c in info["components"]] == ["pos0", "pos1", "pos2"]
+    assert [c["text"][0]["text_max_0"] for c in info["embeddings_sort"]] == ["pos0", "pos1", "pos2"]
+    assert [c["text"][2]["text_min_0"] for c in info["embeddings_sort"]] == ["neg0", "neg1", "neg2"]
 
 
 def test_pclens_rank_cut_at_99_percent_of_singular_values():

@@ -2,6 +2,7 @@
 
   google_3498_english.txt, image_descriptions_general.txt      from yossigandelsman/clip_text_span
   30k.txt, image_descriptions_per_class.txt, google_10000_english.txt   from yossigandelsman/second_order_lens
+  top_1500_nouns_5_sentences_imagenet_bias_clean.txt   from vstrozzi/PCLens-spectral-explainability-in-CLIP-ViT-encoder
 
 Each file comes from a commit-pinned URL. A file whose SHA-256 differs from the pinned one is refused and
 nothing is written; a file with no pinned hash is refused unless --allow-unpinned is given (its hash is then

@@ -9,6 +9,7 @@ QuickGELU weights pass ``--force_quick_gelu``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -20,6 +21,16 @@ from prs_hook import UnsupportedModelError, check_supported
 from utils.names import NO_WEIGHTS
 from utils.cli import InputError
 
+
+
+_DOWNLOAD_FAILED = "Failed to download weights"
+
+
+class _DropDownloadError(logging.Filter):
+    """Drops open_clip's log line about a failed download (the same message is raised as an ``InputError``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_DOWNLOAD_FAILED)
 
 
 def default_device() -> str:
@@ -67,6 +78,15 @@ def _safetensors_error() -> type:
         return type("_NoSafetensorError", (Exception,), {})
 
 
+def _unusable_checkpoint(e: BaseException, weights: Optional[str], model_name: str) -> None:
+    """Re-raise an error of loading a checkpoint file the user gave as one line; anything else as it is."""
+    if weights is None or not os.path.isfile(weights):
+        raise e  # not about a file the user gave: a real error
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise InputError(f"--pretrained {weights}: not a usable checkpoint of {model_name} "
+                     f"({type(e).__name__}: {first[:200]})") from e
+
+
 def load_model(
         model_name: str,
         pretrained: Optional[str],
@@ -77,7 +97,8 @@ def load_model(
     """Build an open_clip model in eval mode on ``device``.
 
     Returns ``(model, preprocess, tokenizer)``: ``preprocess`` is the eval transform for that tag or config.
-    Raises ``InputError`` (unknown model or tag, missing or unusable checkpoint) or ``UnsupportedModelError``.
+    Raises ``InputError`` (unknown model or tag, missing or unusable checkpoint, weights that cannot be
+    downloaded) or ``UnsupportedModelError``.
     """
     import open_clip
 
@@ -93,15 +114,20 @@ def load_model(
         if tag_cfg.get("quick_gelu", False) and not cfg.get("quick_gelu", False) and not force_quick_gelu:
             print(f"[load_model] '{weights}' weights were trained with QuickGELU: enabling it for {model_name}")
             force_quick_gelu = True
+    quiet = _DropDownloadError()  # open_clip logs the failure on the root logger, then raises it: say it once
+    logging.getLogger().addFilter(quiet)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=weights, force_quick_gelu=force_quick_gelu, device=device)
-    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError, _safetensors_error()) as e:
-        if weights is None or not os.path.isfile(weights):
-            raise  # not about a file the user gave: a real error
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"--pretrained {weights}: not a usable checkpoint of {model_name} "
-                         f"({type(e).__name__}: {first[:200]})") from e
+    except RuntimeError as e:
+        if str(e).startswith(_DOWNLOAD_FAILED):  # open_clip wraps a failed download (offline, no cache)
+            raise InputError(f"--pretrained {weights}: the {model_name} weights are not cached and could not be "
+                             f"downloaded (offline? pass a checkpoint file instead): {e}") from e
+        _unusable_checkpoint(e, weights, model_name)
+    except (EOFError, KeyError, pickle.UnpicklingError, _safetensors_error()) as e:
+        _unusable_checkpoint(e, weights, model_name)
+    finally:
+        logging.getLogger().removeFilter(quiet)
     model.eval()
     if check_vision:
         check_supported(model, model_name)
@@ -111,9 +137,11 @@ def load_model(
 
 def add_model_args(parser, model: str = "ViT-H-14", pretrained: str = "laion2b_s32b_b79k") -> None:
     """The model flags every script shares: ``--model --pretrained --force_quick_gelu --device``."""
-    parser.add_argument("--model", default=model, type=str, metavar="MODEL", help="open_clip model name")
+    parser.add_argument("--model", default=model, type=str, metavar="MODEL",
+                        help="open_clip model name (default: %(default)s)")
     parser.add_argument("--pretrained", default=pretrained, type=str,
-                        help="open_clip pretrained tag, a local checkpoint path, or 'none' (random init)")
+                        help="open_clip pretrained tag, a local checkpoint path, or 'none' (random init) "
+                             "(default: %(default)s)")
     parser.add_argument("--force_quick_gelu", action="store_true",
                         help="use QuickGELU whatever the config says (OpenAI weights from a local file)")
     parser.add_argument("--model_config", default=None, type=str,

@@ -21,21 +21,23 @@ MODEL_FIELDS = ("model", "pretrained", "force_quick_gelu")  # files used togethe
 DATA_FIELDS = ("dataset", "split", "data_path", "num_images")  # ... and per-image files these
 
 
-def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch: bool = False) -> dict:
+def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch: bool = False,
+                       paths: Optional[dict[str, Path]] = None,
+                       written_by: tuple[str, str] = ("compute_prs.py", "compute_text_projection.py")) -> dict:
     """Memory-map the arrays of compute_prs.py and compute_text_projection.py and check they agree.
 
     Returns ``attn`` [B, L, H, d], ``mlp`` [B, L+1, d], ``cls_attn`` [B, L, d], ``classifier`` [d, C],
     ``labels`` [B] (the class column for Waterbirds' [B, 2]) and ``paths`` (name -> file). Shapes must agree,
     and so must the files' provenance records: the same model and weights everywhere, the same images in the
     per-image files, and a classifier made for ``dataset`` (``InputError`` unless ``allow_mismatch``).
+    ``paths`` (attn, mlp, cls_attn, labels, classifier -> file) overrides the file names (PCLens' names), and
+    ``written_by`` the scripts named when a file is missing (decomposition, classifier).
     """
-    paths = prs_paths(input_dir, dataset, model)
-    out = {k: load_array(p, "compute_prs.py") for k, p in paths.items()}
-    paths["classifier"] = classifier_path(input_dir, dataset, model)
-    out["classifier"] = np.asarray(load_array(paths["classifier"], "compute_text_projection.py", mmap=False),
-                                   np.float32)
-    paths["labels"] = labels_path(input_dir, dataset)
-    labels = np.asarray(load_array(paths["labels"], "compute_prs.py", mmap=False))
+    paths = dict(paths or {**prs_paths(input_dir, dataset, model), "labels": labels_path(input_dir, dataset),
+                           "classifier": classifier_path(input_dir, dataset, model)})
+    out = {k: load_array(paths[k], written_by[0]) for k in ("attn", "mlp", "cls_attn")}
+    out["classifier"] = np.asarray(load_array(paths["classifier"], written_by[1], mmap=False), np.float32)
+    labels = np.asarray(load_array(paths["labels"], written_by[0], mmap=False))
     out["labels"] = labels[:, 0] if labels.ndim == 2 else labels
     check_decomposition(out, {k: str(p) for k, p in paths.items()})
     per_image = [paths[k] for k in ("attn", "mlp", "cls_attn", "labels")]

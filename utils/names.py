@@ -42,6 +42,17 @@ def attn_rest_path(output_dir: str | Path, dataset: str, model: str, suffix: str
     return Path(output_dir) / f"{dataset}_attn_rest_{model}{suffix}.npy"
 
 
+def pclens_paths(output_dir: str | Path, dataset: str, model: str, seed: int) -> dict[str, Path]:
+    """PCLens' names of the decomposition files: ``{dataset}_{attn|mlp|cls_attn|labels}_{model}_seed_{seed}.npy``."""
+    return {k: Path(output_dir) / f"{dataset}_{k}_{model}_seed_{seed}.npy" for k in (*PRS_KINDS, "labels")}
+
+
+def pclens_explanations_path(output_dir: str | Path, dataset: str, text_set: str, model: str, algorithm: str,
+                             seed: int) -> Path:
+    """``{dataset}_completeness_{text_set}_{model}_algo_{algorithm}_seed_{seed}.jsonl``: PCLens' explanations."""
+    return Path(output_dir) / f"{dataset}_completeness_{text_set}_{model}_algo_{algorithm}_seed_{seed}.jsonl"
+
+
 def labels_path(output_dir: str | Path, dataset: str, suffix: str = "") -> Path:
     """``{dataset}_labels{suffix}.npy``: [B] (Waterbirds: [B, 2] = class, background)."""
     return Path(output_dir) / f"{dataset}_labels{suffix}.npy"
@@ -65,9 +76,10 @@ def ablations_stem(dataset: str, model: str) -> str:
 
 
 def completeness_stem(dataset: str, text_set: str, texts_per_head: int, model: str, algorithm: str = "textspan") -> str:
-    """``{dataset}_completeness_{text_set}_top_{m}_heads_{model}`` (+ ``_pclens``): compute_complete_text_set.py."""
+    """``{dataset}_completeness_{text_set}_top_{m}_heads_{model}`` (+ ``_{algorithm}`` but for TextSpan):
+    compute_complete_text_set.py."""
     stem = f"{dataset}_completeness_{text_set}_top_{texts_per_head}_heads_{model}"
-    return stem + ("_pclens" if algorithm == "pclens" else "")
+    return stem + ("" if algorithm == "textspan" else f"_{algorithm}")
 
 
 def specific_heads_stem(dataset: str, model: str) -> str:
@@ -84,11 +96,12 @@ def segmentation_dir(output_dir: str | Path, train_dataset: str, model: str, pre
 def second_order_paths(output_dir: str | Path, dataset: str, split: str, model: str, pretrained: Optional[str],
                        mlp_layer: int, top_k: Optional[int] = None) -> dict[str, Path]:
     """``merged``: ``{dataset}_{split}_mlps_{model}_{pretrained}_{mlp_layer}_merged.npy`` [images, neurons, d];
+    ``mean``: ``..._{mlp_layer}_mean.npy`` [neurons, d], its per-neuron means (a cache of utils/neurons.py);
     with ``top_k``: ``pca`` ``..._{top_k}_pca.npy`` [neurons, d] and ``norm`` ``..._{top_k}_norm.npy``
     [neurons, top_k] (the top-k centred norms per neuron, ascending)."""
     stem = f"{dataset}_{split}_mlps_{model}_{pretrained_name(pretrained)}_{mlp_layer}"
     d = Path(output_dir)
-    out = {"merged": d / f"{stem}_merged.npy"}
+    out = {"merged": d / f"{stem}_merged.npy", "mean": d / f"{stem}_mean.npy"}
     if top_k is not None:
         out["pca"] = d / f"{stem}_{top_k}_pca.npy"
         out["norm"] = d / f"{stem}_{top_k}_norm.npy"
@@ -120,6 +133,17 @@ def second_order_ablations_path(output_dir: str | Path, dataset: str, split: str
     """The JSON of compute_second_order_ablations.py (its PNG has the same stem)."""
     return Path(output_dir) / (f"{dataset}_{split}_second_order_ablations_{model}_{pretrained_name(pretrained)}_"
                                f"{mlp_layer}_{top_k}.json")
+
+
+def neuron_segmentation_dir(output_dir: str | Path, train_dataset: str, model: str, pretrained: Optional[str],
+                            mlp_layers: Sequence[int], top_k_pca: int, top_neurons: int,
+                            random_seed: Optional[int] = None) -> Path:
+    """compute_segmentation.py's output folder (paper 2), one per setting:
+    ``{train_dataset}_neuron_segmentation_{model}_{pretrained}_mlp_{l1_l2..}_pca_{top_k_pca}_top_{top_neurons}``,
+    plus ``_random_{seed}`` for a random choice of neurons."""
+    name = (f"{train_dataset}_neuron_segmentation_{model}_{pretrained_name(pretrained)}_mlp_"
+            f"{'_'.join(map(str, mlp_layers))}_pca_{top_k_pca}_top_{top_neurons}")
+    return Path(output_dir) / (name + (f"_random_{random_seed}" if random_seed is not None else ""))
 
 
 def sparse_decomposition_stem(dataset: str, model: str, pretrained: Optional[str], mlp_layer: int, text_set: str,

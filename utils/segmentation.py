@@ -16,16 +16,27 @@ Dataset level: pixAcc = Σcorrect / Σlabeled, mIoU = mean over the 2 classes of
 
 The original computes steps 5–6 over the whole batch and scores only the first image of each batch; here every
 step is per image, so any batch size gives the numbers of batch size 1, which are the original's.
+
+Paper 2 (second-order effects of neurons) segments from neurons instead (golden README section 3g, quirks N1–N5),
+per image: the class is the argmax of ``r @ classifier``; each class has the ``top_neurons`` (neuron, layer) pairs
+whose first PC is most aligned, in absolute value, with its classifier column (``select_neurons``); the map is the
+mean of those neurons' post-activation values at the image tokens, upsampled by the patch size and min–max
+normalised without clipping; foreground = map > 0.5 (``evaluate_neuron_batch``). Metrics as above.
+
+Both scripts (compute_segmentations.py, compute_segmentation.py) share the streaming loop (``stream_segmentation``:
+per-image heatmaps and metric rows, ``--save_img`` pictures, resume) and its ending (``finish_segmentation``: PR
+curve, result text, ``segmentation.json``).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.cli import InputError
+from utils.cli import InputError, positive_int
 
 EPS = np.spacing(1)  # the original's guard in pixAcc and IoU
 
@@ -125,9 +136,17 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return torch.where(n_pos > 0, ap, torch.zeros_like(ap))
 
 
-def segmentation_metrics(heatmaps: torch.Tensor, targets: torch.Tensor,
-                         degenerate: Optional[torch.Tensor] = None) -> dict[str, np.ndarray]:
-    """Per-image metrics of normalised heatmaps ``[b, H, W]`` against integer masks ``[b, H, W]`` (1 = object).
+def foreground(heatmaps: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
+    """``heatmaps [b, H, W] > threshold``, per image; ``None``: each map's own mean (paper 1), else fixed (paper 2)."""
+    if threshold is None:
+        return heatmaps > heatmaps.mean((1, 2), keepdim=True)
+    return heatmaps > threshold
+
+
+def segmentation_metrics(heatmaps: torch.Tensor, targets: torch.Tensor, degenerate: Optional[torch.Tensor] = None,
+                         threshold: Optional[float] = None) -> dict[str, np.ndarray]:
+    """Per-image metrics of normalised heatmaps ``[b, H, W]`` against integer masks ``[b, H, W]`` (1 = object),
+    foreground = heatmap > ``threshold`` (``None``: its mean).
 
     Returns NumPy arrays: ``correct`` [b], ``labeled`` [b], ``inter`` [b, 2], ``union`` [b, 2] (int64; class 0 =
     background, 1 = object) and ``ap`` [b] (float64), exactly as the original's ``batch_pix_accuracy``,
@@ -138,7 +157,7 @@ def segmentation_metrics(heatmaps: torch.Tensor, targets: torch.Tensor,
         raise ValueError(f"segmentation_metrics: heatmaps {tuple(heatmaps.shape)} vs masks {tuple(targets.shape)}")
     b = heatmaps.shape[0]
     t = targets.to(heatmaps.device).long().reshape(b, -1)
-    fg = (heatmaps > heatmaps.mean((1, 2), keepdim=True)).reshape(b, -1)  # the original's Res_1 (Res_0 = rest)
+    fg = foreground(heatmaps, threshold).reshape(b, -1)  # the original's Res_1 (Res_0 = rest)
     # one joint histogram per image: bins 0..3 = (pred, label) in {0,1}², 4/5 = pred 0/1 on a label > 1
     code = torch.where(t <= 1, fg * 2 + t, 4 + fg.long())
     code = torch.where(t < 0, torch.full_like(code, 6), code)  # unlabeled: bin 6, ignored
@@ -181,30 +200,234 @@ def result_text(metrics: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- one batch
+def score_heatmaps(res: torch.Tensor, chosen: torch.Tensor, degenerate: torch.Tensor, targets: torch.Tensor,
+                   thr: float = 0.0, threshold: Optional[float] = None) -> dict[str, np.ndarray]:
+    """Metrics and outputs of normalised heatmaps ``res`` ``[b, H, W]`` (``chosen`` class, ``degenerate`` flags
+    ``[b]``) against ``targets`` ``[b, H, W]``, foreground above ``threshold`` (``None``: the map's mean).
+
+    Returns the ``segmentation_metrics`` arrays plus ``chosen_class`` [b], ``heatmap`` [b, H, W] (float32),
+    ``pred`` [b, H, W] (the precision–recall scores) and ``foreground`` [b, H, W] (bool).
+    """
+    if res.shape[-2:] != targets.shape[-2:]:
+        raise InputError(f"heatmaps are {tuple(res.shape[-2:])} but masks {tuple(targets.shape[-2:])}: "
+                         f"--image_size must be the model's input size")
+    out = segmentation_metrics(res, targets, degenerate, threshold)
+    out["chosen_class"] = chosen.cpu().numpy().astype(np.int64)
+    out["heatmap"] = res.cpu().numpy().astype(np.float32)
+    out["pred"] = curve_scores(res, thr).cpu().numpy().astype(np.float32)
+    out["foreground"] = foreground(res, threshold).cpu().numpy()
+    return out
+
+
 @torch.no_grad()
 def evaluate_batch(prs, images: torch.Tensor, targets: torch.Tensor, classifier: torch.Tensor,
                    grid: Sequence[int], patch: Sequence[int], thr: float = 0.0) -> dict[str, np.ndarray]:
-    """Heatmaps and metrics of one batch, every image on its own.
+    """Heatmaps and metrics of one batch (paper 1), every image on its own.
 
     Args:
         prs: a spatial ``PRSLogger`` (``spatial="sum"`` is the memory-light choice).
         images: ``[b, 3, H, W]`` preprocessed; targets: ``[b, H, W]`` integer masks; classifier: ``[d, C]``
         on ``prs.device``.
     Returns:
-        the ``segmentation_metrics`` arrays plus ``chosen_class`` [b], ``heatmap`` [b, H, W] (normalised,
-        float32), ``pred`` [b, H, W] (the precision–recall scores) and ``foreground`` [b, H, W] (bool).
+        ``score_heatmaps``'s arrays.
     """
     r, terms = spatial_image_terms(prs, images)
     res, chosen, degenerate = class_heatmaps(terms, r, classifier, grid, patch)
-    if res.shape[-2:] != targets.shape[-2:]:
-        raise InputError(f"heatmaps are {tuple(res.shape[-2:])} but masks {tuple(targets.shape[-2:])}: "
-                         f"--image_size must be the model's input size")
-    out = segmentation_metrics(res, targets, degenerate)
-    out["chosen_class"] = chosen.cpu().numpy().astype(np.int64)
-    out["heatmap"] = res.cpu().numpy().astype(np.float32)
-    out["pred"] = curve_scores(res, thr).cpu().numpy().astype(np.float32)
-    out["foreground"] = (res > res.mean((1, 2), keepdim=True)).cpu().numpy()
+    return score_heatmaps(res, chosen, degenerate, targets, thr)
+
+
+# ----------------------------------------------------------------------------- paper 2: neurons
+NEURON_THRESHOLD = 0.5  # the original's fixed foreground threshold (quirk N3)
+
+
+def select_neurons(pcs: np.ndarray, classifier: np.ndarray, top_neurons: int, random: bool = False,
+                   seed: int = 0) -> np.ndarray:
+    """Per class, the ``top_neurons`` rows of the stacked PCs ``[P, d]`` most aligned with its classifier column.
+
+    The score of row i for class c is ``|pcs[i] · classifier[:, c]|`` (the PC's sign plays no part, quirk N2).
+    ``random``: a seeded random choice of ``top_neurons`` distinct rows per class instead. Returns ``[C, k]``
+    row indices, ascending score (random: in drawn order).
+    """
+    P = pcs.shape[0]
+    if not 1 <= top_neurons <= P:
+        raise InputError(f"--top_neurons {top_neurons}: must be between 1 and the {P} neurons of the listed layers")
+    C = classifier.shape[1]
+    if random:
+        rng = np.random.default_rng(seed)
+        return np.stack([rng.choice(P, top_neurons, replace=False) for _ in range(C)])
+    scores = np.abs(np.asarray(pcs, np.float32) @ np.asarray(classifier, np.float32))  # [P, C]
+    return np.argsort(scores, axis=0, kind="stable")[-top_neurons:].T.copy()  # [C, k]
+
+
+def neuron_layer_pairs(rows: np.ndarray, layers: Sequence[int], num_neurons: int) -> np.ndarray:
+    """Stacked-PC rows ``[...]`` -> ``[..., 2]`` (neuron, layer): row i is neuron ``i % M`` of ``layers[i // M]``.
+
+    (The original adds ``i // M`` to the first layer, which is only right for consecutive ascending layers: N1.)
+    """
+    rows = np.asarray(rows)
+    return np.stack([rows % num_neurons, np.asarray(layers)[rows // num_neurons]], -1)
+
+
+@torch.no_grad()
+def neuron_heatmaps(prs, images: torch.Tensor, classifier: torch.Tensor, selection: torch.Tensor,
+                    layers: Sequence[int], grid: Sequence[int], patch: Sequence[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One hooked forward (``prs`` keeps the post-activation values of ``layers``); per image its class's map.
+
+    Args:
+        classifier: ``[d, C]``; selection: ``[C, k]`` stacked-PC rows (``select_neurons``) on ``prs.device``.
+    Returns:
+        ``(heatmaps [b, H, W], chosen [b], degenerate [b], neuron maps [b, grid_h, grid_w])``: the mean
+        activation of the chosen class's neurons at each image token (CLS dropped, row-major grid), and that
+        map upsampled and min–max normalised per image (a constant map is all zeros, ``degenerate``).
+    """
+    r = prs.encode_image(images)
+    chosen = (r.to(classifier.dtype) @ classifier).argmax(-1)  # [b]
+    act = torch.cat([prs.post_gelu[l][:, 1:].float() for l in layers], -1)  # [b, n, P]: row i = stacked PC i
+    index = selection[chosen]  # [b, k]
+    maps = act.gather(2, index[:, None, :].expand(-1, act.shape[1], -1)).mean(-1)  # [b, n]
+    res = upsample_patch_scores(maps[..., None], grid, patch)[:, 0]  # [b, H, W]
+    lo = res.amin((1, 2), keepdim=True)
+    hi = res.amax((1, 2), keepdim=True)
+    degenerate = (hi == lo).view(-1)
+    res = torch.where(hi > lo, (res - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi)), torch.zeros_like(res))
+    return res, chosen, degenerate, maps.view(-1, *grid)
+
+
+def evaluate_neuron_batch(prs, images: torch.Tensor, targets: torch.Tensor, classifier: torch.Tensor,
+                          selection: torch.Tensor, layers: Sequence[int], grid: Sequence[int],
+                          patch: Sequence[int], thr: float = 0.0) -> dict[str, np.ndarray]:
+    """Heatmaps and metrics of one batch (paper 2), every image on its own: ``score_heatmaps``'s arrays plus
+    ``neuron_map`` ``[b, grid_h, grid_w]``."""
+    res, chosen, degenerate, maps = neuron_heatmaps(prs, images, classifier, selection, layers, grid, patch)
+    out = score_heatmaps(res, chosen, degenerate, targets, thr, threshold=NEURON_THRESHOLD)
+    out["neuron_map"] = maps.cpu().numpy().astype(np.float32)
     return out
+
+
+# ----------------------------------------------------------------------------- the scripts' loop and ending
+METRIC_COLUMNS = ["correct", "labeled", "inter_bg", "inter_fg", "union_bg", "union_fg", "ap", "chosen_class"]
+
+
+def add_segmentation_args(parser, output_help: str = "where the results go") -> None:
+    """The flags both segmentation scripts share (the originals' names and defaults)."""
+    import os
+
+    from utils.imagenet_segmentation import MASK_RESIZE
+    from utils.provenance import add_mismatch_arg
+
+    parser.add_argument("--save_img", action="store_true", default=False,
+                        help="save input, ground-truth mask, predicted mask and heatmap overlay per image (PNG)")
+    parser.add_argument("--train_dataset", type=str, default="imagenet_seg",
+                        help="dataset name in the output folder (default imagenet_seg)")
+    parser.add_argument("--image_size", default=224, type=int, help="image size, the model's input size (default 224)")
+    parser.add_argument("--thr", type=float, default=0.0,
+                        help="lower clamp of the scores behind the precision-recall curve (default 0.0, as the "
+                             "original)")
+    parser.add_argument("--data_path", default="imagenet_seg/gtsegs_ijcv.mat", type=str,
+                        help="ImageNet-segmentation's gtsegs_ijcv.mat (default imagenet_seg/gtsegs_ijcv.mat)")
+    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int, help="DataLoader workers")
+    parser.add_argument("--classifier_dir", default="./output_dir/",
+                        help="where the classifier is (default ./output_dir/)")
+    parser.add_argument("--batch_size", default=1, type=positive_int,
+                        help="images per batch; does not change the numbers (default 1)")
+    parser.add_argument("--output_dir", default="./output_dir", help=f"{output_help} (default ./output_dir)")
+    parser.add_argument("--mask_resize", default="stretch", choices=MASK_RESIZE,
+                        help="stretch: the original's mask resize (misaligned on non-square images); "
+                             "crop: resize + centre crop like the image (default stretch)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    add_mismatch_arg(parser)
+
+
+def check_image_size(model: torch.nn.Module, image_size: int, model_name: str):
+    """``(grid, patch)`` of the model; ``InputError`` unless it takes ``image_size`` × ``image_size`` inputs."""
+    grid, patch = grid_and_patch(model)
+    size = (grid[0] * patch[0], grid[1] * patch[1])
+    if size != (image_size, image_size):
+        raise InputError(f"--image_size {image_size}: {model_name} takes {size[0]}x{size[1]} inputs")
+    return grid, patch
+
+
+def metric_rows(res: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The per-image table ``[b, 8]`` (``METRIC_COLUMNS``) of ``score_heatmaps``'s arrays, float64."""
+    return np.concatenate([res["correct"][:, None], res["labeled"][:, None], res["inter"], res["union"],
+                           res["ap"][:, None], res["chosen_class"][:, None]], 1).astype(np.float64)
+
+
+def stream_segmentation(ds, out: Path, evaluate: Callable[[torch.Tensor, torch.Tensor], dict], preprocess,
+                        args, record: dict, extra: Optional[Mapping] = None, desc: str = "segmentation") -> bool:
+    """Run ``evaluate(images, targets)`` over ``ds`` with ``utils.streaming.stream_dataset``.
+
+    Streams ``heatmaps.npy`` [B, S, S] (the precision–recall scores) and ``per_image_metrics.npy`` [B, 8] into
+    ``out``, plus ``extra`` (name -> ``Output``, filled from ``evaluate``'s array of that name); writes the
+    ``--save_img`` pictures; shows the running pixAcc / mIoU / mAP. ``args`` supplies ``save_img``, ``resume``,
+    ``batch_size``, ``num_workers``, ``image_size``.
+    """
+    from utils.streaming import Output, stream_dataset
+
+    S = args.image_size
+    outputs = {"heatmaps": Output(out / "heatmaps.npy", (S, S), "float32"),
+               "metrics": Output(out / "per_image_metrics.npy", (len(METRIC_COLUMNS),), "float64"), **(extra or {})}
+    rows_so_far = []
+
+    def compute(images, targets, start):
+        res = evaluate(images, targets)
+        rows = metric_rows(res)
+        if args.save_img:
+            for i in range(len(images)):
+                save_segmentation_images(out / "images", start + i, unnormalize(images[i], preprocess),
+                                         targets[i].numpy(), res["foreground"][i], res["heatmap"][i])
+        rows_so_far.append(rows)
+        return {"heatmaps": res["pred"], "metrics": rows, **{k: res[k] for k in (extra or {})}}
+
+    def describe(batch) -> str:  # running metrics over the images of this invocation
+        r = np.concatenate(rows_so_far)
+        m = aggregate_metrics(r[:, 0], r[:, 1], r[:, 2:4], r[:, 4:6], r[:, 6])
+        return "pixAcc: %.4f, mIoU: %.4f, mAP: %.4f" % (m["pixAcc"], m["mIoU"], m["mAP"])
+
+    return stream_dataset(ds, outputs, compute, record=record, resume=args.resume, batch_size=args.batch_size,
+                          num_workers=args.num_workers, desc=desc, describe=describe)
+
+
+def finish_segmentation(ds, out: Path, args, record: dict, summary: dict) -> dict:
+    """After ``stream_segmentation``: the dataset metrics, the precision–recall curve over every pixel of every
+    image (``precision.npy``, ``recall.npy``), ``result_mIoU_{mIoU:.4f}.txt`` (the original's three lines) and
+    ``segmentation.json`` (``summary`` + metrics, per-image counts, args), and the folder's provenance record."""
+    import tqdm
+    from sklearn.metrics import precision_recall_curve
+
+    from utils.io import atomic_save, atomic_write_json, atomic_write_text
+    from utils.provenance import write_provenance
+
+    per_image = np.load(out / "per_image_metrics.npy")
+    counts = per_image[:, :6].astype(np.int64)
+    metrics = aggregate_metrics(counts[:, 0], counts[:, 1], counts[:, 2:4], counts[:, 4:6], per_image[:, 6])
+    B = len(per_image)
+    heatmaps = np.load(out / "heatmaps.npy", mmap_mode="r")
+    masks = np.stack([ds.mask(i) for i in tqdm.trange(B, desc="masks for the PR curve")])  # uint8
+    precision, recall, _ = precision_recall_curve(masks.reshape(-1), np.asarray(heatmaps).reshape(-1))
+    atomic_save(out / "precision.npy", precision)
+    atomic_save(out / "recall.npy", recall)
+
+    text = result_text(metrics)
+    for old in out.glob("result_mIoU_*.txt"):
+        old.unlink()
+    result_file = out / ("result_mIoU_%.4f.txt" % metrics["mIoU"])
+    atomic_write_text(result_file, text)
+    print(text, end="")
+    summary = {
+        **summary, "num_images": B, "metrics": metrics, "result_txt": text, "result_file": result_file.name,
+        "per_image_columns": METRIC_COLUMNS,
+        "per_image": [{"correct": int(c[0]), "labeled": int(c[1]), "inter": [int(c[2]), int(c[3])],
+                       "union": [int(c[4]), int(c[5])], "ap": float(r[6]), "chosen_class": int(r[7])}
+                      for c, r in zip(counts, per_image)],
+        "args": dict(vars(args)),
+    }
+    atomic_write_json(out / "segmentation.json", summary)
+    write_provenance(out, dict(record, num_images=B))
+    print(f"wrote {out}/ (segmentation.json, {result_file.name}, precision.npy, recall.npy, heatmaps.npy"
+          f"{', images/' if args.save_img else ''})")
+    return summary
 
 
 # ----------------------------------------------------------------------------- pictures

@@ -65,6 +65,7 @@ def read_text_set(path: str | Path, what: str = "--data_path") -> list[str]:
 # ----------------------------------------------------------------------------- the authors' sets
 CLIP_TEXT_SPAN = ("yossigandelsman/clip_text_span", "49f70f31bb13437a870ff8de340626b225500a22")
 SECOND_ORDER_LENS = ("yossigandelsman/second_order_lens", "1d4fe4de23111feee8a62d6855ffec2105c4b710")
+PCLENS = ("vstrozzi/PCLens-spectral-explainability-in-CLIP-ViT-encoder", "44f190fd5c8e940ab9ddb9a3786cbd12b2ccf236")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ ORIGINAL_TEXT_SETS: dict[str, Source] = {
                                                "651520073306130e3f49d7e857f890da806c964f0ad9e2aa2b8ef1784778a67f"),
     "google_10000_english.txt": Source(*SECOND_ORDER_LENS,
                                        "996ca0bd092a50a333b4a0e87a3731feb0f6f8d4e1a18e58279562d7f9fc2394"),
+    "top_1500_nouns_5_sentences_imagenet_bias_clean.txt": Source(
+        *PCLENS, "7a742e83ed736e75bcff4a92b3acca8e41e823edf2efb19c48a5c0464ea6d793", folder="utils/text_descriptions"),
 }
 
 

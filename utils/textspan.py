@@ -33,7 +33,7 @@ import torch
 from utils.cli import InputError
 
 __all__ = ["HeadStats", "HeadStatsAccumulator", "TextSpanResult", "PCLensResult", "head_stats",
-           "textspan_from_stats", "pclens_from_stats", "reconstruct", "text_span", "svd_data_approx",
+           "textspan_from_stats", "pclens_from_stats", "pclens_record", "reconstruct", "text_span", "svd_data_approx",
            "textspan_reference_numpy"]
 
 
@@ -134,6 +134,7 @@ class TextSpanResult:
     mean: torch.Tensor
     rank: list[int] = field(default_factory=list)
     deflated_texts: Optional[torch.Tensor] = None  # [h, T, d] after the last step (return_deflated=True)
+    span: Optional[torch.Tensor] = None  # [h, k, d]: the kept right singular vectors (rows), float64
 
     def basis(self) -> torch.Tensor:
         """The normalised directions ``Q`` [h, m, d] (zero rows stay zero)."""
@@ -144,7 +145,8 @@ class TextSpanResult:
 @torch.no_grad()
 def textspan_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarray, iters: int, rank: int,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
-                        return_deflated: bool = False, max_bytes: int = 1 << 30) -> TextSpanResult:
+                        return_deflated: bool = False, max_bytes: int = 1 << 30,
+                        centred: bool = False) -> TextSpanResult:
     """TextSpan for every head in ``stats`` at once (in groups of heads whose text coordinates fit ``max_bytes``).
 
     Args:
@@ -154,6 +156,8 @@ def textspan_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarr
         rank: ``w_ov_rank``, the number of top right singular vectors of the uncentred data kept.
         device, dtype: where and in which precision the [h, T, k] text coordinates live.
         return_deflated: also return every text after the last deflation, [h, T, d] (tests).
+        centred: take the span from the SVD of the *centred* data (PCLens' ``text_span`` variant, which
+            also centres the texts before calling this) instead of the uncentred one (paper 1).
     """
     device = torch.device(device)
     h, d = stats.mean.shape
@@ -163,13 +167,14 @@ def textspan_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarr
     group = max(1, max_bytes // max(1, per_head))
     if h > group:
         parts = [textspan_from_stats(stats.select(slice(s, s + group)), text_features, iters, rank, device, dtype,
-                                     return_deflated, max_bytes) for s in range(0, h, group)]
+                                     return_deflated, max_bytes, centred) for s in range(0, h, group)]
         return TextSpanResult(
             indices=np.concatenate([p.indices for p in parts]), directions=torch.cat([p.directions for p in parts]),
             std=np.concatenate([p.std for p in parts]),
             variance_explained=np.concatenate([p.variance_explained for p in parts]),
             mean=torch.cat([p.mean for p in parts]), rank=sum((p.rank for p in parts), []),
-            deflated_texts=torch.cat([p.deflated_texts for p in parts]) if return_deflated else None)
+            deflated_texts=torch.cat([p.deflated_texts for p in parts]) if return_deflated else None,
+            span=torch.cat([p.span for p in parts]))
     if B < 2:
         raise InputError(f"TextSpan needs at least 2 images (an unbiased std), got {B}")
     texts = torch.as_tensor(np.asarray(text_features) if not isinstance(text_features, torch.Tensor)
@@ -181,7 +186,7 @@ def textspan_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarr
     k = min(rank, B, d)
     scatter = stats.scatter.to(device, torch.float64)
     gram = stats.gram.to(device, torch.float64)
-    _, V = _top_eigh(gram, k)  # [h, d, k]
+    _, V = _top_eigh(scatter if centred else gram, k)  # [h, d, k]
     V = V.to(dtype)
     S_V = V.transpose(1, 2) @ scatter.to(dtype) @ V  # [h, k, k]
     A = texts.to(device, dtype) @ V  # [h, T, k]: projected texts in the V basis (t = V a)
@@ -214,6 +219,7 @@ def textspan_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarr
         mean=stats.mean.to(device, torch.float64),
         rank=[k] * h,
         deflated_texts=(A @ V.transpose(1, 2)).to(torch.float64) if return_deflated else None,
+        span=V.transpose(1, 2).to(torch.float64),
     )
 
 
@@ -275,15 +281,19 @@ def textspan_reference_numpy(data: np.ndarray, text_features: np.ndarray, iters:
 # ----------------------------------------------------------------------------- PCLens
 @dataclass
 class PCLensResult:
-    """PCLens' ``svd_data_approx`` for one head.
+    """PCLens' ``svd_data_approx`` for one head: ``r`` kept principal components, ``n`` texts per pole.
 
-    ``rank``: principal components kept (99 % of the singular-value mass). Per component i < rank:
-    ``top``/``bottom`` [rank, n] text indices with the largest / smallest coordinate on the component and
-    ``top_values``/``bottom_values`` those coordinates; ``singular_values`` [rank]; ``strength_rel`` [rank]
-    (100 s_i / sum s); ``variance_explained`` [rank] (s_i^2 / total). ``basis`` [rank, d]: orthonormal
-    directions, in component order, spanning the reconstruction subspace (components whose text adds no new
-    direction get a zero row). ``components`` [rank, d]: the principal directions, signed so that the
-    stronger pole is the positive one.
+    The components are those of the centred head data. Each is signed so that its stronger pole (the text with
+    the largest |cosine|) is the positive one. Texts are compared with a component by their cosine: the text
+    set is centred by its mean, each centred text unit-normalised, and dotted with the unit component.
+
+    ``top`` / ``bottom`` [r, n]: text indices of the largest / smallest cosines per component (most extreme
+    first), ``top_values`` / ``bottom_values`` [r, n] those cosines. ``singular_values`` [r]: s.
+    ``strength`` [r]: s^2 (PCLens' ``strength_abs`` and its JSON ``s``). ``strength_rel`` [r]:
+    100 s^2 / sum of s^2 over the kept components. ``variance_explained`` [r]: s^2 / sum of s^2 over all of them.
+    ``components`` [r, d]: unit rows, signed as above. ``basis`` [r, d]: orthonormal rows; rows 0..j span the
+    top texts of components 0..j projected onto the kept components (zero rows for a text already used or
+    adding no direction). ``mean`` [d]: the head's mean; ``text_mean`` [d]: the text set's mean.
     """
     rank: int
     top: np.ndarray
@@ -291,91 +301,156 @@ class PCLensResult:
     top_values: np.ndarray
     bottom_values: np.ndarray
     singular_values: np.ndarray
+    strength: np.ndarray
     strength_rel: np.ndarray
     variance_explained: np.ndarray
     components: torch.Tensor
     basis: torch.Tensor
     mean: torch.Tensor
+    text_mean: torch.Tensor
 
     @property
     def indices(self) -> np.ndarray:
-        """The text used for each component's reconstruction (its top text), [rank]."""
+        """The text each component's reconstruction uses (its top text), [r]."""
         return self.top[:, 0]
+
+    def projector(self) -> torch.Tensor:
+        """PCLens' ``project_matrix`` [r, r]: the projector onto the top texts' span, in component coordinates."""
+        c = self.basis @ self.components.T  # [r, r]: the basis in component coordinates
+        return c.T @ c
+
+
+def _kept_rank(s: torch.Tensor, threshold: float, cap: Optional[int]) -> int:
+    """Components kept: those whose cumulative singular-value sum is below ``threshold`` of the total, plus one,
+    at most ``cap``. ``s`` [K] descending."""
+    total = s.sum()
+    r = int((torch.cumsum(s, 0) / total < threshold).sum()) + 1 if total > 0 else 1
+    r = min(r, len(s))
+    return min(r, cap) if cap is not None else r
+
+
+def _distinct_basis(rows: torch.Tensor, index: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """Gram-Schmidt, in order, of the rows [r, k] whose text (``index`` [r]) is new and adds a direction.
+
+    Row j of the result is the unit part of ``rows[j]`` orthogonal to the rows before it, or zero when its text
+    was already used or that part is below ``rtol`` of its norm: rows 0..j always span exactly the distinct
+    texts among 0..j. Float64, orthogonalised twice so the rows stay orthonormal.
+    """
+    rows = rows.to(torch.float64)
+    out = torch.zeros_like(rows)
+    seen: set[int] = set()
+    for j, t in enumerate(index.tolist()):
+        if t in seen:
+            continue
+        seen.add(t)
+        q = out[:j]  # the rows so far (zero rows take nothing away)
+        v = rows[j] - (q @ rows[j]) @ q
+        v = v - (q @ v) @ q
+        norm = v.norm()
+        if norm > rtol * rows[j].norm() and norm > 0:
+            out[j] = v / norm
+    return out
 
 
 @torch.no_grad()
 def pclens_from_stats(stats: HeadStats, text_features: torch.Tensor | np.ndarray, texts_per_component: int,
-                      threshold: float = 0.99, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float64) -> list[PCLensResult]:
+                      max_components: Optional[int] = None, threshold: float = 0.99,
+                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> list[PCLensResult]:
     """PCLens' ``svd_data_approx`` for every head of ``stats``.
 
-    Conventions: the head data and the texts are each centred (the texts by their own mean, "modality
-    gap"); the principal components are those of the centred data, kept while the cumulative sum of
-    singular values is below ``threshold`` of their total, plus one; texts are the centred texts'
-    coordinates on each component (not normalised); per component the ``texts_per_component`` largest and
-    smallest coordinates are the two poles; the reconstruction is the centred data projected onto the span
-    of the components' top texts (restricted to the kept components), plus the mean.
-    The sign of a principal component is arbitrary in an SVD; here it is fixed so that the pole with the
-    larger |coordinate| is the positive one.
+    Args:
+        stats: per-head mean [h, d] and centred scatter [h, d, d].
+        text_features: [T, d] text embeddings.
+        texts_per_component: texts listed per pole of each component (``--text_per_princ_comp``).
+        max_components: at most this many components per head (``--max_text``; None: no cap, as PCLens does
+            for the whole embedding).
+        threshold: components are kept while the cumulative sum of singular values is below this fraction
+            of their total, plus one.
+
+    The reconstruction is the mean plus the centred data projected onto the span of the components' top
+    texts, each projected onto the kept components (least squares; ``basis`` spans it). The sign of each
+    component is fixed (stronger pole positive) where PCLens keeps the SVD's arbitrary one.
     """
     device = torch.device(device)
     h, d = stats.mean.shape
-    B = stats.count
     tf = torch.as_tensor(np.asarray(text_features) if not isinstance(text_features, torch.Tensor) else text_features)
     if tf.ndim != 2 or tf.shape[1] != d:
         raise InputError(f"text features of shape {list(tf.shape)} do not match the heads' dimension d={d}")
+    if texts_per_component < 1 or (max_components is not None and max_components < 1):
+        raise InputError(f"texts per component ({texts_per_component}) and the component cap ({max_components}) "
+                         f"must be >= 1")
     n = min(texts_per_component, tf.shape[0])
-    K = min(B, d)
+    K = min(stats.count, d)
     evals, V = _top_eigh(stats.scatter.to(device, torch.float64), K)  # [h, K], [h, d, K]
-    s = evals.clamp_min(0).sqrt()  # singular values of Xc
-    tc = tf.to(device, torch.float64)
-    tc = (tc - tc.mean(0, keepdim=True)).to(dtype)
+    s = evals.clamp_min(0).sqrt()  # singular values of the centred data
+    tf = tf.to(device, torch.float64)
+    text_mean = tf.mean(0)
+    centred = tf - text_mean
+    unit = (centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-300)).to(dtype)  # [T, d]
     out = []
     for i in range(h):
         si = s[i]
-        cum = torch.cumsum(si, 0) / si.sum().clamp_min(1e-300)
-        r = min(int((cum < threshold).sum().item()) + 1, K)
+        r = _kept_rank(si, threshold, max_components)
         Vi = V[i, :, :r].to(dtype)  # [d, r]
-        coords = tc @ Vi  # [T, r]
-        top_v, top_i = coords.topk(n, dim=0)  # [n, r], largest first
-        bot_v, bot_i = (-coords).topk(n, dim=0)
+        cos = unit @ Vi  # [T, r]
+        top_v, top_i = cos.topk(n, dim=0)  # [n, r], largest first
+        bot_v, bot_i = (-cos).topk(n, dim=0)
         bot_v = -bot_v
         flip = bot_v[0].abs() > top_v[0].abs()  # the stronger pole becomes the positive one
-        sign = torch.where(flip, -1.0, 1.0).to(dtype)
-        Vi = Vi * sign
+        sign = 1.0 - 2.0 * flip.to(dtype)
+        Vi, cos = Vi * sign, cos * sign
         top_i, bot_i = torch.where(flip, bot_i, top_i), torch.where(flip, top_i, bot_i)
         top_v, bot_v = torch.where(flip, -bot_v, top_v), torch.where(flip, -top_v, bot_v)
-        P = (coords * sign)[top_i[0]]  # [r, r]: component j's top text, in the kept components' coordinates
-        basis = _ordered_basis(P @ Vi.T)  # [r, d]
-        total_var = (si ** 2).sum().clamp_min(1e-300)
+        rows = cos[top_i[0]]  # [r, r]: each component's top text, in the kept components' coordinates
+        basis = _distinct_basis(rows, top_i[0]) @ Vi.T.to(torch.float64)  # [r, d]
+        s2 = si[:r] ** 2
         out.append(PCLensResult(
             rank=r, top=top_i.T.cpu().numpy(), bottom=bot_i.T.cpu().numpy(),
             top_values=top_v.T.double().cpu().numpy(), bottom_values=bot_v.T.double().cpu().numpy(),
-            singular_values=si[:r].cpu().numpy(), strength_rel=(100 * si[:r] / si[:r].sum()).cpu().numpy(),
-            variance_explained=((si[:r] ** 2) / total_var).cpu().numpy(),
-            components=Vi.T.to(torch.float64), basis=basis.to(torch.float64),
-            mean=stats.mean[i].to(device, torch.float64)))
+            singular_values=si[:r].cpu().numpy(), strength=s2.cpu().numpy(),
+            strength_rel=(100 * s2 / s2.sum().clamp_min(1e-300)).cpu().numpy(),
+            variance_explained=(s2 / (si ** 2).sum().clamp_min(1e-300)).cpu().numpy(),
+            components=Vi.T.to(torch.float64), basis=basis, mean=stats.mean[i].to(device, torch.float64),
+            text_mean=text_mean))
     return out
 
 
-def _ordered_basis(rows: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
-    """Gram-Schmidt of ``rows`` [r, d] in order: orthonormal rows; a row adding no new direction -> zeros."""
-    q, rr = torch.linalg.qr(rows.T)  # rows.T = q rr, q [d, r]
-    diag = torch.diagonal(rr).abs()
-    keep = diag > rtol * diag.max().clamp_min(1e-300)
-    return (q * keep.to(q.dtype)).T
+def pclens_record(res: PCLensResult, texts: Sequence[str]) -> dict:
+    """The JSON object PCLens' ``svd_data_approx`` returns for one head (its field names and order).
+
+    ``s`` and ``strength_abs`` hold s^2. Per component, ``text`` lists the positive pole's texts
+    (``text_max_k`` / ``corr_max_k``: text and cosine) then the negative pole's (``text_min_k`` / ``corr_min_k``),
+    the pole with the larger |cosine| first; ``cosine_similarity`` and ``correlation`` are both the cosine of
+    the text the reconstruction uses.
+    """
+    comps = []
+    for c in range(res.rank):
+        pos = [{f"text_max_{k}": texts[j], f"corr_max_{k}": float(v)}
+               for k, (j, v) in enumerate(zip(res.top[c], res.top_values[c]))]
+        neg = [{f"text_min_{k}": texts[j], f"corr_min_{k}": float(v)}
+               for k, (j, v) in enumerate(zip(res.bottom[c], res.bottom_values[c]))]
+        pos_first = abs(res.top_values[c, 0]) > abs(res.bottom_values[c, 0])  # PCLens' rule (ties: negative first)
+        comps.append({"text": pos + neg if pos_first else neg + pos,
+                      "eigen_v_emb": res.components[c].tolist(), "strength_abs": float(res.strength[c]),
+                      "strength_rel": float(res.strength_rel[c]), "cosine_similarity": float(res.top_values[c, 0]),
+                      "correlation": float(res.top_values[c, 0])})
+    return {"mean_values_att": res.mean.tolist(), "mean_values_text": res.text_mean.tolist(),
+            "project_matrix": res.projector().tolist(), "vh": res.components.tolist(), "s": res.strength.tolist(),
+            "embeddings_sort": comps}
 
 
-def svd_data_approx(data: np.ndarray, text_features: np.ndarray, texts: Sequence[str], texts_per_component: int,
-                    device: str | torch.device = "cpu") -> tuple[np.ndarray, dict]:
-    """PCLens for one head ``data`` [B, d]: (reconstruction [B, d], per-component texts and strengths)."""
+def svd_data_approx(data: np.ndarray, text_features: np.ndarray, texts: Sequence[str], layer: Optional[int] = None,
+                    head: Optional[int] = None, text_per_princ_comp: int = 5, device: str | torch.device = "cpu",
+                    iters: Optional[int] = None) -> tuple[np.ndarray, dict]:
+    """PCLens' ``svd_data_approx`` for one head ``data`` [B, d], with its call signature.
+
+    Returns (reconstruction [B, d] float32, the JSON object of ``pclens_record``). ``iters`` caps the number
+    of components (PCLens' ``--max_text``); ``layer`` and ``head`` are only PCLens' progress labels.
+    """
     x = torch.from_numpy(np.asarray(data, np.float32))[None].to(device)
-    res = pclens_from_stats(head_stats(x, device), text_features, texts_per_component, device=device)[0]
+    res = pclens_from_stats(head_stats(x, device), text_features, text_per_princ_comp, iters, device=device)[0]
     rec = reconstruct(x.double(), res.mean[None], res.basis[None])[0]
-    comps = [{"component": i, "strength_abs": float(res.singular_values[i]), "strength_rel": float(res.strength_rel[i]),
-              "positive": [texts[j] for j in res.top[i]], "negative": [texts[j] for j in res.bottom[i]]}
-             for i in range(res.rank)]
-    return rec.float().cpu().numpy(), {"rank": res.rank, "components": comps}
+    return rec.float().cpu().numpy(), pclens_record(res, texts)
 
 
 # ----------------------------------------------------------------------------- streaming over a [B, L, H, d] file
@@ -431,13 +506,14 @@ def scan_decomposition(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarray
 def replacement_accuracy(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarray, labels: np.ndarray,
                          first_layer: int, early_mean: torch.Tensor, means: torch.Tensor, basis: torch.Tensor,
                          device: str | torch.device = "cpu", chunk: Optional[int] = None,
-                         progress: bool = True) -> np.ndarray:
+                         progress: bool = True, final: Optional[HeadStatsAccumulator] = None) -> np.ndarray:
     """Pass 2: top-1 hits when every head of layers ``first_layer..`` is replaced by its reconstruction.
 
     The representation is the MLP terms (as they are) + the early attention layers mean-ablated
     (``early_mean``) + per replaced head ``mean_h + sum_{j<k} <x_h - mean_h, q_hj> q_hj``. ``means`` [h, d] and
     ``basis`` [h, K, d] (orthonormal rows, zero rows allowed) per head, layer-major. Returns the hits for
-    every prefix k = 0..K, [K + 1] (k = 0: the replaced heads mean-ablated as well).
+    every prefix k = 0..K, [K + 1] (k = 0: the replaced heads mean-ablated as well). ``final``, when given
+    (one head of dimension d), receives every image's representation with all K directions, [1, c, d].
     """
     import tqdm
 
@@ -463,4 +539,6 @@ def replacement_accuracy(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarr
         for k in range(K):
             logits = logits + coefs[:, :, k].T @ qw[:, k]
             correct[k + 1] += int((logits.argmax(-1) == y).sum())
+        if final is not None:
+            final.update((m.sum(1) + const + torch.einsum("hck,hkd->cd", coefs, q))[None])
     return correct
