@@ -36,9 +36,9 @@ from typing import Optional, Sequence
 from utils.cli import InputError, run
 from utils.io import StreamingArrays, atomic_write_text, make_output_dir
 from utils.names import (ablations_stem, classifier_path, classifier_path_pretrained, completeness_stem, labels_path,
-                         prs_paths, representations_path, second_order_ablations_path, second_order_paths,
-                         segmentation_dir, sparse_decomposition_stem, specific_heads_stem, split_classes_path,
-                         split_labels_path, text_embeddings_path)
+                         neuron_segmentation_dir, prs_paths, representations_path, second_order_ablations_path,
+                         second_order_paths, segmentation_dir, sparse_decomposition_stem, specific_heads_stem,
+                         split_classes_path, split_labels_path, text_embeddings_path)
 from utils.provenance import check_consistent, make_record, provenance_path, read_provenance, write_provenance
 from utils.report import Row, Section, build_section, load_published, read_key_values, write_report
 
@@ -270,11 +270,12 @@ def paper2(p: Plan) -> tuple[list[Step], list[Section]]:
                      Row("neurons replaced by their text reconstruction (%)", "accuracy_percent.reconstructed")],
                     figures=[o / f"{stem}_fit.png"], files=[o / f"{stem}.json"], context=ctx),
         ]
-    seg = o / "imagenet_seg_neurons"  # compute_segmentation.py's folder (issue 11): see neuron_segmentation below
+    top_neurons = 5 if p.smoke else 200
+    seg = neuron_segmentation_dir(o, "imagenet_seg", m, pre, p.args.mlp_layers, top_k, top_neurons)
     steps.append(Step("segmentation", "compute_segmentation.py",
                       [*model, "--mlp_layers", *p.args.mlp_layers, "--top_k_pca", top_k, "--dataset", ds,
                        "--data_path", p.path("imagenet_seg"), "--classifier_dir", o,
-                       "--output_dir", o, *(["--image_size", "64", "--top_neurons", "5"] if p.smoke else []),
+                       "--output_dir", o, "--top_neurons", top_neurons, *(["--image_size", "64"] if p.smoke else []),
                        *loader],
                       [seg / "segmentation.json"], needs=tuple(f"pcas_L{la}" for la in p.args.mlp_layers) +
                       ("classifier",), data="imagenet_seg", streaming=True))

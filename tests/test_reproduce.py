@@ -160,7 +160,8 @@ def test_paper2_smoke_writes_a_complete_report(tmp_path):
     report = check_report(tmp_path, res.stdout, ["Second-order ablations, MLP layer 1",
                                                  "Sparse text decomposition of the PCs, MLP layer 1, 4 texts per neuron",
                                                  "Zero-shot segmentation from neurons on ImageNet-segmentation"])
-    abl = json.loads(next(tmp_path.glob("sample_val_second_order_ablations_*.json")).read_text())["accuracy_percent"]
+    abl = tmp_path / "sample_val_second_order_ablations_prsclip-tiny_prsclip-tiny_seed0_1_3.json"
+    abl = json.loads(abl.read_text())["accuracy_percent"]
     assert rows(report, "Second-order")["each neuron projected on its first PC (%)"] == abl["projected_to_first_pc"]
     ev = json.loads(next(tmp_path.glob("*_decomposition_omp_*_evaluation.json")).read_text())
     assert rows(report, "Sparse")["cosine(reconstruction, PC), mean over neurons"] == \
