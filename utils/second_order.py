@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import tqdm
 
-from prs_hook import _layer_scale, hook_prs_logger
+from prs_hook import _layer_scale, autocast_off, hook_prs_logger
 from utils.factory import pretrained_name
 from utils.io import classifier_path, labels_path, load_array
 from utils.cli import InputError
@@ -197,7 +197,8 @@ class SecondOrderEffects:
         self.out_dim = self.prs.out_dim
         per_layer = self.num_neurons * H * self.out_dim * 4
         n_cached = min(len(self.later_layers), max(0, int(cache_bytes // per_layer)))
-        self._cache = {l: self._layer_maps(l) for l in self.later_layers[:n_cached]}
+        with autocast_off(self.device):
+            self._cache = {l: self._layer_maps(l) for l in self.later_layers[:n_cached]}
 
     @property
     def num_terms(self) -> int:
@@ -243,8 +244,13 @@ class SecondOrderEffects:
 
         Returns ``(effects, representation)``: effects ``[b, K, d]`` summed over later layers and heads (with
         ``per_head=True``: ``[b, J, K, d]``, J = (later layer, head) pairs in order ``(l - m - 1) * H + h``;
-        meant for small models), and the unnormalised embedding ``[b, d]``; float32 on ``self.device``.
+        meant for small models), and the unnormalised embedding ``[b, d]``; float32 on ``self.device``, with
+        autocast off (like ``PRSLogger``).
         """
+        with autocast_off(self.device):
+            return self._effects(images, per_head)
+
+    def _effects(self, images: torch.Tensor, per_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
         prs = self.prs
         representation = prs.encode_image(images)
         post = prs.post_gelu[self.mlp_layer].float()  # [b, N, K]
