@@ -105,12 +105,6 @@ def expected_accuracy(fx, js, norm):
     return acc
 
 
-def test_help():
-    res = run_script(SCRIPT, "--help")
-    for flag in ("--solver", "--dictionary_norm", "--l1_penalty", "--transform_alpha", "--evaluate", "per_text"):
-        assert flag in res.stdout
-
-
 def test_omp_per_dimension_evaluate(fx):
     """The original's setting: files equal scikit-learn's SparseCoder on the original dictionary; --evaluate."""
     res = run_script(SCRIPT, *args_for(fx, "--evaluate"))
