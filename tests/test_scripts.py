@@ -293,6 +293,34 @@ def test_ablation_logits_match_golden(ablation_dir, tag):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", ["1", "4"])
+def test_ablations_chunk_gives_the_golden_numbers(ablation_dir, monkeypatch, chunk):
+    """--chunk: the arrays are read that many images at a time (4: a partial last chunk of 2), same results."""
+    import utils.ablations
+
+    sizes, real_chunks = [], utils.ablations._chunks
+    monkeypatch.setattr(utils.ablations, "_chunks", lambda B, size: sizes.append(size) or real_chunks(B, size))
+    res = cli("compute_ablations.py", "--model", "prsclip-tiny", "--dataset", "golden", "--input_dir", ablation_dir,
+              "--figures_dir", ablation_dir / "fig", "--chunk", chunk)
+    assert sizes and set(sizes) == {int(chunk)}
+    expected = (GOLDEN / "ablations/compute_ablations_random2_stdout.txt").read_text().splitlines()
+    assert res.stdout.splitlines()[:5] == expected
+    out = json.loads((ablation_dir / "fig/golden_ablations_prsclip-tiny.json").read_text())
+    golden = json.loads((GOLDEN / "ablations/compute_ablations_random2.json").read_text())
+    assert out["accuracy_percent"] == pytest.approx(golden["accuracy_percent"])
+
+
+def test_compute_prs_two_workers(tmp_path):
+    """--num_workers 2: the golden numbers, in order."""
+    cli("compute_prs.py", *TINY_ARGS, "--dataset", "golden", "--data_path", GOLDEN / "images", "--batch_size", "2",
+        "--num_workers", "2", "--output_dir", tmp_path)
+    arrays = _load_prs(tmp_path, "golden")
+    for k in PRS_FILES:
+        np.testing.assert_allclose(arrays[k], np.load(GOLDEN_PRS / f"golden_{k}_prsclip-tiny.npy"), atol=1e-6,
+                                   rtol=0, err_msg=k)
+    np.testing.assert_array_equal(np.load(tmp_path / "golden_labels.npy"), np.load(GOLDEN_PRS / "golden_labels.npy"))
+
+
 def test_ablations_reject_mismatched_classifier(ablation_dir):
     np.save(ablation_dir / "golden_classifier_prsclip-tiny.npy", np.ones((64, 2), np.float32))
     res = cli("compute_ablations.py", "--model", "prsclip-tiny", "--dataset", "golden", "--input_dir",

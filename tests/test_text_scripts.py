@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import GOLDEN, REPO, TINY_ARGS, run_inprocess, run_script
 from utils.textspan import textspan_reference_numpy
@@ -217,6 +218,54 @@ def test_use_specific_heads(workdir):
     assert list(summary["ablated"]["groups"].values()) == pytest.approx(expect)
     assert summary["ablated"]["worst_group"] == pytest.approx(min(expect))
     assert len(summary["random"]["worst_group_per_trial"]) == 3
+
+
+def test_use_specific_heads_chunk(workdir, tmp_path, monkeypatch):
+    """--chunk 4 (6 images: a partial last chunk): reads in chunks of 4, the same summary as the default."""
+    import utils.waterbirds
+
+    seen, real = [], utils.waterbirds.head_logits
+    monkeypatch.setattr(utils.waterbirds, "head_logits", lambda *a: seen.append(a[-1]) or real(*a))
+    results = {}
+    for chunk in ("1024", "4"):
+        code, out, err = run_inprocess("compute_use_specific_heads.py", "--model", MODEL, "--input_dir",
+                                       workdir / "out", "--figures_dir", tmp_path / chunk, "--heads", "3.1,2.0",
+                                       "--num_of_last_layers", 2, "--random_trials", 3, "--seed", 1, "--chunk", chunk)
+        assert code == 0, out + err
+        results[chunk] = json.loads((tmp_path / chunk / f"binary_waterbirds_specific_heads_{MODEL}.json").read_text())
+        results[chunk].pop("args", None)
+    assert seen == [1024, 4]
+    assert results["4"] == results["1024"]
+
+
+def test_complete_text_set_chunk_and_stats_dtype(workdir, tmp_path, monkeypatch):
+    """--chunk 4 reads the heads' statistics 4 images at a time: the same texts and accuracies (float64 sums);
+    --stats_dtype float32 takes the per-chunk products in float32: the same texts (the picks have margins far
+    above float32 error) and stds within float32 noise."""
+    from utils.textspan import HeadStatsAccumulator
+
+    seen, real_update = [], HeadStatsAccumulator.update
+    monkeypatch.setattr(HeadStatsAccumulator, "update",
+                        lambda self, x: seen.append((self.chunk_dtype, x.shape[1])) or real_update(self, x))
+    summaries = {}
+    for name, extra in [("default", []), ("chunk", ["--chunk", 4]), ("float32", ["--stats_dtype", "float32"])]:
+        seen.clear()
+        code, out, err = run_inprocess("compute_complete_text_set.py", *_complete_args(
+            workdir, "--num_of_last_layers", 2, "--texts_per_head", 4, "--w_ov_rank", 5, "--output_dir",
+            tmp_path / name, *extra))
+        assert code == 0, out + err
+        summaries[name] = json.loads((tmp_path / name / f"{DATASET}_completeness_small60_top_4_heads_{MODEL}.json")
+                                     .read_text())
+        chunks = [n for _, n in seen]
+        assert {dt for dt, _ in seen} == {torch.float32 if name == "float32" else torch.float64}
+        assert chunks == ([4, 2] if name == "chunk" else [6])
+    base = summaries["default"]
+    for name, rtol in [("chunk", 1e-9), ("float32", 1e-3)]:
+        s = summaries[name]
+        assert s["accuracy"] == base["accuracy"] and s["accuracy_curve"] == base["accuracy_curve"]
+        for h, h0 in zip(s["heads"], base["heads"]):
+            assert h["texts"] == h0["texts"]
+            np.testing.assert_allclose(h["std"], h0["std"], rtol=rtol)
 
 
 def test_use_specific_heads_bad_inputs(workdir):
