@@ -7,7 +7,7 @@
 # Options:
 #   --out DIR       where the log, each step's output and JSON, and summary.md go (default gpu_check/<timestamp>)
 #   --device DEV    torch device (default cuda; --device cpu --quick runs the machinery without a GPU)
-#   --python PY     the Python to use (default: $PYTHON, else python)
+#   --python PY     the Python to use (default: $PYTHON, else python, else python3)
 #   --quick         small benchmark sizes
 #   --tests-only / --bench-only
 # Environment: BENCH_TIMEOUT  seconds allowed per benchmark (default 3600).
@@ -18,7 +18,7 @@
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 DEVICE=cuda
 QUICK=0
 RUN_TESTS=1
