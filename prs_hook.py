@@ -1,10 +1,10 @@
 """The hooked open_clip ViT: an explicit image-tower forward that records every direct contribution.
 
 The CLS residual stream after the last block is a sum of ``2L + 1`` terms: the embedding term, L attention
-outputs and L MLP outputs (DESIGN.md section 1). Each attention output splits per head and per source token.
+outputs and L MLP outputs (docs/design.md section 1). Each attention output splits per head and per source token.
 ``PRSLogger`` runs the image tower of an unmodified ``open_clip`` model block by block, reading its weights
 by name, and records those terms already multiplied into the output space, so that ``finalize`` only has to
-apply the frozen ``ln_post`` statistics (DESIGN.md section 2)::
+apply the frozen ``ln_post`` statistics (docs/design.md section 2)::
 
     P(c) = (gamma * (c - mu / T) / sigma + beta / T) @ proj / ||r||
 

@@ -1,6 +1,6 @@
 """Second-order effects of MLP neurons through later attention heads (paper 2), batched; its files and inputs.
 
-Definitions (DESIGN.md section 4, tests/golden/README.md quirk Q1). For MLP layer ``m`` (M neurons), neuron
+Definitions (docs/design.md section 4, tests/golden/README.md quirk Q1). For MLP layer ``m`` (M neurons), neuron
 ``k``, a later layer ``l > m`` (0-based, so ``1 + 2l`` terms make up the residual entering block ``l``), head
 ``h`` and every token ``n`` of one image::
 
