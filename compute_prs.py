@@ -1,6 +1,6 @@
 """Project the residual stream of a dataset: per-layer, per-head direct contributions to the CLS embedding.
 
-Writes, in --output_dir (paper 1 names; DESIGN.md section 3):
+Writes, in --output_dir (paper 1 names; docs/design.md section 3):
   {dataset}_attn_{model}.npy      [B, L, H, d]  per layer and head, summed over source tokens
   {dataset}_mlp_{model}.npy       [B, L+1, d]   index 0 = embedding term, then one per MLP
   {dataset}_cls_attn_{model}.npy  [B, L, d]     CLS->CLS attention term, summed over heads

@@ -2,7 +2,7 @@
 
 For each image and each neuron k of --mlp_layer: the neuron's output at every token, passed through the
 frozen ln_1, value and attention of each later layer's heads into the CLS token, and projected with the
-frozen ln_post, scaled by --coefficient / ||r|| (DESIGN.md section 4). Computed batched: the sum over
+frozen ln_post, scaled by --coefficient / ||r|| (docs/design.md section 4). Computed batched: the sum over
 source tokens comes before the projection, so nothing of size [batch, tokens, neurons, width] is built.
 
 Writes, in --output_dir (the original's names; {pretrained} is the tag or a checkpoint's file stem):

@@ -1,10 +1,10 @@
 """The hooked open_clip ViT: an explicit image-tower forward that records every direct contribution.
 
 The CLS residual stream after the last block is a sum of ``2L + 1`` terms: the embedding term, L attention
-outputs and L MLP outputs (DESIGN.md section 1). Each attention output splits per head and per source token.
+outputs and L MLP outputs (docs/design.md section 1). Each attention output splits per head and per source token.
 ``PRSLogger`` runs the image tower of an unmodified ``open_clip`` model block by block, reading its weights
 by name, and records those terms already multiplied into the output space, so that ``finalize`` only has to
-apply the frozen ``ln_post`` statistics (DESIGN.md section 2)::
+apply the frozen ``ln_post`` statistics (docs/design.md section 2)::
 
     P(c) = (gamma * (c - mu / T) / sigma + beta / T) @ proj / ||r||
 
@@ -21,6 +21,9 @@ Port from the original ``hook_prs_logger`` API::
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 from utils.cli import InputError
 
-__all__ = ["PRSLogger", "UnsupportedModelError", "check_supported", "hook_prs_logger"]
+__all__ = ["PRSLogger", "UnsupportedModelError", "autocast_off", "check_supported", "float32_tower", "hook_prs_logger"]
 
 
 class UnsupportedModelError(InputError):
@@ -77,6 +80,36 @@ def _layer_scale(module: nn.Module, width: int, ref: torch.Tensor) -> torch.Tens
     return gamma.detach().float()
 
 
+def _resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` with an explicit index for CUDA (``cuda`` -> ``cuda:<current>``), comparable to a tensor's."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def float32_tower(visual: nn.Module, device: torch.device) -> nn.Module:
+    """``visual`` itself if all its floating-point weights are float32 on ``device``; otherwise a float32 copy on
+    ``device`` (the model passed in is left untouched; the copy is made once, without a second copy in the
+    original dtype or on the original device)."""
+    tensors = list(visual.parameters()) + list(visual.buffers())
+    if all(t.device == device and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
+        return visual
+    memo = {}
+    for t in tensors:
+        moved = t.detach().to(device, torch.float32 if t.is_floating_point() else t.dtype)
+        memo[id(t)] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
+    return copy.deepcopy(visual, memo).eval()
+
+
+def autocast_off(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A context in which autocast is disabled for ``device``'s type (CPU, CUDA, ...): ops run in their inputs'
+    dtype whatever an enclosing ``torch.autocast`` says."""
+    device_type = torch.device(device).type
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
+    return torch.autocast(device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
+
+
 def _ln_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (biased variance + eps) over the last axis, in float32: ``[...]``, ``[...]``."""
     x = x.float()
@@ -88,9 +121,24 @@ def _ln_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
 class PRSLogger:
     """Explicit forward of ``model.visual`` that logs the projected residual stream (PRS).
 
+    Numerics: the decomposition always runs in float32.
+
+    - Autocast (CPU or CUDA) is disabled inside the constructor, ``encode_image`` and ``finalize``, so an
+      enclosing ``torch.autocast`` changes nothing.
+    - A float16 or bfloat16 model is **upcast**: the logger decomposes a float32 copy of ``model.visual`` (made
+      once, here; the model passed in is not modified). Half-precision weights are exactly representable in
+      float32, so this is the decomposition of the model's own weights, computed exactly: its terms sum to
+      ``model.float().encode_image``. They do not sum to the half-precision forward, which differs from it by
+      half-precision rounding (~1e-3). A warning gives the size of the copy; to avoid it, pass a float32 model.
+    - Every logged attention term (``attentions`` in all modes, ``cls_attentions``, ``attention_maps``) comes
+      from one explicit float32 softmax of the CLS query row, and the CLS row of the residual stream is
+      computed from the same softmax, so the terms sum to the logged representation up to float32 rounding.
+      The other query rows use ``F.scaled_dot_product_attention`` (the fused kernel, as open_clip does).
+    - ``device``: if the image tower is elsewhere (or spread over devices), a float32 copy is made on ``device``.
+
     Args:
         model: an open_clip CLIP model (unmodified, from ``open_clip.create_model_and_transforms``).
-        device: where the computation runs and the results live.
+        device: where the computation runs and the results live (default: the model's device).
         spatial: keep the per-source-token axis of the attention terms (``[b, L, N, H, d]``). ``"sum"``: the
             memory-light spatial mode, the same terms summed over layers and heads inside the forward,
             ``[b, N, d]`` (each entry takes the share ``L·H / ((2L+1)·N·H)``, so everything still sums to r/||r||).
@@ -98,6 +146,10 @@ class PRSLogger:
         ln_stats: also keep every block's ``ln_1`` statistics per token, ``self.ln_1_mean/std`` ``[b, L, N]``.
         post_gelu_layers: MLP layers whose post-activation values to keep, ``self.post_gelu[l]`` ``[b, N, K]``.
         model_name: used in error messages.
+
+    Attributes:
+        visual: the float32 image tower the logger runs (``model.visual`` itself when it already is float32 on
+            ``device``, else the copy).
     """
 
     def __init__(
@@ -112,8 +164,14 @@ class PRSLogger:
     ):
         check_supported(model, model_name)
         self.model = model
-        self.visual = model.visual
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = _resolve_device(device if device is not None else next(model.visual.parameters()).device)
+        self.visual = float32_tower(model.visual, self.device)
+        if self.visual is not model.visual:
+            dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.visual.parameters()})
+            devices = sorted({str(p.device) for p in model.visual.parameters()})
+            gib = sum(p.numel() for p in self.visual.parameters()) * 4 / 2 ** 30
+            warnings.warn(f"PRSLogger: the image tower is {'/'.join(dtypes)} on {'/'.join(devices)}; decomposing a "
+                          f"float32 copy on {self.device} ({gib:.2f} GiB)", stacklevel=2)
         self.spatial = spatial
         self.keep_attention_maps = attention_maps
         self.keep_ln_stats = ln_stats
@@ -126,30 +184,31 @@ class PRSLogger:
         for l in self.post_gelu_layers:
             if not 0 <= l < self.num_layers:
                 raise ValueError(f"post_gelu_layers: layer {l} out of range for a {self.num_layers}-layer model")
-        self._build_projections()
+        with autocast_off(self.device):
+            self._build_projections()
         self.reinit()
 
     # ------------------------------------------------------------------ setup
     @torch.no_grad()
     def _build_projections(self) -> None:
         """Fold ``ln_post``'s gain, ``proj``, layer scale and each head's ``out_proj`` block into [., d] maps."""
-        v, W, H, dh = self.visual, self.width, self.num_heads, self.head_dim
+        v, W, H, dh, dev = self.visual, self.width, self.num_heads, self.head_dim, self.device  # float32, on dev
         ref = v.ln_post.weight
-        proj = v.proj.detach().float() if v.proj is not None else torch.eye(W, device=ref.device)
-        gamma = v.ln_post.weight.detach().float() if v.ln_post.weight is not None else torch.ones(W, device=ref.device)
-        beta = v.ln_post.bias.detach().float() if v.ln_post.bias is not None else torch.zeros(W, device=ref.device)
+        proj = v.proj.detach() if v.proj is not None else torch.eye(W, device=dev)
+        gamma = v.ln_post.weight.detach() if v.ln_post.weight is not None else torch.ones(W, device=dev)
+        beta = v.ln_post.bias.detach() if v.ln_post.bias is not None else torch.zeros(W, device=dev)
         self.post_eps = v.ln_post.eps
-        self.G = (gamma[:, None] * proj).to(self.device)  # [W, d]
+        self.G = gamma[:, None] * proj  # [W, d]
         self.g = self.G.sum(0)  # [d]  = gamma @ proj
-        self.beta_proj = (beta @ proj).to(self.device)  # [d]
+        self.beta_proj = beta @ proj  # [d]
         self.out_dim = self.G.shape[1]
         self.head_out, self.head_bias, self.mlp_G = [], [], []
         for block in v.transformer.resblocks:
-            ls1 = _layer_scale(block.ls_1, W, ref).to(self.device)
-            ls2 = _layer_scale(block.ls_2, W, ref).to(self.device)
-            w_o = block.attn.out_proj.weight.detach().float().to(self.device)  # [W_out, W_in]
+            ls1 = _layer_scale(block.ls_1, W, ref)
+            ls2 = _layer_scale(block.ls_2, W, ref)
+            w_o = block.attn.out_proj.weight.detach()  # [W_out, W_in]
             b_o = block.attn.out_proj.bias
-            b_o = b_o.detach().float().to(self.device) if b_o is not None else torch.zeros(W, device=self.device)
+            b_o = b_o.detach() if b_o is not None else torch.zeros(W, device=dev)
             # head h's value dims are columns h*dh:(h+1)*dh of out_proj.weight
             w_og = (w_o.t() * ls1) @ self.G  # [W_in, d]
             self.head_out.append(w_og.view(H, dh, self.out_dim))  # [H, dh, d]
@@ -166,7 +225,7 @@ class PRSLogger:
         self.post_gelu: dict[int, torch.Tensor] = {}
         self.post_ln_mean = self.post_ln_std = None
         self.representation = None
-        self._finalized = False
+        self._finalized, self._norm = False, None
 
     # ---------------------------------------------------------------- forward
     @torch.no_grad()
@@ -174,15 +233,18 @@ class PRSLogger:
         """Run the image tower on ``images`` [b, 3, H, W]; log the terms; return the unnormalised embedding [b, d].
 
         The logged terms are multiplied into the output space but not yet normalised: call ``finalize``.
+        Runs in float32 on ``self.device`` with autocast off, whatever the dtype and device of ``images``.
         """
+        with autocast_off(self.device):
+            return self._encode_image(images.to(self.device, torch.float32))
+
+    def _encode_image(self, x: torch.Tensor) -> torch.Tensor:
         self.reinit()
         v = self.visual
-        dtype = v.conv1.weight.dtype
-        x = images.to(self.device, dtype)
         # --- embeddings: x0 = ln_pre(patch_embed + cls + pos)                                   [b, N, W]
         x = v.conv1(x).flatten(2).transpose(1, 2)
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        cls = v.class_embedding.expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding
         x = v.ln_pre(x)
         b, N, W = x.shape
         L, H, dh, d = self.num_layers, self.num_heads, self.head_dim, self.out_dim
@@ -197,7 +259,7 @@ class PRSLogger:
         if self.keep_ln_stats:
             self.ln_1_mean = torch.empty((b, L, N), dtype=torch.float32, device=self.device)
             self.ln_1_std = torch.empty((b, L, N), dtype=torch.float32, device=self.device)
-        mlps[:, 0] = x[:, 0].float() @ self.G
+        mlps[:, 0] = x[:, 0] @ self.G
 
         for l, block in enumerate(v.transformer.resblocks):
             if self.keep_ln_stats:
@@ -205,28 +267,30 @@ class PRSLogger:
             h = block.ln_1(x)
             qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
             q, k, val = qkv.view(b, N, 3, H, dh).permute(2, 0, 3, 1, 4)  # each [b, H, N, dh]
-            out = F.scaled_dot_product_attention(q, k, val)  # [b, H, N, dh]
-            # the CLS query row of the attention map, A[b, h, n]
-            scores = (q[:, :, 0:1].float() @ k.float().transpose(-1, -2)).squeeze(2) * dh ** -0.5
-            attn_cls = scores.softmax(-1)  # [b, H, N]
+            out = F.scaled_dot_product_attention(q, k, val)  # every query row, fused kernel      [b, H, N, dh]
+            # the CLS query row again, with an explicit float32 softmax, A[b, h, n]: every logged attention term
+            # and the CLS row of the residual stream come from it, so the terms sum exactly to what is logged
+            attn_cls = ((q[:, :, :1] @ k.transpose(-1, -2)).squeeze(2) * dh ** -0.5).softmax(-1)  # [b, H, N]
+            out_cls = (attn_cls.unsqueeze(2) @ val).squeeze(2)  # [b, H, dh]
+            out[:, :, 0] = out_cls
             if self.keep_attention_maps:
                 self.attention_maps[:, l] = attn_cls
             w_og, b_og = self.head_out[l], self.head_bias[l]
             if spatial_sum:
                 # sum_h A[b,h,n] v[b,h,n] W_O,h + b_O / N: one [b, N, H*dh] @ [H*dh, d] product       [b, N, d]
-                weighted = (attn_cls.unsqueeze(-1) * val.float()).transpose(1, 2).reshape(b, N, H * dh)
+                weighted = (attn_cls.unsqueeze(-1) * val).transpose(1, 2).reshape(b, N, H * dh)
                 terms = weighted @ w_og.reshape(H * dh, d) + b_og / N
                 attentions += terms
                 cls_attentions[:, l] = terms[:, 0]
             elif self.spatial:
                 # A[b,h,n] * v[b,h,n] W_O,h  + b_O / (N H)                                          [b, N, H, d]
-                terms = torch.einsum("bhn,bhnk,hkd->bnhd", attn_cls, val.float(), w_og) + b_og / (N * H)
+                terms = torch.einsum("bhn,bhnk,hkd->bnhd", attn_cls, val, w_og) + b_og / (N * H)
                 attentions[:, l] = terms
                 cls_attentions[:, l] = terms[:, 0].sum(1)
             else:
                 # sum over source tokens is the CLS row of the attention output
-                attentions[:, l] = torch.einsum("bhk,hkd->bhd", out[:, :, 0].float(), w_og) + b_og / H
-                cls_term = torch.einsum("bh,bhk,hkd->bd", attn_cls[:, :, 0], val[:, :, 0].float(), w_og)
+                attentions[:, l] = torch.einsum("bhk,hkd->bhd", out_cls, w_og) + b_og / H
+                cls_term = torch.einsum("bh,bhk,hkd->bd", attn_cls[:, :, 0], val[:, :, 0], w_og)
                 cls_attentions[:, l] = cls_term + b_og / N
             attn_out = F.linear(out.transpose(1, 2).reshape(b, N, W), block.attn.out_proj.weight,
                                 block.attn.out_proj.bias)
@@ -237,7 +301,7 @@ class PRSLogger:
             if l in self.post_gelu_layers:
                 self.post_gelu[l] = act
             mlp_out = mlp.c_proj(act)
-            mlps[:, l + 1] = mlp_out[:, 0].float() @ self.mlp_G[l]
+            mlps[:, l + 1] = mlp_out[:, 0] @ self.mlp_G[l]
             x = x + block.ls_2(mlp_out)
 
         x_cls = x[:, 0]
@@ -262,33 +326,48 @@ class PRSLogger:
     def finalize(self, representation: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Project the logged terms to the output space and divide by ``||representation||``.
 
-        Returns ``(attentions, mlps)``: ``[b, L, H, d]`` (spatial: ``[b, L, N, H, d]``; spatial="sum":
-        ``[b, N, d]``) and ``[b, L+1, d]``,
+        ``representation`` [b, d] defaults to the one ``encode_image`` returned. Returns ``(attentions, mlps)``:
+        ``[b, L, H, d]`` (spatial: ``[b, L, N, H, d]``; spatial="sum": ``[b, N, d]``) and ``[b, L+1, d]``,
         float32, on ``self.device``. ``self.cls_attentions`` becomes ``[b, L, d]``. Summing everything gives
         ``representation / ||representation||``.
+
+        The first call works in place on the logged buffers. Calling it again returns the same tensors if the
+        norms are the same, and otherwise new tensors rescaled to the new ``representation`` (earlier results
+        are left as they were).
         """
         if self.attentions is None:
             raise RuntimeError("PRSLogger.finalize: call encode_image(images) first")
-        if self._finalized:
-            return self.attentions, self.mlps
         if representation is None:
             representation = self.representation
-        L, H, N = self.num_layers, self.num_heads, self.num_tokens
-        T = 2 * L + 1
-        norm = representation.float().norm(dim=-1).to(self.device)  # [b]
-        if isinstance(self.spatial, str) and self.spatial == "sum":
-            attn = self._project_(self.attentions, L / (T * N))  # each entry sums L*H terms of share 1/(T*N*H)
-        elif self.spatial:
-            attn = self._project_(self.attentions, 1.0 / (T * N * H))
-        else:
-            attn = self._project_(self.attentions, 1.0 / (T * H))
-        cls_attn = self._project_(self.cls_attentions, 1.0 / (T * N))
-        mlps = self._project_(self.mlps, 1.0 / T)
-        self.attentions = attn.div_(norm.view(-1, *([1] * (attn.dim() - 1))))
-        self.cls_attentions = cls_attn.div_(norm[:, None, None])
-        self.mlps = mlps.div_(norm[:, None, None])
-        self._finalized = True
-        return self.attentions, self.mlps
+        b = self.attentions.shape[0]
+        if representation.dim() != 2 or representation.shape[0] != b:
+            raise InputError(f"PRSLogger.finalize: representation has shape {list(representation.shape)}, "
+                             f"expected [{b}, d] for the logged batch of {b} images")
+        with autocast_off(self.device):
+            norm = representation.detach().to(self.device, torch.float32).norm(dim=-1)  # [b]
+            if self._finalized:
+                if not torch.equal(norm, self._norm):
+                    scale = self._norm / norm  # results are divided by the new norm instead of the old one
+                    self.attentions = self.attentions * scale.view(-1, *([1] * (self.attentions.dim() - 1)))
+                    self.cls_attentions = self.cls_attentions * scale[:, None, None]
+                    self.mlps = self.mlps * scale[:, None, None]
+                    self._norm = norm
+                return self.attentions, self.mlps
+            L, H, N = self.num_layers, self.num_heads, self.num_tokens
+            T = 2 * L + 1
+            if isinstance(self.spatial, str) and self.spatial == "sum":
+                attn = self._project_(self.attentions, L / (T * N))  # each entry sums L*H terms of share 1/(T*N*H)
+            elif self.spatial:
+                attn = self._project_(self.attentions, 1.0 / (T * N * H))
+            else:
+                attn = self._project_(self.attentions, 1.0 / (T * H))
+            cls_attn = self._project_(self.cls_attentions, 1.0 / (T * N))
+            mlps = self._project_(self.mlps, 1.0 / T)
+            self.attentions = attn.div_(norm.view(-1, *([1] * (attn.dim() - 1))))
+            self.cls_attentions = cls_attn.div_(norm[:, None, None])
+            self.mlps = mlps.div_(norm[:, None, None])
+            self._finalized, self._norm = True, norm
+            return self.attentions, self.mlps
 
 
 def hook_prs_logger(model: nn.Module, device: Optional[torch.device | str] = None, spatial: bool = False,

@@ -13,6 +13,7 @@ so it finishes. The two results are compared (max abs difference) before the tim
     python bench/bench_second_order.py --mlp_layer 8 --device cuda --images 256 --batch_size 64
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--baseline_images", default=1, type=int, help="images for the original-style path")
     parser.add_argument("--baseline_batch_size", default=1, type=int)
     parser.add_argument("--threads", default=min(2, os.cpu_count() or 1), type=int, help="torch CPU threads")
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import open_clip
@@ -108,6 +110,10 @@ def main() -> None:
     print(f"| original-style per-(layer, head) | {args.baseline_batch_size} | {args.baseline_images} | {base:.3f} |")
     print(f"| batched (utils.second_order) | {args.batch_size} | {args.images} | {ours:.2f} |")
     print(f"speed-up: {ours / base:.1f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "args": vars(args), "images_per_s": {"batched": ours, "original_style": base}, "speedup": ours / base,
+            "max_abs_diff": diff, "max_abs_value": scale}, indent=1))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Rows (same batches of random images and elliptic masks, weights random unless --
     python bench/bench_segmentation.py --model ViT-B-16 --pretrained none --device cpu --num_images 32
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", type=int, default=1000, help="classifier columns (ImageNet: 1000)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per row (the best is kept)")
     parser.add_argument("--skip_full", action="store_true", help="skip the full-tensor row (memory)")
+    parser.add_argument("--json", default=None, help="also write the results here")
     return parser
 
 
@@ -112,6 +114,10 @@ def main(args: argparse.Namespace) -> dict:
     print(f"|{'-' * 30}|---------:|-----------------:|")
     for name, v in results.items():
         print(f"| {name:28s} | {v:8.2f} | {v / base:15.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "images_per_s": results,
+                                               "ratio_vs_plain": {k: v / base for k, v in results.items()}},
+                                              indent=1))
     return results
 
 

@@ -65,14 +65,16 @@ def golden_images() -> torch.Tensor:
 # ----------------------------------------------------------------------------- datasets in their real formats
 @pytest.fixture(scope="session")
 def imagenet_root(tmp_path_factory) -> Path:
-    """torchvision ImageNet val layout: meta.bin + val/<wnid>/*.JPEG (2 classes x 3 images)."""
+    """torchvision ImageNet val layout: meta.bin + val/<wnid>/*.JPEG (2 classes x 3 images). The files hold the
+    golden images losslessly (PNG data under ImageNet's names; PIL reads by content), so the numbers must be the
+    golden ones."""
     root = tmp_path_factory.mktemp("imagenet")
     wnids = ["n01440764", "n01443537"]
     torch.save(({wnids[0]: ("tench",), wnids[1]: ("goldfish",)}, wnids * 3), root / "meta.bin")
     for i, png in enumerate(sorted((GOLDEN / "images").rglob("*.png"))):
         d = root / "val" / wnids[i // 3]
         d.mkdir(parents=True, exist_ok=True)
-        Image.open(png).convert("RGB").save(d / f"ILSVRC2012_val_{i + 1:08d}.JPEG", quality=95)
+        Image.open(png).convert("RGB").save(d / f"ILSVRC2012_val_{i + 1:08d}.JPEG", format="PNG")
     return root
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CONFIGS, GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, run_inprocess
+from conftest import GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, run_inprocess
 
 # paper 2's README, in its order (generate_adversarial_images.py has its own tests)
 README_COMMANDS = """\

@@ -1,4 +1,7 @@
 """The decomposition of prs_hook.py: sum rule, golden numbers, a naive second route, captures, unsupported towers."""
+import copy
+import warnings
+
 import numpy as np
 import open_clip
 import pytest
@@ -6,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import GOLDEN, tiny_model
-from prs_hook import UnsupportedModelError, check_supported, hook_prs_logger
+import prs_hook
+from prs_hook import PRSLogger, UnsupportedModelError, check_supported, hook_prs_logger
+from utils.cli import InputError
 from utils.factory import load_model
 
 VARIANTS = ["prsclip-tiny", "prsclip-tiny-quickgelu", "tiny-ls", "tiny-noln-p8"]
@@ -180,6 +185,104 @@ def test_finalize_before_forward_is_an_error():
     model, _ = tiny_model("prsclip-tiny")
     with pytest.raises(RuntimeError, match="encode_image"):
         hook_prs_logger(model, "cpu").finalize()
+
+
+# ----------------------------------------------------------------------------- float32 whatever the context
+def test_enclosing_autocast_changes_nothing():
+    """CPU autocast to bfloat16 around construction, forward and finalize: the same float32 numbers."""
+    model, _ = tiny_model("tiny-ls", seed=5)
+    x = _images(model, n=2)
+    _, r, attn, mlps = _decompose(model, x, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prs, r_ac, attn_ac, mlps_ac = _decompose(model, x, False)
+    assert attn_ac.dtype == mlps_ac.dtype == r_ac.dtype == torch.float32
+    torch.testing.assert_close(attn_ac, attn, atol=1e-7, rtol=0)
+    torch.testing.assert_close(mlps_ac, mlps, atol=1e-7, rtol=0)
+    torch.testing.assert_close(r_ac, r, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_model_is_upcast_not_modified(dtype):
+    """A half-precision model is decomposed exactly in float32: the terms are those of its weights in float32."""
+    model, _ = tiny_model("tiny-ls", seed=6)
+    half = copy.deepcopy(model).to(dtype)
+    x = _images(model, n=2)
+    with pytest.warns(UserWarning, match="float32 copy"):
+        prs = hook_prs_logger(half, "cpu", spatial=True)
+    r = prs.encode_image(x)
+    attn, mlps = prs.finalize(r)
+    assert next(half.parameters()).dtype == dtype  # the caller's model is left as it was
+    _, r32, attn32, mlps32 = _decompose(half.float(), x, True)  # the same weights, converted by the test
+    torch.testing.assert_close(attn, attn32, atol=1e-7, rtol=0)
+    torch.testing.assert_close(mlps, mlps32, atol=1e-7, rtol=0)
+    ref = F.normalize(half.float().encode_image(x).detach(), dim=-1)
+    torch.testing.assert_close(attn.flatten(1, -2).sum(1) + mlps.sum(1), ref, atol=1e-5, rtol=0)
+
+
+def _lossy_sdpa(q, k, v, *args, **kwargs):
+    """A fused-attention kernel with bfloat16 internals, as a stand-in for reduced-precision GPU kernels."""
+    out = torch.ops.aten.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), *args, **kwargs)
+    return out.to(q.dtype)
+
+
+@pytest.mark.parametrize("spatial", [False, True, "sum"])
+def test_terms_come_from_one_float32_softmax(monkeypatch, spatial):
+    """Whatever the fused kernel does, every logged term comes from one float32 CLS-row softmax: the terms
+    sum to the logged representation, and the pooled, spatial and CLS terms agree with each other."""
+    model, _ = tiny_model("prsclip-tiny", seed=7)
+    x = _images(model, n=2)
+    monkeypatch.setattr(prs_hook.F, "scaled_dot_product_attention", _lossy_sdpa)
+    prs = hook_prs_logger(model, "cpu", spatial=spatial, attention_maps=True)
+    r = prs.encode_image(x)
+    attn, mlps = prs.finalize(r)
+    total = attn.flatten(1, -2).sum(1) + mlps.sum(1)
+    torch.testing.assert_close(total, F.normalize(r, dim=-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(prs.attention_maps.sum(-1), torch.ones(2, 4, 4), atol=1e-6, rtol=0)
+    full = hook_prs_logger(model, "cpu", spatial=True)  # per head and token, from the same patched run
+    full_attn, _ = full.finalize(full.encode_image(x))
+    expected = {False: full_attn.sum(2), True: full_attn, "sum": full_attn.sum((1, 3))}[spatial]
+    torch.testing.assert_close(attn, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(prs.cls_attentions, full_attn[:, :, 0].sum(2), atol=1e-6, rtol=0)
+
+
+def test_other_device_gets_a_copy():
+    """A logger on another device than the model runs a copy there (meta: shapes only, no second device here)."""
+    model, _ = tiny_model("prsclip-tiny")
+    with pytest.warns(UserWarning, match="copy on meta"):
+        prs = hook_prs_logger(model, "meta")
+    r = prs.encode_image(_images(model, n=2))
+    attn, mlps = prs.finalize(r)
+    assert r.device.type == attn.device.type == mlps.device.type == "meta"
+    assert attn.shape == (2, 4, 4, 32) and mlps.shape == (2, 5, 32)
+    assert prs.visual is not model.visual and next(model.parameters()).device.type == "cpu"
+
+
+def test_same_dtype_and_device_uses_the_model_itself():
+    model, _ = tiny_model("prsclip-tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no copy, so no warning
+        assert hook_prs_logger(model, "cpu").visual is model.visual
+    assert PRSLogger(model).device == torch.device("cpu")
+
+
+def test_finalize_follows_the_representation_it_is_given():
+    model, _ = tiny_model("prsclip-tiny", seed=8)
+    x = _images(model, n=2)
+    prs = hook_prs_logger(model, "cpu")
+    r = prs.encode_image(x)
+    attn1, mlps1 = prs.finalize(r)
+    first = attn1.clone(), mlps1.clone(), prs.cls_attentions.clone()
+    assert prs.finalize(r)[0] is attn1  # same norm: the same tensors
+    scale = torch.tensor([2.0, 0.5])[:, None]
+    attn2, mlps2 = prs.finalize(r * scale)  # norms x2 and x0.5: terms /2 and x2
+    torch.testing.assert_close(attn2, first[0] / scale[:, :, None, None], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(mlps2, first[1] / scale[:, :, None], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(prs.cls_attentions, first[2] / scale[:, :, None], atol=1e-7, rtol=1e-6)
+    assert torch.equal(attn1, first[0])  # the earlier result is left as it was
+    attn3, _ = prs.finalize()  # back to the logged representation
+    torch.testing.assert_close(attn3, first[0], atol=1e-7, rtol=1e-6)
+    with pytest.raises(InputError, match=r"shape \[3, 32\]"):
+        prs.finalize(torch.ones(3, 32))
 
 
 # ----------------------------------------------------------------------------- unsupported towers

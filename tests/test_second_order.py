@@ -56,6 +56,14 @@ def test_uncached_maps_give_the_same_numbers(golden_quickgelu, images):
     torch.testing.assert_close(uncached, cached, atol=0, rtol=0)
 
 
+def test_enclosing_autocast_changes_nothing(golden_quickgelu, images):
+    expected, _ = SecondOrderEffects(golden_quickgelu, 1, "cpu")(images[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        effects, _ = SecondOrderEffects(golden_quickgelu, 1, "cpu")(images[:2])
+    assert effects.dtype == torch.float32
+    torch.testing.assert_close(effects, expected, atol=1e-6, rtol=0)
+
+
 def test_pcas_and_norms_match_golden():
     merged = np.load(SO / f"{STEM}_merged.npy")
     pcas, norms = neuron_pcas(merged, 3, progress=False)

@@ -71,21 +71,22 @@ def test_resume_after_crash_equals_uninterrupted_run(out, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         compute_second_order_neuron_prs.main(args)
     final = tmp_path / f"{STEM}_merged.npy"
+    progress = tmp_path / f"{STEM}_merged.npy.progress.json"
     assert not final.exists() and (tmp_path / f"{STEM}_merged.npy.partial").exists()
-    assert json.loads((tmp_path / f"{STEM}_merged.npy.progress.json").read_text())["done"] == 4
+    assert json.loads(progress.read_text())["done"] == 4
+    monkeypatch.undo()
+    # --resume of this real partial run with one setting changed (--coefficient) is refused, and leaves it as it was
+    partial = (tmp_path / f"{STEM}_merged.npy.partial").read_bytes()
+    args.coefficient, args.resume = 10.0, True
+    with pytest.raises(ValueError, match="different run"):
+        compute_second_order_neuron_prs.main(args)
+    assert json.loads(progress.read_text())["done"] == 4
+    assert (tmp_path / f"{STEM}_merged.npy.partial").read_bytes() == partial and not final.exists()
+    # the same settings resume it, and give the uninterrupted run's file
     res = run_script("compute_second_order_neuron_prs.py", *NEURONS, "--split", "train", "--output_dir", tmp_path,
                      "--resume")
     assert "Resuming at image 4 of 6" in res.stdout
     np.testing.assert_array_equal(np.load(final), np.load(out / f"{STEM}_merged.npy"))
-    # --resume with different settings is refused, not silently mixed
-    args.coefficient, args.resume = 10.0, True
-    monkeypatch.undo()
-    (tmp_path / "again").mkdir()
-    args.output_dir = str(tmp_path / "again")
-    shutil.copy(tmp_path / f"{STEM}_merged.npy", tmp_path / "again" / f"{STEM}_merged.npy.partial")
-    (tmp_path / "again" / f"{STEM}_merged.npy.progress.json").write_text(json.dumps({"done": 2, "meta": {}}))
-    with pytest.raises(ValueError, match="different run"):
-        compute_second_order_neuron_prs.main(args)
 
 
 def test_float16_storage(out, tmp_path):
@@ -200,7 +201,55 @@ def test_bad_inputs(out, tmp_path):
         compute_second_order_ablations.main(args)
 
 
-def test_help():
-    for module in (compute_second_order_neuron_prs, compute_pcas, compute_second_order_ablations):
-        text = module.get_args_parser().format_help()
-        assert "--mlp_layer" in text and "--model" in text
+# ----------------------------------------------------------------------------- flags with a visible effect
+def test_coefficient_scales_the_merged_file(out, tmp_path):
+    """--coefficient 50 gives half the paper's (100) effects."""
+    args = compute_second_order_neuron_prs.get_args_parser().parse_args(
+        NEURONS + ["--split", "train", "--output_dir", str(tmp_path), "--coefficient", "50"])
+    compute_second_order_neuron_prs.main(args)
+    np.testing.assert_allclose(np.load(tmp_path / f"{STEM}_merged.npy"), np.load(out / f"{STEM}_merged.npy") / 2,
+                               rtol=1e-6, atol=1e-8)
+
+
+def test_two_workers_give_the_same_file(out, tmp_path):
+    code, stdout, stderr = run_inprocess("compute_second_order_neuron_prs.py", *NEURONS, "--split", "train",
+                                         "--output_dir", tmp_path, "--num_workers", "2")
+    assert code == 0, stdout + stderr
+    np.testing.assert_array_equal(np.load(tmp_path / f"{STEM}_merged.npy"), np.load(out / f"{STEM}_merged.npy"))
+
+
+def _train_files(folder, dataset: str, split: str, classifier: np.ndarray):
+    """The golden merged/PCA/norm files as {dataset}_{split}_mlps_... and a classifier for {dataset}."""
+    folder.mkdir(exist_ok=True)
+    for kind in ("merged", "3_pca", "3_norm"):
+        shutil.copy(SO / f"{GOLDEN_STEM}_{kind}.npy", folder / f"{STEM.replace('golden_train', f'{dataset}_{split}')}"
+                                                              f"_{kind}.npy")
+    np.save(folder / f"{dataset}_classifier_prsclip-tiny-quickgelu.npy", classifier)
+
+
+def test_ablations_train_dataset_and_train_split(tmp_path):
+    """--train_dataset / --train_split pick the training files and classifier; by default they are --dataset
+    (without a trailing '_r') and 'train'."""
+    clf = np.load(GOLDEN / "ablations" / "classifier_random2.npy")
+
+    def ablate(inp, *extra):
+        args = compute_second_order_ablations.get_args_parser().parse_args(
+            MODEL + ["--mlp_layer", "1", "--top_k_pca", "3", "--dataset", "golden", "--data_path",
+                     str(GOLDEN / "images"), "--split", "val", "--num_workers", "0", "--input_dir", str(inp),
+                     "--output_dir", str(tmp_path / "res"), *extra])
+        return compute_second_order_ablations.main(args)["accuracy_percent"]
+
+    _train_files(tmp_path / "std", "golden", "train", clf)
+    expected = ablate(tmp_path / "std")
+    assert expected["baseline"] != 50  # so that the swapped classifier below changes it
+    assert ablate(tmp_path / "std", "--dataset", "golden_r") == expected  # golden_r -> golden's training files
+    # another training set beside a decoy under the default name (classes swapped: other accuracies)
+    _train_files(tmp_path / "two", "golden", "train", clf[:, ::-1].copy())
+    _train_files(tmp_path / "two", "trainset", "train", clf)
+    assert ablate(tmp_path / "two", "--train_dataset", "trainset") == expected
+    assert ablate(tmp_path / "two")["baseline"] == pytest.approx(100 - expected["baseline"])
+    # another split: only found with --train_split
+    _train_files(tmp_path / "split", "golden", "other", clf)
+    with pytest.raises(FileNotFoundError, match=f"{STEM}_merged.npy"):
+        ablate(tmp_path / "split")
+    assert ablate(tmp_path / "split", "--train_split", "other") == expected

@@ -440,3 +440,83 @@ def test_topk_similar_is_exact():
     torch.testing.assert_close(scores, sims.sort(descending=True).values[:5])
     _, idx = topk_similar(bank[7], bank, 5, exclude=7)
     assert 7 not in idx.tolist() and len(idx) == 5
+
+
+# ----------------------------------------------------------------------------- flags: --thr, --mask_resize, ...
+OUTPUTS = ("heatmaps", "per_image_metrics", "precision", "recall")
+
+
+def _seg_run(root: Path, synthetic_mat, *extra) -> dict:
+    """compute_segmentations.py on the synthetic file (landscape, portrait and square images): its arrays."""
+    path, _, _ = synthetic_mat
+    code, out, err = run_inprocess("compute_segmentations.py", *TINY_ARGS, *SEG_ARGS, "--data_path", str(path),
+                                   "--output_dir", str(root), "--batch_size", "2", *extra)
+    assert code == 0, out + err
+    folder = next(root.glob("*_segmentation_*"))
+    return {"dir": folder, **{k: np.load(folder / f"{k}.npy") for k in OUTPUTS}}
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, synthetic_mat):
+    return _seg_run(tmp_path_factory.mktemp("seg_default"), synthetic_mat, "--save_img")
+
+
+def test_cli_thr_clamps_the_curve_scores(tmp_path, synthetic_mat, default_run):
+    """--thr 0.5: the saved heatmaps (the PR curve's scores) are the default ones clamped at 0.5 (the maps are
+    min-max normalised, so their max is 1); the per-image counts and AP do not use it."""
+    run = _seg_run(tmp_path, synthetic_mat, "--thr", "0.5")
+    heat = default_run["heatmaps"]
+    assert (heat < 0.5).mean() > 0.3  # the clamp changes many pixels
+    np.testing.assert_array_equal(run["heatmaps"], np.maximum(heat, np.float32(0.5)))
+    np.testing.assert_array_equal(run["per_image_metrics"], default_run["per_image_metrics"])
+    masks = np.stack(_script_masks(default_run["dir"], len(heat)))
+    pr, rc, _ = precision_recall_curve(masks.ravel(), np.maximum(heat, np.float32(0.5)).ravel())
+    np.testing.assert_array_equal(run["precision"], pr)
+    np.testing.assert_array_equal(run["recall"], rc)
+
+
+def _script_masks(folder: Path, n: int) -> list:
+    """The target masks and predicted foregrounds the script used, from its --save_img pictures."""
+    import matplotlib.image as mpimg
+
+    return [mpimg.imread(folder / f"images/{i:05d}_gt.png")[..., 0] > 0.5 for i in range(n)]
+
+
+def _crop_mask(mask: np.ndarray, S: int) -> np.ndarray:
+    """Written out: shorter side to S by nearest neighbour (pixel centres, as PIL), long side int(S * long /
+    short) (torchvision's Resize), then the centre S x S with torchvision's CenterCrop offsets."""
+    h, w = mask.shape
+    nh, nw = (S, int(S * w / h)) if h <= w else (int(S * h / w), S)
+    rows = np.floor((np.arange(nh) + 0.5) * h / nh).astype(int)
+    cols = np.floor((np.arange(nw) + 0.5) * w / nw).astype(int)
+    top, left = int(round((nh - S) / 2)), int(round((nw - S) / 2))
+    return mask[rows][:, cols][top:top + S, left:left + S]
+
+
+def test_cli_mask_resize_crop_and_train_dataset(tmp_path, synthetic_mat, default_run):
+    """--mask_resize crop: the masks get the image's geometry (resize + centre crop), so on non-square images they
+    differ from the default stretch, and the counts are taken against them. --train_dataset names the folder."""
+    import matplotlib.image as mpimg
+
+    _, _, masks = synthetic_mat
+    run = _seg_run(tmp_path, synthetic_mat, "--mask_resize", "crop", "--train_dataset", "cropped", "--save_img")
+    assert run["dir"].name == "cropped_segmentation_prsclip-tiny_prsclip-tiny_seed0"
+    np.testing.assert_array_equal(run["heatmaps"], default_run["heatmaps"])  # the images are the same
+    used = _script_masks(run["dir"], len(masks))
+    stretched = _script_masks(default_run["dir"], len(masks))
+    metrics = run["per_image_metrics"]
+    for i, mask in enumerate(masks):
+        expected = _crop_mask(mask, 64) == 1
+        np.testing.assert_array_equal(used[i], expected, err_msg=f"image {i} {mask.shape}")
+        square = mask.shape[0] == mask.shape[1]
+        assert np.array_equal(used[i], stretched[i]) == square, i
+        fg = mpimg.imread(run["dir"] / f"images/{i:05d}_mask.png")[..., 0] > 0.5  # the predicted foreground
+        assert metrics[i, 3] == (fg & expected).sum() and metrics[i, 5] == (fg | expected).sum()  # inter, union fg
+        assert metrics[i, 2] == (~fg & ~expected).sum() and metrics[i, 1] == 64 * 64
+
+
+def test_cli_two_workers(tmp_path, synthetic_mat, default_run):
+    """--num_workers 2 (the HDF5 file opened in each worker): the same outputs as in-process loading."""
+    run = _seg_run(tmp_path, synthetic_mat, "--num_workers", "2")
+    for k in OUTPUTS:
+        np.testing.assert_array_equal(run[k], default_run[k], err_msg=k)

@@ -137,6 +137,14 @@ def test_nnlasso_matches_sklearn_lasso_positive():
     np.testing.assert_array_equal(got > 0, ref > 1e-12)
     np.testing.assert_allclose(got, ref, atol=1e-6)
     assert 0 < (got > 0).sum(1).mean() < T  # the penalty made it sparse
+    # the objective both minimise (ours: |v - w C|^2 + l1 sum(w)): the same minimum
+    np.testing.assert_allclose(nnlasso_objective(got, C, V, l1), nnlasso_objective(ref, C, V, l1), rtol=1e-9)
+
+
+def nnlasso_objective(W: np.ndarray, C: np.ndarray, V: np.ndarray, l1: float) -> np.ndarray:
+    """Per signal: |v - w C|^2 + l1 * sum(w), in float64 [n]."""
+    W, C, V = (np.asarray(a, np.float64) for a in (W, C, V))
+    return ((V - W @ C) ** 2).sum(1) + l1 * W.sum(1)
 
 
 def test_nnlasso_iterates_equal_splice_cholesky_and_seed():
@@ -228,8 +236,14 @@ def test_decompose_dispatch():
     assert m.shape == (7, 60) and (np.diff(m.indptr) == 4).all() and m.dtype == np.float32
     ref = SparseCoder(dictionary=D, transform_algorithm="omp", transform_n_nonzero_coefs=4).transform(X)
     np.testing.assert_allclose(m.toarray(), ref, atol=1e-4)
-    m = decompose(D, X, "nnlasso", 4, l1_penalty=2.0, max_iter=300)
-    assert m.shape == (7, 60) and (m.data > 0).all()
+    m = decompose(D, X, "nnlasso", 4, l1_penalty=2.0)
+    assert m.shape == (7, 60) and m.dtype == np.float32 and (m.data > 0).all()
+    ref = np.stack([Lasso(alpha=2.0 / (2 * 10), fit_intercept=False, positive=True, max_iter=100000, tol=1e-12)
+                    .fit(D.T.astype(np.float64), x.astype(np.float64)).coef_ for x in X])  # same minimiser
+    np.testing.assert_array_equal(m.toarray() > 0, ref > 1e-12)
+    np.testing.assert_allclose(m.toarray(), ref, atol=1e-5)
+    np.testing.assert_allclose(nnlasso_objective(m.toarray(), D, X, 2.0), nnlasso_objective(ref, D, X, 2.0),
+                               rtol=1e-6)
     with pytest.raises(ValueError, match="--solver"):
         decompose(D, X, "lars", 4)
 

@@ -105,12 +105,6 @@ def expected_accuracy(fx, js, norm):
     return acc
 
 
-def test_help():
-    res = run_script(SCRIPT, "--help")
-    for flag in ("--solver", "--dictionary_norm", "--l1_penalty", "--transform_alpha", "--evaluate", "per_text"):
-        assert flag in res.stdout
-
-
 def test_omp_per_dimension_evaluate(fx):
     """The original's setting: files equal scikit-learn's SparseCoder on the original dictionary; --evaluate."""
     res = run_script(SCRIPT, *args_for(fx, "--evaluate"))
@@ -237,3 +231,38 @@ def test_bad_inputs(fx, tmp_path):
     np.save(out / f"golden_train_mlps_{MODEL}_{PRETRAINED}_1_3_pca.npy", fx["pcas"][:100])
     err = bad_in_process(fx, ValueError, "--evaluate", dirs={"out": out})
     assert "[100, 32]" in err and "[256, 32]" in err
+
+
+# ----------------------------------------------------------------------------- flags with a visible effect
+def test_coefficient_scales_the_dictionary(fx, tmp_path):
+    """--coefficient 50: the dictionary is half as long, so OMP picks the same texts with twice the coefficients
+    (scikit-learn's SparseCoder on the dictionary built here with that coefficient)."""
+    shutil.copy(fx["out"] / f"golden_train_mlps_{MODEL}_{PRETRAINED}_1_3_pca.npy", tmp_path)
+    run_script(SCRIPT, *args_for(fx, "--coefficient", "50", dirs={"out": tmp_path}))
+    _, codes = outputs({"out": tmp_path}, f"golden_mlps_{MODEL}_{PRETRAINED}_1_toy_decomposition_omp_1.0_5")
+    D = (dictionary(fx["texts"], "per_dimension") / 2).astype(np.float32)
+    ref = SparseCoder(dictionary=D, transform_algorithm="omp", transform_n_nonzero_coefs=5).transform(fx["pcas"])
+    np.testing.assert_array_equal(codes.toarray() != 0, ref != 0)
+    np.testing.assert_allclose(codes.toarray(), ref, atol=2e-5)
+    assert np.abs(ref).max() > 1e-3  # so the default coefficient's codes (half of these) would fail the check
+
+
+def test_train_split_names_the_training_files(fx, tmp_path):
+    """--train_split: the PCs and (with --evaluate) the merged file are read from that split's names."""
+    inp, out = tmp_path / "inp", tmp_path / "out"
+    shutil.copytree(fx["inp"], inp)
+    out.mkdir()
+    train = f"golden_train_mlps_{MODEL}_{PRETRAINED}_1"
+    other = train.replace("_train_", "_other_")
+    (inp / f"{train}_merged.npy").rename(inp / f"{other}_merged.npy")
+    shutil.copy(fx["out"] / f"{train}_3_pca.npy", out / f"{other}_3_pca.npy")
+    err = bad_in_process(fx, FileNotFoundError, dirs={"inp": inp, "out": out})
+    assert f"{train}_3_pca.npy" in err
+    run_script(SCRIPT, *args_for(fx, "--train_split", "other", "--evaluate", dirs={"inp": inp, "out": out}))
+    stem = f"golden_mlps_{MODEL}_{PRETRAINED}_1_toy_decomposition_omp_1.0_5"
+    js, codes = outputs({"out": out}, stem)
+    ref = SparseCoder(dictionary=dictionary(fx["texts"], "per_dimension").astype(np.float32),
+                      transform_algorithm="omp", transform_n_nonzero_coefs=5).transform(fx["pcas"])
+    np.testing.assert_allclose(codes.toarray(), ref, atol=1e-5)
+    ev = json.loads((out / f"{stem}_evaluation.json").read_text())
+    assert ev["accuracy_percent"] == pytest.approx(expected_accuracy(fx, js, "per_dimension"))

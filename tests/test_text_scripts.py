@@ -5,9 +5,10 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, run_script
-from utils.textspan import svd_data_approx, text_span
+from conftest import GOLDEN, REPO, TINY_ARGS, run_inprocess, run_script
+from utils.textspan import svd_data_approx, textspan_reference_numpy
 
 IMAGES = GOLDEN / "images"
 MODEL = "prsclip-tiny"
@@ -47,14 +48,17 @@ def test_text_set_projection_output(workdir):
     emb = np.load(workdir / "out" / f"small60_{MODEL}.npy")
     assert emb.shape == (60, 32) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    # row i is line i: the same text embedded in-process gives the same row
-    import open_clip
-    from utils.text import encode_texts
 
-    model, _, _ = open_clip.create_model_and_transforms(MODEL, pretrained=str(GOLDEN_WEIGHTS))
-    line = (workdir / "texts" / "small60.txt").read_text().splitlines()[17]
-    row = encode_texts(model.eval(), open_clip.get_tokenizer(MODEL), [line], "cpu", progress=False)[0]
-    np.testing.assert_allclose(emb[17], row.numpy(), atol=1e-5)
+
+def test_text_set_projection_matches_golden(tmp_path):
+    """The golden 240 prompts as a text set: row i is the original's encode_text of line i, normalised."""
+    shutil.copy(GOLDEN / "text" / "prompts.txt", tmp_path / "prompts.txt")
+    code, out, err = run_inprocess("compute_text_set_projection.py", *TINY_ARGS, "--data_path",
+                                   tmp_path / "prompts.txt", "--output_dir", tmp_path, "--batch_size", 100)
+    assert code == 0, out + err
+    ref = np.load(GOLDEN / "text" / "encode_text.npy")
+    np.testing.assert_allclose(np.load(tmp_path / f"prompts_{MODEL}.npy"),
+                               ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5, rtol=0)
 
 
 def test_text_set_projection_bad_input(workdir, tmp_path):
@@ -68,6 +72,34 @@ def test_text_set_projection_bad_input(workdir, tmp_path):
     args = script.get_args_parser().parse_args([*TINY_ARGS, "--data_path", str(tmp_path / "missing.txt")])
     with pytest.raises(FileNotFoundError, match="missing.txt: text set not found"):
         script.main(args)
+
+
+def expected_textspan(data, features, lines, iters, rank):
+    """The expected TextSpan of one head: the straightforward float64 port (checked against the golden run in
+    test_textspan.py), not the batched code the script runs. Returns (reconstruction, texts)."""
+    rec, idx = textspan_reference_numpy(data, features, iters, rank, dtype=np.float64)
+    return rec, [lines[i] for i in idx]
+
+
+@pytest.mark.parametrize("run", ["rank32", "rank5"])
+def test_complete_text_set_golden(tmp_path, run):
+    """The golden TextSpan case through the script: head (3, 0) of the golden attn file with the golden 40 texts
+    picks the original's texts, in order."""
+    for kind in ("attn", "mlp", "cls_attn", "classifier"):
+        shutil.copy(GOLDEN / "prs" / f"golden_{kind}_{MODEL}.npy", tmp_path)
+    shutil.copy(GOLDEN / "prs" / "golden_labels.npy", tmp_path)
+    shutil.copy(GOLDEN / "textspan" / "text_features.npy", tmp_path / f"golden40_{MODEL}.npy")
+    shutil.copy(GOLDEN / "textspan" / "texts.txt", tmp_path / "golden40.txt")
+    spec = json.loads((GOLDEN / "textspan" / "textspan.json").read_text())["runs"][run]
+    code, out, err = run_inprocess("compute_complete_text_set.py", "--model", MODEL, "--dataset", "golden",
+                                   "--input_dir", tmp_path, "--output_dir", tmp_path, "--text_descriptions",
+                                   "golden40", "--text_dir", tmp_path, "--device", "cpu", "--num_of_last_layers", 1,
+                                   "--texts_per_head", 5, "--w_ov_rank", spec["w_ov_rank"])
+    assert code == 0, out + err
+    summary = json.loads((tmp_path / f"golden_completeness_golden40_top_5_heads_{MODEL}.json").read_text())
+    head = summary["heads"][0]
+    assert (head["layer"], head["head"]) == (3, 0)
+    assert head["texts"] == spec["texts"] and head["text_indices"] == spec["text_indices"]
 
 
 def _complete_args(workdir, *extra):
@@ -103,15 +135,16 @@ def test_complete_text_set_textspan(workdir):
     # the texts of one head are those of the in-memory TextSpan on that head's column of the attn file
     attn = np.load(workdir / "out" / f"{DATASET}_attn_{MODEL}.npy")
     emb = np.load(workdir / "out" / f"small60_{MODEL}.npy")
-    _, chosen = text_span(attn[:, 3, 1], emb, lines, 4, 5)
-    assert summary["heads"][5]["texts"] == chosen
+    for rec in summary["heads"]:
+        _, chosen = expected_textspan(attn[:, rec["layer"], rec["head"]], emb, lines, 4, 5)
+        assert rec["texts"] == chosen
     # the final accuracy: MLPs + earlier layers mean-ablated + replaced heads, against the labels file
     W = np.load(workdir / "out" / f"{DATASET}_classifier_{MODEL}.npy")
     labels = np.load(workdir / "out" / f"{DATASET}_labels.npy")[:, 0]  # the class column of [B, 2]
     a = attn.copy()
     a[:, :2] = a[:, :2].mean(0)
     for i, rec in enumerate(summary["heads"]):
-        a[:, rec["layer"], rec["head"]] = text_span(attn[:, rec["layer"], rec["head"]], emb, lines, 4, 5)[0]
+        a[:, rec["layer"], rec["head"]] = expected_textspan(attn[:, rec["layer"], rec["head"]], emb, lines, 4, 5)[0]
     rep = a.sum((1, 2)) + np.load(workdir / "out" / f"{DATASET}_mlp_{MODEL}.npy").sum(1)
     assert acc == pytest.approx(((rep @ W).argmax(-1) == labels).mean() * 100)
 
@@ -195,6 +228,54 @@ def test_use_specific_heads(workdir):
     assert len(summary["random"]["worst_group_per_trial"]) == 3
 
 
+def test_use_specific_heads_chunk(workdir, tmp_path, monkeypatch):
+    """--chunk 4 (6 images: a partial last chunk): reads in chunks of 4, the same summary as the default."""
+    import utils.waterbirds
+
+    seen, real = [], utils.waterbirds.head_logits
+    monkeypatch.setattr(utils.waterbirds, "head_logits", lambda *a: seen.append(a[-1]) or real(*a))
+    results = {}
+    for chunk in ("1024", "4"):
+        code, out, err = run_inprocess("compute_use_specific_heads.py", "--model", MODEL, "--input_dir",
+                                       workdir / "out", "--figures_dir", tmp_path / chunk, "--heads", "3.1,2.0",
+                                       "--num_of_last_layers", 2, "--random_trials", 3, "--seed", 1, "--chunk", chunk)
+        assert code == 0, out + err
+        results[chunk] = json.loads((tmp_path / chunk / f"binary_waterbirds_specific_heads_{MODEL}.json").read_text())
+        results[chunk].pop("args", None)
+    assert seen == [1024, 4]
+    assert results["4"] == results["1024"]
+
+
+def test_complete_text_set_chunk_and_stats_dtype(workdir, tmp_path, monkeypatch):
+    """--chunk 4 reads the heads' statistics 4 images at a time: the same texts and accuracies (float64 sums);
+    --stats_dtype float32 takes the per-chunk products in float32: the same texts (the picks have margins far
+    above float32 error) and stds within float32 noise."""
+    from utils.textspan import HeadStatsAccumulator
+
+    seen, real_update = [], HeadStatsAccumulator.update
+    monkeypatch.setattr(HeadStatsAccumulator, "update",
+                        lambda self, x: seen.append((self.chunk_dtype, x.shape[1])) or real_update(self, x))
+    summaries = {}
+    for name, extra in [("default", []), ("chunk", ["--chunk", 4]), ("float32", ["--stats_dtype", "float32"])]:
+        seen.clear()
+        code, out, err = run_inprocess("compute_complete_text_set.py", *_complete_args(
+            workdir, "--num_of_last_layers", 2, "--texts_per_head", 4, "--w_ov_rank", 5, "--output_dir",
+            tmp_path / name, *extra))
+        assert code == 0, out + err
+        summaries[name] = json.loads((tmp_path / name / f"{DATASET}_completeness_small60_top_4_heads_{MODEL}.json")
+                                     .read_text())
+        chunks = [n for _, n in seen]
+        assert {dt for dt, _ in seen} == {torch.float32 if name == "float32" else torch.float64}
+        assert chunks == ([4, 2] if name == "chunk" else [6])
+    base = summaries["default"]
+    for name, rtol in [("chunk", 1e-9), ("float32", 1e-3)]:
+        s = summaries[name]
+        assert s["accuracy"] == base["accuracy"] and s["accuracy_curve"] == base["accuracy_curve"]
+        for h, h0 in zip(s["heads"], base["heads"]):
+            assert h["texts"] == h0["texts"]
+            np.testing.assert_allclose(h["std"], h0["std"], rtol=rtol)
+
+
 def test_use_specific_heads_bad_inputs(workdir):
     import compute_use_specific_heads as script
 
@@ -215,19 +296,3 @@ def test_use_specific_heads_bad_inputs(workdir):
     res = run_script("compute_use_specific_heads.py", "--model", MODEL, "--input_dir", flat, "--heads", "3.1",
                      "--figures_dir", workdir / "figs", check=False)
     assert res.returncode == 2 and "need [B, 2]" in res.stderr
-
-
-def test_help_documents_original_flags_and_defaults():
-    import compute_complete_text_set
-    import compute_text_set_projection
-    import compute_use_specific_heads
-
-    h = " ".join(compute_complete_text_set.get_args_parser().format_help().split())
-    for flag in ["--model", "--dataset", "--input_dir", "--output_dir", "--text_descriptions", "--text_dir",
-                 "--num_of_last_layers", "--w_ov_rank", "--texts_per_head", "--device", "--algorithm"]:
-        assert flag in h
-    assert "default 4, as the paper commands; original default 8" in h and "original default 10" in h
-    h = compute_text_set_projection.get_args_parser().format_help()
-    assert all(f in h for f in ["--model", "--pretrained", "--data_path", "--batch_size", "--output_dir", "--device"])
-    h = compute_use_specific_heads.get_args_parser().format_help()
-    assert all(f in h for f in ["--heads", "--random_trials", "--seed", "--figures_dir", "--input_dir"])

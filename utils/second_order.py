@@ -1,6 +1,6 @@
 """Second-order effects of MLP neurons through later attention heads (paper 2), batched; its files and inputs.
 
-Definitions (DESIGN.md section 4, tests/golden/README.md quirk Q1). For MLP layer ``m`` (M neurons), neuron
+Definitions (docs/design.md section 4, tests/golden/README.md quirk Q1). For MLP layer ``m`` (M neurons), neuron
 ``k``, a later layer ``l > m`` (0-based, so ``1 + 2l`` terms make up the residual entering block ``l``), head
 ``h`` and every token ``n`` of one image::
 
@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from prs_hook import _layer_scale, hook_prs_logger
+from prs_hook import _layer_scale, autocast_off, hook_prs_logger
 from utils.cli import InputError
 
 COEFFICIENT = 100.0  # the papers' scale factor on the normalised output
@@ -78,7 +78,8 @@ class SecondOrderEffects:
         self.out_dim = self.prs.out_dim
         per_layer = self.num_neurons * H * self.out_dim * 4
         n_cached = min(len(self.later_layers), max(0, int(cache_bytes // per_layer)))
-        self._cache = {l: self._layer_maps(l) for l in self.later_layers[:n_cached]}
+        with autocast_off(self.device):
+            self._cache = {l: self._layer_maps(l) for l in self.later_layers[:n_cached]}
 
     @property
     def num_terms(self) -> int:
@@ -124,8 +125,13 @@ class SecondOrderEffects:
 
         Returns ``(effects, representation)``: effects ``[b, K, d]`` summed over later layers and heads (with
         ``per_head=True``: ``[b, J, K, d]``, J = (later layer, head) pairs in order ``(l - m - 1) * H + h``;
-        meant for small models), and the unnormalised embedding ``[b, d]``; float32 on ``self.device``.
+        meant for small models), and the unnormalised embedding ``[b, d]``; float32 on ``self.device``, with
+        autocast off (like ``PRSLogger``).
         """
+        with autocast_off(self.device):
+            return self._effects(images, per_head)
+
+    def _effects(self, images: torch.Tensor, per_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
         prs = self.prs
         representation = prs.encode_image(images)
         post = prs.post_gelu[self.mlp_layer].float()  # [b, N, K]
