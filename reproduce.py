@@ -299,14 +299,14 @@ def splice(p: Plan) -> tuple[list[Step], list[Section]]:
         model = ["-model", p.model, *(["--pretrained", p.pretrained] if p.pretrained else []),
                  *(["-device", p.args.device] if p.args.device else [])]
         data = ["-dataset", "CIFAR10", "-data_path", p.path("cifar10")]
-    steps = []
-    if p.smoke:
+    steps, loader = [], p.loader_flags()
+    if p.smoke:  # SpLiCE ships image means for its own backbones only
         steps.append(Step("image_mean", "compute_image_mean.py",
-                          ["--model_config", "tests/configs", "--model", "prsclip-tiny", "--pretrained",
-                           SMOKE_MODEL[-1], "--device", "cpu", "--dataset", "golden", "--data_path",
-                           "tests/golden/images", "--output", o / "image_mean.npy"], [o / "image_mean.npy"]))
-    steps.append(Step("decompose", "decompose_data.py", [*model, *data, "-l1_penalty", penalty, "-out_path", out],
-                      [out], needs=tuple(s.name for s in steps), data="cifar10"))
+                          [*SMOKE_MODEL, "--device", "cpu", "--dataset", "golden", "--data_path", "tests/golden/images",
+                           *loader, "--output", o / "image_mean.npy"], [o / "image_mean.npy"], streaming=True))
+    steps.append(Step("decompose", "decompose_data.py",
+                      [*model, *data, *loader, "-l1_penalty", penalty, "-out_path", out], [out],
+                      needs=tuple(s.name for s in steps), data="cifar10"))
     ctx = {"model": p.model, "dataset": "CIFAR10" if not p.smoke else "golden", "l1_penalty": penalty}
     sections = [Section(f"SpLiCE decomposition of CIFAR-10, l1 penalty {penalty}", "decompose", out,
                         [Row("average L0 (concepts per image)", "Average Decomposition L0 Norm", "splice_average_l0",
