@@ -47,7 +47,6 @@ TEXTS = "text_descriptions"
 SMOKE_MODEL = ["--model_config", "tests/configs", "--model", "prsclip-tiny",
                "--pretrained", "tests/golden/prsclip-tiny_seed0.safetensors"]
 SMOKE_SEGMENTATION = REPO / "tests/golden/segmentation/gtsegs_golden.mat"  # 3 images, 64 x 64
-SMOKE_IMAGES = REPO / "tests/golden/images"  # an ImageFolder of 6 photos
 DEFAULTS = {"paper1": ("ViT-B-16", "laion2b_s34b_b88k"), "paper2": ("ViT-B-32", "openai"),
             "splice": ("open_clip:ViT-B-32", None)}
 DATA_FLAGS = ("imagenet", "imagenet_seg", "waterbirds", "cifar10")
@@ -85,7 +84,7 @@ class Plan:
         self.model, self.pretrained = args.model, args.pretrained
         self.data = {k: getattr(args, k) for k in DATA_FLAGS}
         if self.smoke:  # the tiny model, bundled photos, a synthetic segmentation file and Waterbirds
-            self.data.update(imagenet="sample", imagenet_seg=str(SMOKE_SEGMENTATION), cifar10=str(SMOKE_IMAGES),
+            self.data.update(imagenet="sample", imagenet_seg=str(SMOKE_SEGMENTATION), cifar10="sample",
                              waterbirds=str(self.out / "smoke_data" / "waterbirds"))
         self.pretrained_arg = SMOKE_MODEL[-1] if self.smoke else self.pretrained  # as --pretrained says it
 
@@ -94,7 +93,7 @@ class Plan:
         if self.smoke:
             return list(SMOKE_MODEL) + self.device_flags()
         a = self.args
-        return ["--model", self.model, "--pretrained", self.pretrained,
+        return ["--model", self.model, *(["--pretrained", self.pretrained] if self.pretrained else []),
                 *(["--model_config", a.model_config] if a.model_config else []),
                 *(["--force_quick_gelu"] if a.force_quick_gelu else []), *self.device_flags()]
 
@@ -291,29 +290,20 @@ def splice(p: Plan) -> tuple[list[Step], list[Section]]:
     """SpLiCE: CIFAR-10 test set decomposed at l1 penalty 0.35 (average L0 and cosine, as its README)."""
     o, penalty = p.out, 0.35
     out = o / "cifar10_decomp.txt"
-    if p.smoke:
-        model = ["-model", "prsclip-tiny", "--pretrained", SMOKE_MODEL[-1], "--model_config", "tests/configs",
-                 "-device", "cpu", "-vocab", f"{TEXTS}/common_words_3500.txt", "-vocab_size", "0"]
-        data = ["-dataset", "golden", "-data_path", "tests/golden/images", "--image_mean", o / "image_mean.npy"]
-    else:
-        model = ["-model", p.model, *(["--pretrained", p.pretrained] if p.pretrained else []),
-                 *(["-device", p.args.device] if p.args.device else [])]
-        data = ["-dataset", "CIFAR10", "-data_path", p.path("cifar10")]
-    steps, loader = [], p.loader_flags()
-    if p.smoke:  # SpLiCE ships image means for its own backbones only
-        steps.append(Step("image_mean", "compute_image_mean.py",
-                          [*SMOKE_MODEL, "--device", "cpu", "--dataset", "golden", "--data_path", "tests/golden/images",
-                           *loader, "--output", o / "image_mean.npy"], [o / "image_mean.npy"], streaming=True))
-    steps.append(Step("decompose", "decompose_data.py",
-                      [*model, *data, *loader, "-l1_penalty", penalty, "-out_path", out], [out],
-                      needs=tuple(s.name for s in steps), data="cifar10"))
-    ctx = {"model": p.model, "dataset": "CIFAR10" if not p.smoke else "golden", "l1_penalty": penalty}
+    # smoke: a text file as the vocabulary, and the tiny model's image mean (SpLiCE ships means for its models only)
+    smoke = ["-vocab", f"{TEXTS}/common_words_3500.txt", "-vocab_size", "0",
+             "--image_mean", "tests/golden/splice/image_mean.npy"] if p.smoke else []
+    data = [*p.images("cifar10", "CIFAR10"), *smoke]
+    steps = [Step("decompose", "decompose_data.py",
+                  [*p.model_flags(), *data, *p.loader_flags(), "-l1_penalty", penalty, "-out_path", out], [out],
+                  data="cifar10")]
+    ctx = {"model": p.model, "dataset": p.dataset("CIFAR10"), "l1_penalty": penalty}
     sections = [Section(f"SpLiCE decomposition of CIFAR-10, l1 penalty {penalty}", "decompose", out,
                         [Row("average L0 (concepts per image)", "Average Decomposition L0 Norm", "splice_average_l0",
                              1, 4),
                          Row("average cosine(CLIP, SpLiCE)", "Average CLIP, SpLiCE Cosine Sim",
                              "splice_average_cosine", 1, 4)],
-                        files=[out], context=ctx, read=read_key_values)]
+                        context=ctx, read=read_key_values)]
     return steps, sections
 
 
