@@ -5,7 +5,7 @@
     python reproduce.py paper2 --model ViT-B-32 --pretrained openai --imagenet PATH [--imagenet_seg FILE] \\
         --mlp_layers 9 --output_dir runs/b32
     python reproduce.py splice --model open_clip:ViT-B-32 --cifar10 PATH --output_dir runs/splice
-    python reproduce.py paper1 --smoke --output_dir /tmp/smoke   # the tiny test model on bundled photos, ~1 min CPU
+    python reproduce.py paper1 --smoke --output_dir /tmp/smoke   # tiny test model, bundled photos: <1 min of CPU
 
 Every step is one of this repository's scripts, run as a subprocess from the repository root; its exact command
 line is printed first (and listed in REPORT.md), so any step can be rerun alone. Running the same command again:
@@ -458,7 +458,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry_run", action="store_true", help="print the plan and what would run; run nothing")
     parser.add_argument("--fresh", action="store_true", help="rerun every step from scratch (no skipping, no resume)")
     parser.add_argument("--smoke", action="store_true", help="the tiny test model on the bundled photos and "
-                        "small synthetic files, end to end in about a minute on CPU (checks the plumbing, not "
+                        "small synthetic files, end to end in under a minute of CPU time (checks the plumbing, not "
                         "the numbers)")
     return parser
 
