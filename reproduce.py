@@ -135,7 +135,7 @@ def paper1(p: Plan) -> tuple[list[Step], list[Section]]:
     o, m = p.out, p.model
     ds, seg_ds, wb = p.dataset("imagenet"), "imagenet_seg", "binary_waterbirds"
     text_set = "image_descriptions_3500" if p.smoke else "image_descriptions_general"
-    texts_per_head, layers = (5, 4) if p.smoke else (20, 4)
+    texts_per_head, layers = 5 if p.smoke else 20, 4  # the paper's TextSpan: 20 texts, last 4 layers
     heads = ["--heads", "3.0,3.1,2.2", "--random_trials", "3"] if p.smoke else ["--random_trials", "10"]
     abl, span = ablations_stem(ds, m), completeness_stem(ds, text_set, texts_per_head, m)
     seg = segmentation_dir(o, seg_ds, m, p.pretrained)
@@ -211,7 +211,7 @@ def paper2(p: Plan) -> tuple[list[Step], list[Section]]:
     o, m, pre = p.out, p.model, p.pretrained
     ds = p.dataset("imagenet")
     text_set = "common_words_3500" if p.smoke else "30k"
-    top_k, components = (3, 4) if p.smoke else (100, 128)
+    top_k, components, alpha = (3, 4, 1.0) if p.smoke else (100, 128, 1.0)
     model, loader = p.model_flags(), p.loader_flags()
     images = p.images("imagenet", "imagenet")
     steps = [
@@ -230,7 +230,7 @@ def paper2(p: Plan) -> tuple[list[Step], list[Section]]:
     for layer in p.args.mlp_layers:
         so = second_order_paths(o, ds, "train", m, pre, layer, top_k)
         abl = second_order_ablations_path(o, ds, "val", m, pre, layer, top_k)
-        stem = sparse_decomposition_stem(ds, m, pre, layer, text_set, "omp", 1.0, components)
+        stem = sparse_decomposition_stem(ds, m, pre, layer, text_set, "omp", alpha, components)
         per_layer = [
             Step(f"neuron_prs_L{layer}", "compute_second_order_neuron_prs.py",
                  [*model, "--mlp_layer", layer, *images, *loader, "--output_dir", o],
@@ -247,7 +247,8 @@ def paper2(p: Plan) -> tuple[list[Step], list[Section]]:
                  group="ablations"),
             Step(f"sparse_L{layer}", "compute_sparse_decomposition.py",
                  [*model, "--mlp_layer", layer, "--top_k_pca", top_k, "--components", components,
-                  "--text_descriptions", text_set, "--descriptions_dir", TEXTS, "--input_dir", o, "--output_dir", o,
+                  "--transform_alpha", alpha, "--text_descriptions", text_set, "--descriptions_dir", TEXTS,
+                  "--input_dir", o, "--output_dir", o,
                   "--evaluate", *images, "--split", "val", *loader],
                  [o / f"{stem}.json", o / f"{stem}.npz", o / f"{stem}_fit.png", o / f"{stem}_evaluation.json"],
                  needs=(f"pcas_L{layer}", "classifier", "text_embeddings"), data="imagenet", group="sparse"),
