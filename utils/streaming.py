@@ -1,9 +1,9 @@
-"""The streaming loop, written once: dataset -> remaining rows -> batches -> memory-mapped writer.
+"""The streaming loop, written once: dataset -> remaining rows -> batches -> pre-allocated files.
 
 Every script that runs the model over a dataset (compute_prs.py, compute_second_order_neuron_prs.py,
 compute_segmentations.py, compute_representations.py, ...) calls ``stream_dataset``. It
 
-- pre-allocates the outputs as ``.partial`` memory maps (``utils.io.StreamingArrays``) and fills them in image order;
+- pre-allocates the outputs as ``.partial`` .npy files (``utils.io.StreamingArrays``) and fills them in image order;
 - resumes (``--resume``) from the last completed batch, refusing another run's partial files; says so when it
   starts fresh; and over finished outputs of the same run (their provenance records) does nothing;
 - writes a provenance record beside every output, then renames the ``.partial`` files to their final names;
