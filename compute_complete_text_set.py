@@ -140,8 +140,9 @@ def completeness(args: argparse.Namespace, arrays: dict, paths: dict[str, Path],
 
     ``arrays``: what ``utils.inputs.load_decomposition`` returns (attn, layers, num_layers, attn_rest, mlp,
     classifier, labels, checked to agree); the last layers must be stored (a file of ``compute_prs.py --layers``
-    works when it keeps them: the layers not replaced, kept or in attn_rest, are mean-ablated); ``paths``: the files. Returns the per-head records (``heads``) and raw results (``results``), ``means`` [h, d],
-    ``basis`` [h, K, d], the accuracy ``curve`` (%) for k = 0..K, ``baseline`` (%), ``first`` (first replaced
+    works when it keeps them: the layers not replaced, kept or in attn_rest, are mean-ablated); ``paths``: the
+    files. Returns the per-head records (``heads``) and raw results (``results``), ``means`` [h, d], ``basis``
+    [h, K, d], the accuracy ``curve`` (%) for k = 0..K, ``baseline`` (%), ``first`` (first replaced
     layer), the text set (``lines``, ``features``) and, with ``final``, the ``HeadStats`` of the final
     representation [1 head, d] (``final_stats``).
     """

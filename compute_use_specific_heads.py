@@ -115,7 +115,8 @@ def main(args: argparse.Namespace) -> dict:
                "baseline": results["baseline"], "ablated": results["heads mean-ablated"], "random": random}
     atomic_write_json(out / f"{stem}.json", summary)
     plot_groups(results, f"{args.model} on {args.dataset}: mean-ablating {len(heads)} heads", out / f"{stem}.png")
-    record = derived_record([arrays["paths"]["attn"], arrays["paths"]["classifier"]], heads=[f"{l}.{h}" for l, h in heads])
+    record = derived_record([arrays["paths"]["attn"], arrays["paths"]["classifier"]],
+                            heads=[f"{l}.{h}" for l, h in heads])
     for suffix in (".json", ".png"):
         write_provenance(out / f"{stem}{suffix}", record)
     print(f"wrote {out / stem}.json and .png")
