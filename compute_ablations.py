@@ -4,7 +4,8 @@ Paper 1 (clip_text_span, section 3): mean-ablations of the first-order decomposi
 --input_dir the outputs of compute_prs.py and compute_text_projection.py and prints: the baseline; MLPs
 mean-ablated; the CLS->CLS term mean-ablated; both; and the accuracy as the attention layers are mean-ablated
 cumulatively. Labels come from {dataset}_labels.npy. Also writes {dataset}_ablations_{model}.json and a plot
-{dataset}_ablations_{model}.png to --figures_dir.
+{dataset}_ablations_{model}.png to --figures_dir. It needs every attention layer: files of compute_prs.py
+--layers are refused (their MLP and CLS lines would come from a differently rounded sum, not the same numbers).
     python compute_ablations.py --model ViT-H-14 --dataset imagenet --input_dir DIR --figures_dir DIR
 
 Paper 2 (second_order_lens, section 4): the second-order ablation study, exactly compute_second_order_ablations.py
@@ -23,7 +24,7 @@ from pathlib import Path
 import compute_second_order_ablations
 from utils.ablations import mean_ablation_study
 from utils.cli import InputError, run
-from utils.inputs import load_decomposition
+from utils.inputs import load_decomposition, require_layers
 from utils.io import atomic_write_json, save_figure
 from utils.provenance import add_mismatch_arg, derived_record, write_provenance
 
@@ -120,6 +121,7 @@ def plot_layer_curve(acc: dict, num_layers: int, title: str, path: Path) -> None
 def mean_ablations(args: argparse.Namespace) -> dict:
     """Paper 1's study (the flags of ``paper1_parser``)."""
     arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch)
+    require_layers(arrays, range(arrays["num_layers"]), "the cumulative layer study of compute_ablations.py")
     res = mean_ablation_study(arrays["attn"], arrays["mlp"], arrays["cls_attn"], arrays["classifier"],
                               arrays["labels"], chunk=args.chunk)
     acc, L = res["accuracy"], arrays["attn"].shape[1]

@@ -17,7 +17,9 @@ Per head of the last --num_of_last_layers layers (all of them at once, on --devi
              made positive and used, which removes that dependence. Strengths are s^2 and 100 s^2 / sum s^2;
   text_span  PCLens' variant of TextSpan: centred texts and the SVD of the centred data.
 The accuracy: MLP terms as they are, the earlier attention layers mean-ablated, each head of the last layers
-replaced by its reconstruction, @ classifier, against the labels file. Writes to --output_dir:
+replaced by its reconstruction, @ classifier, against the labels file. Files of compute_prs.py --layers work
+when they keep the last --num_of_last_layers layers (e.g. --layers 28-31 for ViT-H-14): the earlier layers are
+then read from {dataset}_attn_rest_{model}.npy, with the same results. Writes to --output_dir:
   {dataset}_completeness_{text_descriptions}_top_{m}_heads_{model}.txt    the original's text file
   {dataset}_completeness_{text_descriptions}_top_{m}_heads_{model}.json   texts, strengths, accuracies
   {dataset}_completeness_{text_descriptions}_top_{m}_heads_{model}.png    accuracy against texts per head
@@ -30,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.inputs import load_decomposition
 from utils.cli import InputError, run
+from utils.inputs import last_layers, load_decomposition
 from utils.factory import default_device
 from utils.io import atomic_write_json, atomic_write_text, load_array, make_output_dir, save_figure
 from utils.names import completeness_stem, text_embeddings_path
@@ -136,16 +138,18 @@ def completeness(args: argparse.Namespace, arrays: dict, paths: dict[str, Path],
     """Pass 1 (head statistics), the algorithm on every head, pass 2 (accuracies); shared with
     utils/scripts/compute_text_explanations.py.
 
-    ``arrays``: attn, mlp, classifier, labels (``utils.inputs.load_decomposition``, which checked that they
-    agree); ``paths``: their files. Returns the per-head records (``heads``) and raw results (``results``), ``means`` [h, d],
-    ``basis`` [h, K, d], the accuracy ``curve`` (%) for k = 0..K, ``baseline`` (%), ``first`` (first replaced
+    ``arrays``: what ``utils.inputs.load_decomposition`` returns (attn, layers, num_layers, attn_rest, mlp,
+    classifier, labels, checked to agree); the last layers must be stored (a file of ``compute_prs.py --layers``
+    works when it keeps them: the layers not replaced, kept or in attn_rest, are mean-ablated); ``paths``: the
+    files. Returns the per-head records (``heads``) and raw results (``results``), ``means`` [h, d], ``basis``
+    [h, K, d], the accuracy ``curve`` (%) for k = 0..K, ``baseline`` (%), ``first`` (first replaced
     layer), the text set (``lines``, ``features``) and, with ``final``, the ``HeadStats`` of the final
     representation [1 head, d] (``final_stats``).
     """
     attn, mlp, classifier, labels = arrays["attn"], arrays["mlp"], arrays["classifier"], arrays["labels"]
-    B, L, H, d = attn.shape
-    if not 1 <= args.num_of_last_layers <= L:
-        raise InputError(f"--num_of_last_layers {args.num_of_last_layers}: the model has {L} layers")
+    B, _, H, d = attn.shape
+    L = arrays["num_layers"]
+    start = last_layers(arrays, args.num_of_last_layers)  # where the replaced layers begin in attn's layer axis
     if args.texts_per_head < 1 or args.w_ov_rank < 1 or args.max_text < 1:
         raise InputError("--texts_per_head, --w_ov_rank and --max_text must be >= 1")
     if B < 2:
@@ -161,12 +165,12 @@ def completeness(args: argparse.Namespace, arrays: dict, paths: dict[str, Path],
     print(f"Number of layers: {L}; replacing layers {first}..{L - 1} ({args.num_of_last_layers * H} heads) "
           f"with {args.algorithm}, {len(lines)} texts, {B} images")
 
-    scan = scan_decomposition(attn, mlp, classifier, labels, first, args.device, args.chunk,
-                              stats_dtype=getattr(torch, args.stats_dtype))
+    scan = scan_decomposition(attn, mlp, classifier, labels, start, args.device, args.chunk,
+                              stats_dtype=getattr(torch, args.stats_dtype), rest=arrays["attn_rest"])
     algo = run_pclens if args.algorithm == "pclens" else run_textspan
     heads, means, basis, results = algo(scan["stats"], features, lines, args, first, H)
     acc = HeadStatsAccumulator(1, d, args.device) if final else None
-    correct = replacement_accuracy(attn, mlp, classifier, labels, first, scan["early_mean"], means, basis,
+    correct = replacement_accuracy(attn, mlp, classifier, labels, start, scan["early_mean"], means, basis,
                                    args.device, args.chunk, final=acc)
     return {"heads": heads, "results": results, "means": means, "basis": basis,
             "curve": [float(c) / B * 100.0 for c in correct], "baseline": float(scan["baseline_correct"]) / B * 100.0,
@@ -209,7 +213,7 @@ def main(args: argparse.Namespace) -> dict:
                      for h in heads)
     atomic_write_text(out / f"{stem}.txt", blocks + f"{SEP}Current accuracy: {current_accuracy}\n"
                                                     f"Number of texts: {len(all_texts)}")
-    L = arrays["attn"].shape[1]
+    L = arrays["num_layers"]
     result = {"args": vars(args), "algorithm": args.algorithm, "num_images": res["num_images"],
               "num_texts_in_set": len(res["lines"]), "layers_replaced": list(range(first, L)),
               "accuracy": {"baseline": baseline, "replaced_heads_mean_ablated": curve[0], "final": current_accuracy},

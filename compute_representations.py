@@ -10,6 +10,8 @@ memory map; --resume continues a killed run; torchrun splits the images across p
 Differences from the original: OpenAI weights run with QuickGELU as they were trained (the original forced
 QuickGELU for every model, LAION weights included: pass --force_quick_gelu to reproduce that), and the embedding
 comes from open_clip's own encode_image (the original's per-head attention path agrees with it to ~1e-6).
+
+Several GPUs: torchrun --nproc_per_node 8 compute_representations.py ... (docs/torchrun.md).
 """
 import argparse
 import os

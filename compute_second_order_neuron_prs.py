@@ -12,6 +12,8 @@ Writes, in --output_dir (the original's names; {pretrained} is the tag or a chec
 val: every 10th, 5,000). For ViT-B-32 on the train subsample the merged file is about 32 GB in float32
 (16 GB with --dtype float16); it is streamed into a memory map and --resume continues a killed run.
 OpenAI weights run with QuickGELU (set automatically for the 'openai' tag; --force_quick_gelu for files).
+
+Several GPUs: torchrun --nproc_per_node 8 compute_second_order_neuron_prs.py ... (docs/torchrun.md).
 """
 import argparse
 import os

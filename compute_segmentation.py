@@ -37,6 +37,8 @@ Fixed defects of the original script:
     chosen neurons; the original ran the model twice per batch).
 The original forces QuickGELU for every model; here OpenAI tags get it automatically (--force_quick_gelu for
 QuickGELU weights from a file). The --save_img pictures are paper 1's (input, mask, predicted mask, heatmap).
+
+Several GPUs: torchrun --nproc_per_node 8 compute_segmentation.py ... (docs/torchrun.md).
 """
 import argparse
 from pathlib import Path

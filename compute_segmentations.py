@@ -18,6 +18,8 @@ Writes --output_dir/{train_dataset}_segmentation_{model}_{pretrained}/:
        heatmaps.npy [B, S, S]       the scores behind that curve (normalised heatmap, clamped at --thr)
        per_image_metrics.npy [B, 8] correct, labeled, inter(bg, fg), union(bg, fg), ap, chosen class
        images/NNNNN_{input,gt,mask,heatmap}.png   with --save_img
+
+Several GPUs: torchrun --nproc_per_node 8 compute_segmentations.py ... (docs/torchrun.md).
 """
 import argparse
 from pathlib import Path

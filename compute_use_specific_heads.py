@@ -1,7 +1,8 @@
 """Waterbirds (paper 1, section 4.3): remove the spurious location heads and measure group accuracies.
 
 Reads (memory-mapped) from --input_dir the outputs of compute_prs.py (attn, mlp, labels [B, 2] = class,
-background) and compute_text_projection.py (classifier). As in the original, the ablated representation
+background) and compute_text_projection.py (classifier). Files of compute_prs.py --layers work when they keep
+the last --num_of_last_layers layers (e.g. --layers 28-31 for ViT-H-14). As in the original, the ablated representation
 mean-ablates the listed heads, every attention layer but the last --num_of_last_layers, and all MLP terms.
 Prints, for the baseline and for the ablation, the accuracy of each (class, background) group and the
 worst-group accuracy. The paper's head lists for ViT-B-16, ViT-L-14 and ViT-H-14 are the defaults;
@@ -15,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from utils.cli import InputError, run
-from utils.inputs import DATA_FIELDS, MODEL_FIELDS, check_decomposition
+from utils.inputs import last_layers, load_decomposition
 from utils.io import atomic_write_json, load_array, save_figure
-from utils.names import classifier_path, labels_path, prs_paths, specific_heads_stem
-from utils.provenance import add_mismatch_arg, check_consistent, derived_record, write_provenance
+from utils.names import specific_heads_stem
+from utils.provenance import add_mismatch_arg, derived_record, write_provenance
 from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
                               head_logits, parse_heads, random_head_sets)
 
@@ -45,24 +46,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace) -> dict:
-    """The memmapped arrays, with the [B, 2] labels, shape-checked."""
-    paths = prs_paths(args.input_dir, args.dataset, args.model)
-    arrays = {k: load_array(paths[k], "compute_prs.py") for k in ("attn", "mlp")}
-    cpath, lpath = classifier_path(args.input_dir, args.dataset, args.model), labels_path(args.input_dir, args.dataset)
-    arrays["classifier"] = np.asarray(load_array(cpath, "compute_text_projection.py", mmap=False), np.float32)
+    """The memmapped arrays (``utils.inputs.load_decomposition``) with the [B, 2] labels as ``groups``."""
+    arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch)
+    lpath = arrays["paths"]["labels"]
     labels = np.asarray(load_array(lpath, "compute_prs.py", mmap=False))
     if labels.ndim != 2 or labels.shape[1] != 2:
         raise InputError(f"{lpath}: labels of shape {labels.shape}; group accuracies need [B, 2] = (class, "
                          f"background), as compute_prs.py writes for --dataset binary_waterbirds")
-    arrays["labels"] = labels[:, 0]
-    check_decomposition(arrays, {"attn": str(paths["attn"]), "mlp": str(paths["mlp"]), "classifier": str(cpath),
-                                 "labels": str(lpath)})
-    check_consistent([paths["attn"], paths["mlp"], lpath, cpath], MODEL_FIELDS, allow_mismatch=args.allow_mismatch)
-    check_consistent([paths["attn"], paths["mlp"], lpath], DATA_FIELDS, allow_mismatch=args.allow_mismatch)
-    check_consistent([cpath], ("dataset",), expected={"dataset": args.dataset}, expected_from=f"--dataset {args.dataset}",
-                     allow_mismatch=args.allow_mismatch)
     arrays["groups"] = labels
-    arrays["paths"] = [paths["attn"], cpath]
     return arrays
 
 
@@ -95,17 +86,17 @@ def report(name: str, res: dict) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     arrays = load(args)
-    B, L, H, d = arrays["attn"].shape
-    if not 1 <= args.num_of_last_layers <= L:
-        raise InputError(f"--num_of_last_layers {args.num_of_last_layers}: the model has {L} layers")
+    B, _, H, d = arrays["attn"].shape
+    L = arrays["num_layers"]
     heads = parse_heads(args.heads) if args.heads else default_heads(args.model)
     check_heads(heads, L, H, "--heads" if args.heads else f"the default heads of {args.model}")
+    start = last_layers(arrays, args.num_of_last_layers)  # where the last layers begin in attn's layer axis
     first = L - args.num_of_last_layers
     early = [f"{l}.{h}" for l, h in heads if l < first]
     if early:
         print(f"note: heads {early} are in layers that are mean-ablated anyway")
 
-    parts = head_logits(arrays["attn"], arrays["mlp"], arrays["classifier"], first, args.chunk)
+    parts = head_logits(arrays["attn"], arrays["mlp"], arrays["classifier"], start, args.chunk, arrays["attn_rest"])
     labels = arrays["groups"]
     results = {"baseline": group_accuracies(parts["baseline"], labels),
                "heads mean-ablated": group_accuracies(ablate(parts, heads, first, H), labels)}
@@ -125,7 +116,8 @@ def main(args: argparse.Namespace) -> dict:
                "baseline": results["baseline"], "ablated": results["heads mean-ablated"], "random": random}
     atomic_write_json(out / f"{stem}.json", summary)
     plot_groups(results, f"{args.model} on {args.dataset}: mean-ablating {len(heads)} heads", out / f"{stem}.png")
-    record = derived_record(arrays["paths"], heads=[f"{l}.{h}" for l, h in heads])
+    record = derived_record([arrays["paths"]["attn"], arrays["paths"]["classifier"]],
+                            heads=[f"{l}.{h}" for l, h in heads])
     for suffix in (".json", ".png"):
         write_provenance(out / f"{stem}{suffix}", record)
     print(f"wrote {out / stem}.json and .png")

@@ -18,6 +18,9 @@ Port from the original ``hook_prs_logger`` API::
     representation = prs.encode_image(images)             # was: model.encode_image(..., attn_method='head')
     attentions, mlps = prs.finalize(representation)      # [b, L, H, d] (spatial: [b, L, N, H, d]), [b, L+1, d]
     cls_attn = prs.cls_attentions                        # [b, L, d]
+
+``hook_prs_logger(model, device, layers=[28, 29, 30, 31])`` keeps the attention terms of those layers only
+(``[b, 4, H, d]``) and sums the others over heads inside the forward into ``prs.attn_rest`` ``[b, d]``.
 """
 from __future__ import annotations
 
@@ -145,6 +148,10 @@ class PRSLogger:
         attention_maps: also keep the CLS-query attention rows, ``self.attention_maps`` ``[b, L, H, N]``.
         ln_stats: also keep every block's ``ln_1`` statistics per token, ``self.ln_1_mean/std`` ``[b, L, N]``.
         post_gelu_layers: MLP layers whose post-activation values to keep, ``self.post_gelu[l]`` ``[b, N, K]``.
+        layers: keep the attention terms of these layers only (sorted, distinct; not with ``spatial``):
+            ``attentions`` becomes ``[b, len(layers), H, d]`` and ``self.attn_rest`` ``[b, d]`` holds the other
+            layers summed over heads, reduced inside the forward, so that everything still sums to r/||r||.
+            ``cls_attentions`` and ``mlps`` keep every layer. ``None``: every layer, no rest term.
         model_name: used in error messages.
 
     Attributes:
@@ -160,6 +167,7 @@ class PRSLogger:
             attention_maps: bool = False,
             ln_stats: bool = False,
             post_gelu_layers: Iterable[int] = (),
+            layers: Optional[Iterable[int]] = None,
             model_name: Optional[str] = None,
     ):
         check_supported(model, model_name)
@@ -184,6 +192,17 @@ class PRSLogger:
         for l in self.post_gelu_layers:
             if not 0 <= l < self.num_layers:
                 raise ValueError(f"post_gelu_layers: layer {l} out of range for a {self.num_layers}-layer model")
+        self.layers = None if layers is None else [int(l) for l in layers]
+        if self.layers is not None:
+            if spatial:
+                raise ValueError("layers: only without spatial (the spatial modes keep or sum every layer)")
+            if self.layers != sorted(set(self.layers)) or not all(0 <= l < self.num_layers for l in self.layers):
+                raise ValueError(f"layers {self.layers}: must be distinct, ascending and in 0..{self.num_layers - 1}")
+        # slot of each layer in the attention output; -1: summed into attn_rest
+        keep = range(self.num_layers) if self.layers is None else self.layers
+        self._slot = [-1] * self.num_layers
+        for i, l in enumerate(keep):
+            self._slot[l] = i
         with autocast_off(self.device):
             self._build_projections()
         self.reinit()
@@ -218,6 +237,7 @@ class PRSLogger:
     def reinit(self) -> None:
         """Forget the last batch (kept for API compatibility with the original logger)."""
         self.attentions = None
+        self.attn_rest = None
         self.mlps = None
         self.cls_attentions = None
         self.attention_maps = None
@@ -250,8 +270,10 @@ class PRSLogger:
         L, H, dh, d = self.num_layers, self.num_heads, self.head_dim, self.out_dim
 
         spatial_sum = isinstance(self.spatial, str) and self.spatial == "sum"
-        attn_shape = (b, N, d) if spatial_sum else (b, L, N, H, d) if self.spatial else (b, L, H, d)
+        kept = L if self.layers is None else len(self.layers)
+        attn_shape = (b, N, d) if spatial_sum else (b, L, N, H, d) if self.spatial else (b, kept, H, d)
         attentions = (torch.zeros if spatial_sum else torch.empty)(attn_shape, dtype=torch.float32, device=self.device)
+        attn_rest = torch.zeros((b, d), dtype=torch.float32, device=self.device) if kept < L else None
         cls_attentions = torch.empty((b, L, d), dtype=torch.float32, device=self.device)
         mlps = torch.empty((b, L + 1, d), dtype=torch.float32, device=self.device)
         if self.keep_attention_maps:
@@ -289,7 +311,10 @@ class PRSLogger:
                 cls_attentions[:, l] = terms[:, 0].sum(1)
             else:
                 # sum over source tokens is the CLS row of the attention output
-                attentions[:, l] = torch.einsum("bhk,hkd->bhd", out_cls, w_og) + b_og / H
+                if self._slot[l] >= 0:
+                    attentions[:, self._slot[l]] = torch.einsum("bhk,hkd->bhd", out_cls, w_og) + b_og / H
+                else:  # a layer not kept: summed over heads as well, one [b, H*dh] @ [H*dh, d] product
+                    attn_rest += out_cls.reshape(b, H * dh) @ w_og.reshape(H * dh, d) + b_og
                 cls_term = torch.einsum("bh,bhk,hkd->bd", attn_cls[:, :, 0], val[:, :, 0], w_og)
                 cls_attentions[:, l] = cls_term + b_og / N
             attn_out = F.linear(out.transpose(1, 2).reshape(b, N, W), block.attn.out_proj.weight,
@@ -308,7 +333,7 @@ class PRSLogger:
         self.post_ln_mean, self.post_ln_std = _ln_stats(x_cls, self.post_eps)  # [b], [b]
         pooled = v.ln_post(x_cls)
         representation = pooled @ v.proj if v.proj is not None else pooled
-        self.attentions, self.cls_attentions, self.mlps = attentions, cls_attentions, mlps
+        self.attentions, self.attn_rest, self.cls_attentions, self.mlps = attentions, attn_rest, cls_attentions, mlps
         self.representation, self.num_tokens = representation, N
         return representation
 
@@ -328,7 +353,8 @@ class PRSLogger:
 
         ``representation`` [b, d] defaults to the one ``encode_image`` returned. Returns ``(attentions, mlps)``:
         ``[b, L, H, d]`` (spatial: ``[b, L, N, H, d]``; spatial="sum": ``[b, N, d]``) and ``[b, L+1, d]``,
-        float32, on ``self.device``. ``self.cls_attentions`` becomes ``[b, L, d]``. Summing everything gives
+        float32, on ``self.device``. ``self.cls_attentions`` becomes ``[b, L, d]``, and with ``layers``
+        ``self.attn_rest`` ``[b, d]``. Summing everything (attentions, attn_rest, mlps) gives
         ``representation / ||representation||``.
 
         The first call works in place on the logged buffers. Calling it again returns the same tensors if the
@@ -351,6 +377,8 @@ class PRSLogger:
                     self.attentions = self.attentions * scale.view(-1, *([1] * (self.attentions.dim() - 1)))
                     self.cls_attentions = self.cls_attentions * scale[:, None, None]
                     self.mlps = self.mlps * scale[:, None, None]
+                    if self.attn_rest is not None:
+                        self.attn_rest = self.attn_rest * scale[:, None]
                     self._norm = norm
                 return self.attentions, self.mlps
             L, H, N = self.num_layers, self.num_heads, self.num_tokens
@@ -361,6 +389,8 @@ class PRSLogger:
                 attn = self._project_(self.attentions, 1.0 / (T * N * H))
             else:
                 attn = self._project_(self.attentions, 1.0 / (T * H))
+            if self.attn_rest is not None:  # (L - kept) * H head terms of share 1/(T*H) each
+                self.attn_rest = self._project_(self.attn_rest, (L - len(self.layers)) / T).div_(norm[:, None])
             cls_attn = self._project_(self.cls_attentions, 1.0 / (T * N))
             mlps = self._project_(self.mlps, 1.0 / T)
             self.attentions = attn.div_(norm.view(-1, *([1] * (attn.dim() - 1))))

@@ -233,7 +233,7 @@ def test_use_specific_heads_chunk(workdir, tmp_path, monkeypatch):
     import utils.waterbirds
 
     seen, real = [], utils.waterbirds.head_logits
-    monkeypatch.setattr(utils.waterbirds, "head_logits", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(utils.waterbirds, "head_logits", lambda *a: seen.append(a[4]) or real(*a))  # a[4]: chunk
     results = {}
     for chunk in ("1024", "4"):
         code, out, err = run_inprocess("compute_use_specific_heads.py", "--model", MODEL, "--input_dir",

@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["InputError", "run", "configure_torch", "add_tf32_arg", "positive_int"]
+__all__ = ["InputError", "run", "configure_torch", "add_tf32_arg", "positive_int", "layer_list", "format_layers"]
 
 
 class InputError(ValueError):
@@ -40,6 +40,32 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
+
+
+def layer_list(text: str) -> list[int]:
+    """argparse type: layer indices as ``28-31`` or ``0,5,28-31`` (inclusive ranges) -> sorted distinct ints."""
+    layers: set[int] = set()
+    for item in text.replace(" ", "").split(","):
+        lo, sep, hi = item.partition("-")
+        if not (lo.isdigit() and (hi.isdigit() if sep else not hi)):
+            raise argparse.ArgumentTypeError(f"'{item}' in '{text}' is not a layer (e.g. 5) or a range (e.g. 28-31)")
+        lo, hi = int(lo), int(hi) if sep else int(lo)
+        if hi < lo:
+            raise argparse.ArgumentTypeError(f"'{item}' in '{text}': the range ends before it starts")
+        layers.update(range(lo, hi + 1))
+    return sorted(layers)
+
+
+def format_layers(layers) -> str:
+    """``[0, 5, 28, 29, 30, 31]`` -> ``"0,5,28-31"`` (the inverse of ``layer_list``)."""
+    layers, parts, i = sorted(layers), [], 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
+        i = j + 1
+    return ",".join(parts)
 
 
 def configure_torch(allow_tf32: bool = False) -> None:

@@ -7,14 +7,15 @@ the file at fault.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from utils.cli import InputError
+from utils.cli import InputError, format_layers
 from utils.io import load_array
-from utils.names import classifier_path, find_classifier, labels_path, prs_paths, second_order_paths
-from utils.provenance import check_consistent
+from utils.names import (attn_rest_path, classifier_path, find_classifier, labels_path, prs_paths,
+                         second_order_paths)
+from utils.provenance import check_consistent, read_provenance
 
 
 MODEL_FIELDS = ("model", "pretrained", "force_quick_gelu")  # files used together must share these
@@ -26,21 +27,38 @@ def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch:
                        written_by: tuple[str, str] = ("compute_prs.py", "compute_text_projection.py")) -> dict:
     """Memory-map the arrays of compute_prs.py and compute_text_projection.py and check they agree.
 
-    Returns ``attn`` [B, L, H, d], ``mlp`` [B, L+1, d], ``cls_attn`` [B, L, d], ``classifier`` [d, C],
-    ``labels`` [B] (the class column for Waterbirds' [B, 2]) and ``paths`` (name -> file). Shapes must agree,
-    and so must the files' provenance records: the same model and weights everywhere, the same images in the
+    Returns ``attn`` [B, K, H, d] (K = L, or the K layers kept by ``compute_prs.py --layers``), ``layers`` (the
+    model layer of each of the K entries, ascending), ``num_layers`` (L), ``attn_rest`` ([B, d], the attention
+    layers not kept summed over heads; ``None`` when every layer is kept), ``mlp`` [B, L+1, d], ``cls_attn``
+    [B, L, d], ``classifier`` [d, C], ``labels`` [B] (the class column for Waterbirds' [B, 2]) and ``paths``
+    (name -> file). Shapes must agree with each other and with the attn file's provenance record (its
+    ``layers``), and so must the files' records: the same model and weights everywhere, the same images in the
     per-image files, and a classifier made for ``dataset`` (``InputError`` unless ``allow_mismatch``).
-    ``paths`` (attn, mlp, cls_attn, labels, classifier -> file) overrides the file names (PCLens' names), and
-    ``written_by`` the scripts named when a file is missing (decomposition, classifier).
+    ``paths`` (attn, mlp, cls_attn, labels, classifier and optionally attn_rest -> file) overrides the file
+    names (PCLens' names), and ``written_by`` the scripts named when a file is missing (decomposition,
+    classifier). Scripts then ask for the layers they need with ``require_layers`` / ``last_layers``.
     """
     paths = dict(paths or {**prs_paths(input_dir, dataset, model), "labels": labels_path(input_dir, dataset),
                            "classifier": classifier_path(input_dir, dataset, model)})
+    paths.setdefault("attn_rest", attn_rest_path(input_dir, dataset, model))
+    names = {k: str(p) for k, p in paths.items()}
     out = {k: load_array(paths[k], written_by[0]) for k in ("attn", "mlp", "cls_attn")}
     out["classifier"] = np.asarray(load_array(paths["classifier"], written_by[1], mmap=False), np.float32)
     labels = np.asarray(load_array(paths["labels"], written_by[0], mmap=False))
     out["labels"] = labels[:, 0] if labels.ndim == 2 else labels
-    check_decomposition(out, {k: str(p) for k, p in paths.items()})
+    num_layers = out["mlp"].shape[1] - 1 if out["mlp"].ndim == 3 else out["attn"].shape[1]
+    out["layers"] = stored_layers(paths["attn"], out["attn"], num_layers)
+    out["num_layers"] = num_layers
+    out["attn_rest"] = None
+    if len(out["layers"]) < num_layers:
+        out["attn_rest"] = load_array(paths["attn_rest"], f"{written_by[0]} --layers")
+        rest_layers = (read_provenance(paths["attn_rest"]) or {}).get("layers", out["layers"])
+        if rest_layers != out["layers"]:
+            raise InputError(f"{paths['attn_rest']} was made with --layers {format_layers(rest_layers)} but "
+                             f"{paths['attn']} with --layers {format_layers(out['layers'])}; rerun compute_prs.py")
+    check_decomposition(out, names)
     per_image = [paths[k] for k in ("attn", "mlp", "cls_attn", "labels")]
+    per_image += [paths["attn_rest"]] if out["attn_rest"] is not None else []
     check_consistent([*per_image, paths["classifier"]], MODEL_FIELDS, allow_mismatch=allow_mismatch)
     check_consistent(per_image, DATA_FIELDS, allow_mismatch=allow_mismatch)
     check_consistent([paths["classifier"]], ("dataset",), expected={"dataset": dataset},
@@ -49,17 +67,64 @@ def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch:
     return out
 
 
+def stored_layers(attn_path: str | Path, attn: np.ndarray, num_layers: int) -> list[int]:
+    """The model layer of each entry of the attn file's layer axis: ``range(L)``, or the ``layers`` of its
+    provenance record (``compute_prs.py --layers``), checked against its shape."""
+    if attn.ndim != 4:
+        raise InputError(f"{attn_path}: expected [B, L, H, d], got shape {attn.shape}")
+    layers = (read_provenance(attn_path) or {}).get("layers")
+    if layers is None:
+        if attn.shape[1] != num_layers:
+            raise InputError(f"{attn_path}: {attn.shape[1]} layers but the model has {num_layers}, and no provenance "
+                             f"record says which layers were kept; rerun compute_prs.py")
+        return list(range(num_layers))
+    if len(layers) != attn.shape[1] or layers != sorted(set(layers)) or not all(0 <= l < num_layers for l in layers):
+        raise InputError(f"{attn_path}: shape {attn.shape} does not match the layers of its provenance record "
+                         f"({format_layers(layers)} of {num_layers})")
+    return list(layers)
+
+
+def require_layers(arrays: dict, needed: Iterable[int], what: str) -> None:
+    """``InputError`` naming the layers of ``needed`` that the attn file does not store (``compute_prs.py
+    --layers``) and ``what`` needs them for."""
+    missing = sorted(set(needed) - set(arrays["layers"]))
+    if missing:
+        which = f"layer {missing[0]} is" if len(missing) == 1 else f"layers {format_layers(missing)} are"
+        raise InputError(f"{arrays['paths']['attn']}: {which} not stored (made with "
+                         f"compute_prs.py --layers {format_layers(arrays['layers'])}) but {what} needs them; rerun "
+                         f"compute_prs.py without --layers (or with --layers covering "
+                         f"{format_layers(sorted(set(needed)))})")
+
+
+def last_layers(arrays: dict, count: int, flag: str = "--num_of_last_layers") -> int:
+    """Check that the last ``count`` layers are stored; return the index of the first of them in the attn
+    file's layer axis (entries before it are earlier layers kept by ``--layers``, if any)."""
+    L = arrays["num_layers"]
+    if not 1 <= count <= L:
+        raise InputError(f"{flag} {count}: the model has {L} layers")
+    require_layers(arrays, range(L - count, L), f"{flag} {count}")
+    return len(arrays["layers"]) - count
+
+
 def check_decomposition(arrays: dict[str, np.ndarray], names: Optional[dict[str, str]] = None) -> None:
-    """Raise ``ValueError`` naming the file whose shape disagrees with the others."""
+    """Raise ``InputError`` naming the file whose shape disagrees with the others.
+
+    ``arrays``: ``attn`` [B, K, H, d] and ``mlp`` [B, L+1, d], optionally ``layers`` (the K stored layers; K = L
+    without it), ``attn_rest`` [B, d] (needed when K < L), ``cls_attn`` [B, L, d], ``classifier`` [d, C], ``labels``.
+    """
     names = names or {}
     n = lambda k: names.get(k, k)  # noqa: E731
     attn, mlp = arrays["attn"], arrays["mlp"]
     if attn.ndim != 4:
         raise InputError(f"{n('attn')}: expected [B, L, H, d], got shape {attn.shape}")
-    B, L, H, d = attn.shape
+    B, K, H, d = attn.shape
+    L = mlp.shape[1] - 1 if arrays.get("layers") is not None and mlp.ndim == 3 else K
     if mlp.shape != (B, L + 1, d):
         raise InputError(f"{n('mlp')}: shape {mlp.shape} does not match attn {attn.shape} (expected {(B, L + 1, d)})")
-    if "cls_attn" in arrays and arrays["cls_attn"].shape != (B, L, d):
+    if K < L and (arrays.get("attn_rest") is None or arrays["attn_rest"].shape != (B, d)):
+        got = "missing" if arrays.get("attn_rest") is None else f"shape {arrays['attn_rest'].shape}"
+        raise InputError(f"{n('attn_rest')}: {got}, expected {(B, d)} beside {n('attn')} of {K} of {L} layers")
+    if arrays.get("cls_attn") is not None and arrays["cls_attn"].shape != (B, L, d):
         raise InputError(f"{n('cls_attn')}: shape {arrays['cls_attn'].shape}, expected {(B, L, d)}")
     if "classifier" in arrays:
         c = arrays["classifier"]

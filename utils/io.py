@@ -1,8 +1,8 @@
 """Crash-safe writing and reading, in one place.
 
 Small files are written to ``<final>.partial``, fsynced and renamed (``atomic_write`` and friends). Big arrays
-are streamed batch by batch into pre-allocated ``.npy`` memmaps named ``<final>.partial``
-(``StreamingArrays``); a sidecar ``<first final>.progress.json`` (one per process under torchrun:
+are streamed batch by batch into pre-allocated ``.npy`` files named ``<final>.partial``, each row written at its
+offset (``StreamingArrays``); a sidecar ``<first final>.progress.json`` (one per process under torchrun:
 ``.progress.rank{r}.json``) records how many of the rows are complete. Only when every row is written are the
 files renamed to their final names, so a killed run never leaves a complete-looking file, and ``--resume``
 continues from the last completed batch. The loop that fills them is ``utils.streaming.stream_dataset``.
@@ -121,15 +121,13 @@ class StreamingArrays:
                                  f"this process rows {self.start}..{self.stop} (another number of processes or "
                                  f"--batch_size?); rerun with the same settings, or without --resume")
             self.done = int(state["done"])
-        self.arrays: dict[str, np.memmap] = {}
+        self.files: dict[str, _RowFile] = {}
         for k, p in self.paths.items():
-            if create and state is None:
-                self.arrays[k] = np.lib.format.open_memmap(self.partial(p), mode="w+", dtype=self.dtypes[k],
-                                                           shape=tuple(shapes[k]))
-            else:
-                if not self.partial(p).is_file():
-                    raise InputError(f"--resume: {self.partial(p)} is missing; rerun without --resume to start over")
-                self.arrays[k] = np.lib.format.open_memmap(self.partial(p), mode="r+")
+            if create and state is None:  # the header and the (sparse) pre-allocated data
+                np.lib.format.open_memmap(self.partial(p), mode="w+", dtype=self.dtypes[k], shape=tuple(shapes[k]))
+            elif not self.partial(p).is_file():
+                raise InputError(f"--resume: {self.partial(p)} is missing; rerun without --resume to start over")
+            self.files[k] = _RowFile(self.partial(p), tuple(shapes[k]), self.dtypes[k])
         self._save_progress()
 
     @staticmethod
@@ -169,9 +167,9 @@ class StreamingArrays:
                                      f"({FLOAT16_MAX:.0f}); rerun with --dtype float32")
         s = self.next_row
         for k, v in batch.items():
-            self.arrays[k][s:s + n] = v
-        for a in self.arrays.values():
-            a.flush()
+            self.files[k].write(s, v)
+        for f in self.files.values():
+            f.flush()
         self.done += n
         self._save_progress()
 
@@ -180,10 +178,10 @@ class StreamingArrays:
                                                "key": self.key}, indent=None)
 
     def close(self) -> None:
-        """Flush and drop the memory maps (the progress file stays)."""
-        for a in self.arrays.values():
-            a.flush()
-        self.arrays.clear()
+        """Flush and close the files (the progress file stays)."""
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
 
     def finish(self, progress_files: Optional[list[Path]] = None, before_rename: Optional[Callable[[Path], None]] = None
                ) -> None:
@@ -197,6 +195,48 @@ class StreamingArrays:
                                f"{self.start}..{self.stop} written")
         self.close()
         finish_renames(self.paths.values(), progress_files or [self.progress_file], before_rename)
+
+
+class _RowFile:
+    """Rows of a pre-allocated ``.npy`` file, written with ``pwrite`` at their byte offsets.
+
+    Not through a memory map: a page of a memory map is written back whole, so on a file system shared by
+    several machines (NFS) two processes writing neighbouring rows from different nodes could overwrite each
+    other's bytes in the page they share; ``pwrite`` sends only the bytes written.
+    """
+
+    def __init__(self, path: Path, shape: tuple, dtype: np.dtype):
+        self.path, self.shape, self.dtype = path, shape, dtype
+        self.fd = os.open(path, os.O_RDWR)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                      np.lib.format.read_array_header_2_0)(f)
+            self.offset = f.tell()
+        if header != (shape, False, dtype):
+            os.close(self.fd)
+            raise InputError(f"--resume: {path} holds {header[2]} {list(header[0])}, this run writes {dtype} "
+                             f"{list(shape)}; rerun without --resume to start over")
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def write(self, row: int, values) -> None:
+        """Rows ``row .. row + len(values)`` (cast to the file's dtype, as numpy assignment casts)."""
+        values = np.asarray(values)
+        data = np.ascontiguousarray(np.broadcast_to(values.astype(self.dtype, copy=False),
+                                                    (len(values), *self.shape[1:])))
+        view, pos = memoryview(data).cast("B"), self.offset + row * self.row_bytes
+        while view:
+            written = os.pwrite(self.fd, view, pos)
+            view, pos = view[written:], pos + written
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _flat(d: Mapping, prefix: str = "") -> dict:

@@ -1,9 +1,9 @@
-"""The streaming loop, written once: dataset -> remaining rows -> batches -> memory-mapped writer.
+"""The streaming loop, written once: dataset -> remaining rows -> batches -> pre-allocated files.
 
 Every script that runs the model over a dataset (compute_prs.py, compute_second_order_neuron_prs.py,
 compute_segmentations.py, compute_representations.py, ...) calls ``stream_dataset``. It
 
-- pre-allocates the outputs as ``.partial`` memory maps (``utils.io.StreamingArrays``) and fills them in image order;
+- pre-allocates the outputs as ``.partial`` .npy files (``utils.io.StreamingArrays``) and fills them in image order;
 - resumes (``--resume``) from the last completed batch, refusing another run's partial files; says so when it
   starts fresh; and over finished outputs of the same run (their provenance records) does nothing;
 - writes a provenance record beside every output, then renames the ``.partial`` files to their final names;
@@ -17,8 +17,11 @@ the process group and, for CUDA, gives each rank its own GPU (``cuda:{LOCAL_RANK
 """
 from __future__ import annotations
 
+import datetime
+import glob
 import math
 import os
+import re
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -52,20 +55,27 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+# A rank that has finished its rows waits for the others (on --resume that can be another rank's whole share)
+WAIT_TIMEOUT = datetime.timedelta(hours=24)
+
+
 def init_distributed(args=None) -> tuple[int, int]:
-    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (NCCL for CUDA, else gloo) and, for a CUDA
-    ``args.device``, use ``cuda:{LOCAL_RANK}``. Returns ``(rank, world size)``; ``(0, 1)`` without torchrun."""
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group and, for a CUDA ``args.device``, use
+    ``cuda:{LOCAL_RANK}``. Returns ``(rank, world size)``; ``(0, 1)`` without torchrun.
+
+    The backend is gloo, on GPUs too: the processes only exchange small CPU objects and flags (NCCL has no CPU
+    tensors), and the images' arrays go through the shared files, never through the process group.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return rank_and_world()
     device = str(getattr(args, "device", "cpu") or "cpu")
-    cuda = device.startswith("cuda")
-    if cuda:
+    if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         if args is not None:
             args.device = f"cuda:{local}"
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    torch.distributed.init_process_group("gloo", timeout=WAIT_TIMEOUT)
     return rank_and_world()
 
 
@@ -83,7 +93,7 @@ def _all_ok(ok: bool) -> bool:
     if rank_and_world()[1] == 1:
         return ok
     flag = torch.tensor([0 if ok else 1])
-    torch.distributed.all_reduce(flag)  # gloo and NCCL-on-CPU-tensor are not mixed here: flags stay on CPU for gloo
+    torch.distributed.all_reduce(flag)
     return int(flag.item()) == 0
 
 
@@ -164,10 +174,22 @@ def stream_dataset(dataset: Dataset, outputs: Mapping[str, Output],
 
     # resume or start fresh (rank 0 decides; every rank opens the same files)
     mine = progress_files[rank]
-    can_resume = resume and all(StreamingArrays.partial(p).is_file() for p in paths.values()) and mine.is_file()
-    fresh = not _broadcast(can_resume)
+    partials = all(StreamingArrays.partial(p).is_file() for p in paths.values())
+    can_resume, other = None, []
+    if main:
+        can_resume = resume and partials and mine.is_file()
+        other = _other_progress_files(first, progress_files)
+    can_resume, refuse = _broadcast((can_resume, resume and partials and not can_resume and bool(other)))
+    if refuse:
+        raise InputError(f"--resume: {StreamingArrays.partial(first)} was being written by another number of "
+                         f"processes ({_describe_writers(other)}), this run has {world}; resume with that number "
+                         f"of processes and the same --batch_size, or rerun without --resume to start over")
+    fresh = not can_resume
     if resume and fresh:
         say(f"--resume: no progress file {mine} (or its .partial files) to continue: starting fresh")
+    if fresh and main:  # another number of processes' progress files would outlive this run
+        for f in other:
+            f.unlink(missing_ok=True)
     start, stop = _rank_rows(num, batch_size, rank, world)
     writer = None
     if main:
@@ -210,6 +232,17 @@ def _all_rows_done(progress_files: list[Path], key: dict) -> bool:
     states = [StreamingArrays.read_progress(f) for f in progress_files]
     return all(s is not None and s.get("key", {}).get("record") == key and s["start"] + s["done"] >= s["stop"]
                for s in states)
+
+
+def _other_progress_files(first: Path, progress_files: list[Path]) -> list[Path]:
+    """Progress files of these outputs written by another number of processes (not in ``progress_files``)."""
+    return sorted(f for f in first.parent.glob(glob.escape(first.name) + ".progress*.json") if f not in progress_files)
+
+
+def _describe_writers(files: list[Path]) -> str:
+    """``"1 process"`` or ``"4 processes under torchrun"`` from their progress files' names."""
+    ranks = [int(m.group(1)) for f in files if (m := re.search(r"\.progress\.rank(\d+)\.json$", f.name))]
+    return f"{max(ranks) + 1} processes under torchrun" if ranks else "1 process"
 
 
 def _name(paths: Mapping[str, Path], path: Path) -> str:

@@ -473,13 +473,17 @@ def _to_heads(block: np.ndarray, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def scan_decomposition(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarray, labels: np.ndarray,
                        first_layer: int, device: str | torch.device = "cpu", chunk: Optional[int] = None,
-                       progress: bool = True, stats_dtype: torch.dtype = torch.float64) -> dict:
+                       progress: bool = True, stats_dtype: torch.dtype = torch.float64,
+                       rest: Optional[np.ndarray] = None) -> dict:
     """Pass 1 over the images: statistics of the heads of layers ``first_layer..L-1`` and the baseline.
 
     Reads ``attn`` [B, L, H, d] and ``mlp`` [B, L+1, d] (memmaps are fine) in chunks of images. Returns
     ``stats`` (``HeadStats`` of the (L - first_layer) * H heads, layer-major), ``early_mean`` [d] (float64: the
     mean over images of the attention of layers ``0..first_layer-1``, summed over layers and heads, i.e. what
     mean-ablating them leaves) and ``baseline_correct`` (top-1 hits of the unablated sum @ classifier).
+
+    For a file of ``compute_prs.py --layers``, ``attn``'s layer axis holds the kept layers only, ``first_layer``
+    indexes that axis, and ``rest`` [B, d] (the layers not kept, summed) joins the early, mean-ablated part.
     """
     import tqdm
 
@@ -495,9 +499,14 @@ def scan_decomposition(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarray
         e = min(B, s + chunk)
         block = _tensor(attn[s:e], device)  # [c, L, H, d]
         m = _tensor(mlp[s:e], device)
-        early += block[:, :first_layer].sum((1, 2)).double().sum(0)
+        early_part = block[:, :first_layer].sum((1, 2))  # [c, d]
+        total = block.sum((1, 2)) + m.sum(1)
+        if rest is not None:
+            r = _tensor(rest[s:e], device)
+            early_part, total = early_part + r, total + r
+        early += early_part.double().sum(0)
         acc.update(block[:, first_layer:].reshape(e - s, -1, d).transpose(0, 1))
-        logits = (block.sum((1, 2)) + m.sum(1)) @ W
+        logits = total @ W
         correct += int((logits.argmax(-1) == lab[s:e]).sum())
     return {"stats": acc.finalize(), "early_mean": early / B, "baseline_correct": correct}
 
@@ -507,7 +516,8 @@ def replacement_accuracy(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarr
                          first_layer: int, early_mean: torch.Tensor, means: torch.Tensor, basis: torch.Tensor,
                          device: str | torch.device = "cpu", chunk: Optional[int] = None,
                          progress: bool = True, final: Optional[HeadStatsAccumulator] = None) -> np.ndarray:
-    """Pass 2: top-1 hits when every head of layers ``first_layer..`` is replaced by its reconstruction.
+    """Pass 2: top-1 hits when every head of layers ``first_layer..`` is replaced by its reconstruction
+    (``first_layer`` indexes ``attn``'s layer axis, as in ``scan_decomposition``).
 
     The representation is the MLP terms (as they are) + the early attention layers mean-ablated
     (``early_mean``) + per replaced head ``mean_h + sum_{j<k} <x_h - mean_h, q_hj> q_hj``. ``means`` [h, d] and

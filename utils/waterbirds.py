@@ -82,23 +82,29 @@ def group_accuracies(logits: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def head_logits(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarray, first_layer: int,
-                chunk: int = 1024) -> dict:
+                chunk: int = 1024, rest: Optional[np.ndarray] = None) -> dict:
     """One pass: what the ablation study needs, for the heads of layers ``first_layer..L-1``.
 
     Returns ``baseline`` [B, C] (everything summed @ classifier), ``ablated`` [B, C] (attention layers
     ``< first_layer`` and all MLP terms mean-ablated, the last layers as they are) and ``centred`` [B, h, C]:
     each last-layer head's ``(x - mean) @ classifier``; mean-ablating a set S of those heads gives
-    ``ablated - centred[:, S].sum(1)``.
+    ``ablated - centred[:, S].sum(1)``. For a file of ``compute_prs.py --layers``, ``first_layer`` indexes
+    ``attn``'s (kept) layer axis and ``rest`` [B, d], the layers not kept, joins the mean-ablated part.
     """
     B, L, H, d = attn.shape
     W = np.asarray(classifier, np.float32)
     sum_attn = np.zeros((L, H, d), np.float64)
     sum_mlp = np.zeros(mlp.shape[1:], np.float64)
+    sum_rest = np.zeros(d, np.float64)
     for s in range(0, B, chunk):
         sum_attn += np.asarray(attn[s:s + chunk], np.float32).sum(0)
         sum_mlp += np.asarray(mlp[s:s + chunk], np.float32).sum(0)
+        if rest is not None:
+            sum_rest += np.asarray(rest[s:s + chunk], np.float32).sum(0)
     mean_attn, mean_mlp = (sum_attn / B).astype(np.float32), (sum_mlp / B).astype(np.float32)
     const = mean_attn[:first_layer].sum((0, 1)) + mean_mlp.sum(0)  # [d]
+    if rest is not None:
+        const = const + (sum_rest / B).astype(np.float32)
     nh = (L - first_layer) * H
     baseline = np.zeros((B, W.shape[1]), np.float32)
     ablated = np.zeros_like(baseline)
@@ -108,7 +114,10 @@ def head_logits(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarray, first
         a = np.asarray(attn[s:s + chunk], np.float32)
         m = np.asarray(mlp[s:s + chunk], np.float32)
         last = a[:, first_layer:].reshape(len(a), nh, d)
-        baseline[s:s + chunk] = (a.sum((1, 2)) + m.sum(1)) @ W
+        total = a.sum((1, 2)) + m.sum(1)
+        if rest is not None:
+            total = total + np.asarray(rest[s:s + chunk], np.float32)
+        baseline[s:s + chunk] = total @ W
         ablated[s:s + chunk] = (const + last.sum(1)) @ W
         centred[s:s + chunk] = (last - last_mean) @ W
     return {"baseline": baseline, "ablated": ablated, "centred": centred}

@@ -6,6 +6,8 @@ embedding) and writes to --output_dir
   {dataset}_mlp_{model}_seed_{seed}.npy       [B, L+1, d]
   {dataset}_cls_attn_{model}_seed_{seed}.npy  [B, L, d]   the CLS->CLS attention term, summed over heads
   {dataset}_labels_{model}_seed_{seed}.npy    [B]
+and with --layers 28-31 (not a PCLens flag) only those layers in attn, the others summed over heads in
+  {dataset}_attn_rest_{model}_seed_{seed}.npy [B, d]  (see compute_prs.py --help)
 (PCLens' own cls_attn file holds head 0 of each layer in this mode, not what its comment says; ours holds the
 CLS->CLS term.) Datasets: imagenet (val) and binary_waterbirds are looked for in their PCLens folders under
 --data_path (imagenet/, waterbird_complete95_forest2water2/), or --data_path may be that folder; CIFAR10,
@@ -26,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from utils.cli import InputError, run
+from utils.cli import InputError, layer_list, run
 from utils.factory import add_model_args
-from utils.names import pclens_paths
+from utils.names import attn_rest_path, pclens_paths
 from utils.scripts import int_or_none, load_script, refuse_cache_dir, str2bool
 
 # where PCLens looks for a dataset under --data_path
@@ -61,6 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="project to the joint embedding space (only True is supported)")
     parser.add_argument("--full_output", default=False, type=str2bool,
                         help="keep every token, not only CLS (only False is supported)")
+    parser.add_argument("--layers", default=None, type=layer_list, metavar="LAYERS",
+                        help="store the attention terms of these layers only, e.g. 28-31 (as compute_prs.py "
+                             "--layers; default: every layer)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     return parser
 
@@ -123,8 +128,9 @@ def main(args: argparse.Namespace) -> dict:
         force_quick_gelu=args.force_quick_gelu, model_config=args.model_config, device=args.device,
         data_path=data_root(args.dataset, args.data_path), dataset=args.dataset, num_workers=args.num_workers,
         output_dir=args.output_dir, dtype="float16" if args.quantization == "fp16" else "float32",
-        resume=args.resume, select_images=select,
-        output_names=pclens_paths(args.output_dir, args.dataset, args.model, args.seed))
+        resume=args.resume, select_images=select, layers=args.layers,
+        output_names={**pclens_paths(args.output_dir, args.dataset, args.model, args.seed),
+                      "attn_rest": attn_rest_path(args.output_dir, args.dataset, args.model, f"_seed_{args.seed}")})
     return load_script("compute_prs").main(prs_args)
 
 
