@@ -7,6 +7,7 @@
   labels are ``[B, 2]`` = (class, background).
 - ``CIFAR10`` / ``CIFAR100``: torchvision's test split (downloaded into ``data_path`` if missing).
 - ``sample``: the photos bundled with scikit-image (no ``data_path`` needed).
+- ``MSCOCO`` / ``image_files``: every image directly in the folder ``data_path`` (``ImageFiles``), no labels (-1).
 - anything else: an ``ImageFolder`` at ``data_path``.
 
 Every dataset has ``.labels`` (a NumPy array in image order), so labels are written without decoding images.
@@ -108,6 +109,37 @@ class BinaryWaterbirds(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[i, 0])
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FLAT_FOLDER_DATASETS = ("MSCOCO", "image_files")
+
+
+class ImageFiles(Dataset):
+    """Image files with integer labels (``.labels``, -1 = none), opened as RGB; picklable for worker processes."""
+
+    def __init__(self, files, labels=None, transform: Optional[Callable] = None):
+        self.files = [Path(f) for f in files]
+        self.labels = np.full(len(self.files), -1, dtype=np.int64) if labels is None \
+            else np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != len(self.files):
+            raise ValueError(f"ImageFiles: {len(self.files)} files but {len(self.labels)} labels")
+        self.transform = transform
+
+    @classmethod
+    def flat_folder(cls, root: str | Path, transform: Optional[Callable] = None) -> "ImageFiles":
+        """Every image directly in ``root`` (by extension, sorted by name), unlabelled."""
+        files = sorted(p for p in Path(root).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise InputError(f"--data_path {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        return cls(files, transform=transform)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        img = Image.open(self.files[i]).convert("RGB")
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
 def _cifar(name: str, root: Path, transform):
     """torchvision CIFAR test split; a present copy is trusted without its md5 check (fixtures, mirrors)."""
     from torchvision import datasets
@@ -134,6 +166,8 @@ def build_dataset(name: str, data_path: Optional[str], transform: Optional[Calla
         root.mkdir(parents=True, exist_ok=True)
         return _cifar(name, root, transform)
     root = _require_dir(data_path, name)
+    if name in FLAT_FOLDER_DATASETS:
+        return ImageFiles.flat_folder(root, transform)
     if name == "imagenet":
         from torchvision.datasets import ImageNet
 

@@ -133,3 +133,187 @@ def nnlasso_admm(dictionary, signals, l1_penalty: float, rho: float = DEFAULT_RH
             iters.append(ix + 1)
             out[st:e] = (z / s).cpu().numpy()
     return (out, iters) if return_iters else out
+
+
+# ----------------------------------------------------------------------------- zero start, per-signal stop
+class ScreenedADMM:
+    """SpLiCE's ADMM iterates from a zero start, many signals at once, each stopping on its own residuals.
+
+    The iterates are exactly those of the loop in the module docstring started from ``x = z = u = 0`` (not
+    SpLiCE's random start; the minimiser is the same), and each signal stops at the first iteration where its
+    own primal and dual residuals are both below ``tol`` (SpLiCE stops a batch when all of them are). The
+    result is that iteration's ``z``. What changes is the cost of an iteration.
+
+    Write ``w_k = x_{k+1} + u_k`` (the input of the shrinkage, ``z_{k+1} = max(w_k - l1/rho, 0)``). With
+    ``M = rho/2 I + C^T C`` [d, d], the iteration is, exactly,
+
+        w_{k+1} = z_{k+1} + C beta_k,   beta_k = M^-1 (v - 2 C^T z_{k+1} + r_k),   r_{k+1} = C^T z_{k+1} + C^T C beta_k
+
+    so the state is the sparse ``z`` and two d-vectors. In the eigenbasis of ``C^T C`` (``C~ = C Q``) ``M`` is
+    diagonal, and an iteration costs O(d) plus two products with the rows of ``C~`` that are *tracked*:
+    those that are (or were just) non-zero and the next ``tracked`` largest ``w``. Every other concept ``j``
+    provably stays at zero: its ``w`` is ``C~_j beta``, at most ``|C_j| |beta - beta_R|`` above its value when
+    the tracked set was chosen (at ``beta_R``), so the set is re-chosen (one [d] x [d, T] product) only when
+    that drift could bring one of them to the threshold. The primal residual ``|x - z|`` needs all T entries;
+    the untracked ones are ``C~_j (beta_{k-1} - beta_{k-2})``, whose squared norm is
+    ``db^T diag(eig) db`` minus the tracked part. Cost per iteration: O(tracked x d) instead of O(T x d).
+
+    Args:
+        dictionary: [atoms, d] (numpy or torch), atoms as rows (SpLiCE: unit-norm concepts).
+        rho, tol, max_iter: SpLiCE's ADMM step (5), residual tolerance (1e-6) and iteration cap (2000).
+        device, dtype: where and in what precision the iterations run (float32 by default; the setup is
+            float64).
+        tracked: concepts tracked per signal beyond the non-zero ones, at least (more when needed).
+
+    As ``nnlasso_admm``, the problem is solved in units where the atoms have unit mean squared norm.
+    """
+
+    def __init__(self, dictionary, rho: float = DEFAULT_RHO, tol: float = DEFAULT_TOL,
+                 max_iter: int = DEFAULT_MAX_ITER, device: Optional[str | torch.device] = None,
+                 dtype: torch.dtype = torch.float32, tracked: int = 48):
+        C = torch.as_tensor(dictionary)
+        if C.ndim != 2 or C.shape[0] < 1:
+            raise ValueError(f"ScreenedADMM: need a dictionary [atoms, d], got {tuple(C.shape)}")
+        if rho <= 0 or max_iter < 1:
+            raise ValueError(f"ScreenedADMM: rho must be > 0 and max_iter >= 1 (got {rho}, {max_iter})")
+        self.device = torch.device(device) if device is not None else C.device
+        self.dtype, self.rho, self.tol, self.max_iter, self.tracked = dtype, float(rho), float(tol), int(max_iter), \
+            int(tracked)
+        C64 = C.to(device=self.device, dtype=torch.float64)
+        self.T, self.d = C64.shape
+        self.scale = float(torch.linalg.vector_norm(C64) / self.T ** 0.5)
+        if not self.scale > 0:
+            raise InputError("ScreenedADMM: the dictionary is all zeros")
+        C64 = C64 / self.scale
+        eig, Q = torch.linalg.eigh(C64.T @ C64)  # C^T C = Q diag(eig) Q^T
+        eig = eig.clamp_min(0)
+        Ct = C64 @ Q  # [T, d] the rotated atoms (same norms, same inner products)
+        self.cmax = float(torch.linalg.vector_norm(Ct, dim=1).max())
+        pad = torch.zeros(1, self.d, dtype=torch.float64, device=self.device)
+        self.Ct = torch.cat([Ct, pad]).to(dtype)  # [T + 1, d]; row T is the padding of the tracked sets
+        self.Q = Q.to(dtype)
+        self.eig = eig.to(dtype)
+        self.den = (rho / 2 + eig).to(dtype)  # diag(M) in the eigenbasis
+
+    @torch.no_grad()
+    def fit(self, signals, l1_penalty: float, batch_size: int = 256, progress: bool = False,
+            return_iters: bool = False):
+        """Codes [n, atoms] (numpy, float32 or the chosen dtype) of ``signals`` [n, d] for penalty ``l1_penalty``.
+
+        With ``return_iters`` also the number of iterations of each signal ([n] numpy int64; ``max_iter`` where
+        it did not converge).
+        """
+        V = torch.as_tensor(signals)
+        if V.ndim != 2 or V.shape[1] != self.d:
+            raise ValueError(f"ScreenedADMM.fit: need signals [n, {self.d}], got {tuple(V.shape)}")
+        if l1_penalty < 0:
+            raise ValueError(f"ScreenedADMM.fit: l1_penalty must be >= 0 (got {l1_penalty})")
+        thr = l1_penalty / self.scale / self.rho
+        n = V.shape[0]
+        out = np.zeros((n, self.T), dtype=torch.empty(0, dtype=self.dtype).numpy().dtype)
+        iters = np.zeros(n, dtype=np.int64)
+        starts = range(0, n, max(1, batch_size))
+        bar = tqdm(starts, desc=f"non-negative lasso (ADMM, {self.T} atoms)", unit="chunk") if progress and tqdm \
+            else starts
+        for st in bar:
+            e = min(n, st + batch_size)
+            z, it = self._solve(V[st:e].to(device=self.device, dtype=self.dtype), thr)
+            out[st:e] = (z / self.scale).cpu().numpy()
+            iters[st:e] = it.cpu().numpy()
+        return (out, iters) if return_iters else out
+
+    def _solve(self, v: torch.Tensor, thr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk: signals [a, d] -> (z [a, T], iterations [a])."""
+        T, d, dev, dt = self.T, self.d, self.device, self.dtype
+        a = v.shape[0]
+        eig, den, Ct = self.eig, self.den, self.Ct
+        m = min(max(1, self.tracked), T)
+        out = torch.zeros(a, T, device=dev, dtype=dt)
+        iters = torch.full((a,), self.max_iter, device=dev, dtype=torch.long)
+        S = {  # per live signal; beta = beta_{k-1}, beta_prev = beta_{k-2}, r = r_k, w = w_k, z = z_k (tracked)
+            "rows": torch.arange(a, device=dev),
+            "vt": v @ self.Q,
+            "idx": torch.full((a, m), T, device=dev, dtype=torch.long),
+            "CS": torch.zeros(a, m, d, device=dev, dtype=dt),
+            "margin": torch.zeros(a, device=dev, dtype=dt),
+            "done": torch.zeros(a, device=dev, dtype=torch.bool),
+        }
+        S["beta"] = S["vt"] / den  # beta_{-1}: w_0 = C M^-1 v
+        S["beta_prev"] = torch.zeros_like(S["beta"])  # beta_{-2}: w_{-1} = 0
+        S["r"] = eig * S["beta"]
+        S["beta_R"] = torch.full_like(S["beta"], float("inf"))  # forces the first choice of the tracked sets
+        for key in ("w", "w_old", "z", "z_old"):
+            S[key] = torch.zeros(a, m, device=dev, dtype=dt)
+        for k in range(self.max_iter):
+            drift = self.cmax * torch.linalg.vector_norm(S["beta"] - S["beta_R"], dim=1)
+            need = ~(drift < S["margin"]) & ~S["done"]
+            if bool(need.any()):
+                m = self._choose_tracked(S, need.nonzero()[:, 0], thr, m)
+            w, z, CS = S["w"], S["z"], S["CS"]
+            z_new = torch.clamp_min(w - thr, 0)  # z_{k+1}
+            s = torch.bmm(z_new.unsqueeze(1), CS).squeeze(1)  # C~^T z_{k+1}  [a, d]
+            beta_new = (S["vt"] + S["r"] - 2 * s) / den
+            S["r"] = s + eig * beta_new
+            # residuals of iteration k: x_{k+1} - z_{k+1} = (w_k - w_{k-1}) + (z_k - z_{k+1})
+            dw = w - S["w_old"]
+            e = dw + z - z_new
+            cd = dw - z + S["z_old"]  # C~_j (beta_{k-1} - beta_{k-2}) on the tracked concepts
+            db = S["beta"] - S["beta_prev"]
+            hidden = ((db * db * eig).sum(1) - (cd * cd).sum(1)).clamp_min(0)  # the same, untracked
+            prim2 = (e * e).sum(1) + hidden
+            dual = self.rho * torch.linalg.vector_norm(z_new - z, dim=1)
+            S["w_old"], S["w"] = w, z_new + torch.bmm(CS, beta_new.unsqueeze(2)).squeeze(2)
+            S["z_old"], S["z"] = z, z_new
+            S["beta_prev"], S["beta"] = S["beta"], beta_new
+            conv = (prim2 < self.tol ** 2) & (dual < self.tol) & ~S["done"]
+            if k == self.max_iter - 1:
+                conv = ~S["done"]
+            if bool(conv.any()):
+                c = conv.nonzero()[:, 0]
+                rows = S["rows"][c]
+                full = torch.zeros(len(c), T + 1, device=dev, dtype=dt).scatter_(1, S["idx"][c], z_new[c])
+                out[rows] = full[:, :T]
+                iters[rows] = k + 1
+                S["done"] = S["done"] | conv
+                n_done = int(S["done"].sum())
+                if n_done == len(S["done"]):
+                    break
+                if 4 * n_done >= len(S["done"]):  # drop the finished signals
+                    keep = (~S["done"]).nonzero()[:, 0]
+                    for key in S:
+                        S[key] = S[key][keep]
+        return out, iters
+
+    def _choose_tracked(self, S: dict, sel: torch.Tensor, thr: float, m: int) -> int:
+        """Re-choose the tracked concepts of the signals ``sel`` at their current ``beta``; returns the width."""
+        T, dev, dt, Ct = self.T, self.device, self.dtype, self.Ct
+        n = len(sel)
+
+        def dense(key):  # [n, T] from the tracked values
+            return torch.zeros(n, T + 1, device=dev, dtype=dt).scatter_(1, S["idx"][sel], S[key][sel])[:, :T]
+
+        z, z_old = dense("z"), dense("z_old")
+        w = z + S["beta"][sel] @ Ct[:T].T  # w_k = z_k + C~ beta_{k-1}, every concept
+        forced = (z > 0) | (z_old > 0) | (w > thr)  # non-zero at k-1, k or k+1: always tracked
+        need = int(forced.sum(1).max())
+        if need + 8 > m and m < T:  # widen every tracked set (padding: index T, a zero atom)
+            grow = min(T, max(2 * m, need + 16)) - m
+            for key in ("w", "w_old", "z", "z_old"):
+                S[key] = torch.cat([S[key], S[key].new_zeros(len(S[key]), grow)], 1)
+            S["idx"] = torch.cat([S["idx"], S["idx"].new_full((len(S["idx"]), grow), T)], 1)
+            S["CS"] = torch.cat([S["CS"], S["CS"].new_zeros(len(S["CS"]), grow, self.d)], 1)
+            m += grow
+        score = w.masked_fill(forced, float("inf"))
+        if m < T:
+            top = torch.topk(score, m + 1, dim=1).indices
+            idx = top[:, :m]
+            S["margin"][sel] = thr - w.gather(1, top[:, m:]).squeeze(1)  # the largest untracked w is this far
+        else:
+            idx = torch.arange(T, device=dev).expand(n, T)
+            S["margin"][sel] = float("inf")
+        CS = Ct[idx]
+        S["idx"][sel], S["CS"][sel] = idx, CS
+        S["w"][sel], S["z"][sel], S["z_old"][sel] = w.gather(1, idx), z.gather(1, idx), z_old.gather(1, idx)
+        S["w_old"][sel] = S["z_old"][sel] + torch.bmm(CS, S["beta_prev"][sel].unsqueeze(2)).squeeze(2)
+        S["beta_R"][sel] = S["beta"][sel]
+        return m
