@@ -20,8 +20,8 @@ import torch
 from utils.cli import InputError, run
 from utils.io import atomic_write_text
 from utils.provenance import write_provenance
-from utils.splice import add_splice_args, decompose_image, decomposition_lines, read_image, splice_from_args, \
-    splice_record
+from utils.splice import add_splice_args, decompose_image, decomposition_lines, load_from_args, read_image, \
+    splice_from_loaded, splice_record
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,7 +53,8 @@ def main(args: argparse.Namespace) -> list:
         raise InputError("-path: two images have the same stem, so the same output file; rename one")
     folder = outputs[0].parent
     folder.mkdir(parents=True, exist_ok=True)
-    splicemodel, preprocess, concepts, backbone = splice_from_args(args, folder)
+    loaded = load_from_args(args)
+    splicemodel, preprocess, concepts = splice_from_loaded(args, loaded, folder), loaded.preprocess, loaded.concepts
     results = []
     for path, img, out in zip(args.path, images, outputs):
         with torch.no_grad():
@@ -64,7 +65,7 @@ def main(args: argparse.Namespace) -> list:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, "".join(f"{line}\n" for line in [f"Concept Decomposition of {path}: ", *lines,
                                                                  l0_line, cos_line]))
-        write_provenance(out, splice_record(args, backbone, concepts, image=str(path), num_images=1, l0=l0,
+        write_provenance(out, splice_record(args, loaded.backbone, concepts, image=str(path), num_images=1, l0=l0,
                                             cosine=cosine))
         print(f"Concept Decomposition of {path}:")
         if args.verbose:

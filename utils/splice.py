@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -52,6 +53,11 @@ SPLICE_BACKBONES = {
 }
 MEAN_OF_WEIGHTS = {(model, tag): mean for model, tag, mean in SPLICE_BACKBONES.values()}
 DEFAULT_MODEL = "open_clip:ViT-B-32"
+
+
+def note(message: str) -> None:
+    """Informational messages go to stderr (stdout carries SpLiCE's own output)."""
+    print(message, file=sys.stderr)
 
 
 def available_models() -> dict[str, list[str]]:
@@ -160,7 +166,7 @@ DEFAULT_DOWNLOAD_ROOT = TEXT_DIR / EXTERNAL / "splice"
 
 
 def fetch_splice_file(name: str, download_root: Optional[str | Path] = None, base_url: Optional[str] = None,
-                      log: Callable[[str], None] = print) -> Path:
+                      log: Callable[[str], None] = note) -> Path:
     """SpLiCE's file ``name`` (a ``SPLICE_FILES`` key) in ``download_root``, downloaded and SHA-256 checked if
     missing. ``base_url``: a mirror folder (``https://...`` or ``file:///...``) instead of GitHub."""
     root = Path(download_root) if download_root else DEFAULT_DOWNLOAD_ROOT
@@ -190,7 +196,7 @@ def vocabulary_file(vocabulary: str, download_root: Optional[str | Path] = None,
 
 
 def read_vocabulary(path: str | Path, vocabulary_size: int = 0, reverse: bool = False,
-                    log: Callable[[str], None] = print) -> list[str]:
+                    log: Callable[[str], None] = note) -> list[str]:
     """The concepts of a vocabulary file: its last ``vocabulary_size`` lines (all for <= 0 or >= the file's),
     stripped, empty ones skipped (with one notice). ``reverse`` reads the file bottom-up first."""
     path = Path(path)
@@ -205,14 +211,14 @@ def read_vocabulary(path: str | Path, vocabulary_size: int = 0, reverse: bool = 
         lines = lines[::-1]
     if 0 < vocabulary_size < len(lines):
         lines = lines[-vocabulary_size:]
-    concepts = [line.strip() for line in lines]
-    empty = len(concepts) - sum(1 for c in concepts if c)
-    if empty:
-        concepts = [c for c in concepts if c]
-        log(f"note: -vocab {path}: skipped {empty} empty line(s); {len(concepts)} concepts")
+    stripped = [line.strip() for line in lines]
+    concepts = [c for c in stripped if c]
     if len(concepts) < 2:
-        raise InputError(f"-vocab {path}: {len(concepts)} concept(s); the concepts are centred over the vocabulary, "
-                         f"so it needs at least 2 non-empty lines")
+        what = "no concepts (the file is empty or blank)" if not concepts else "1 concept"
+        raise InputError(f"-vocab {path}: {what}; the concepts are centred over the vocabulary, so it needs at "
+                         f"least 2 non-empty lines")
+    if len(concepts) < len(stripped):
+        log(f"note: -vocab {path}: skipped {len(stripped) - len(concepts)} empty line(s); {len(concepts)} concepts")
     return concepts
 
 
@@ -294,7 +300,7 @@ def concept_cache_path(folder: str | Path, backbone: Backbone, vocabulary: str, 
 
 
 def cached_dictionary(path: Path, key: dict, build: Callable[[], torch.Tensor], record: dict,
-                      log: Callable[[str], None] = print) -> torch.Tensor:
+                      log: Callable[[str], None] = note) -> torch.Tensor:
     """The dictionary at ``path`` if its provenance record has ``key``, else ``build()`` it and save it there."""
     from utils.io import atomic_save
     from utils.provenance import read_provenance, write_provenance
@@ -353,7 +359,7 @@ class SPLICE(nn.Module):
             SpLiCE returns its sum over the batch).
         decomp_text, text_mean: decompose text too, centred with ``text_mean`` [d].
         device: where the dictionary, the mean and the solver live.
-        admm_batch_size: images solved together by ``admm`` (default: 32 on CPU, where small blocks stay in
+        admm_batch_size: images iterated together by ``admm`` (default: 16 on CPU, where small blocks stay in
             cache, 1024 on GPU).
     """
 
@@ -397,7 +403,7 @@ class SPLICE(nn.Module):
         """Weights [b, T] (>= 0, sparse) of targets [b, d] (normalised, centred embeddings)."""
         if self.solver == "skl":
             return solve_skl(self.dictionary, embedding, self.l1_penalty).to(self.device)
-        bs = self.admm_batch_size or (1024 if self.dictionary.is_cuda else 32)
+        bs = self.admm_batch_size or (1024 if self.dictionary.is_cuda else 16)
         w = self._admm_solver().fit(embedding.float(), self.l1_penalty, batch_size=bs)
         return torch.from_numpy(w).to(self.device)
 
@@ -466,7 +472,7 @@ def load(name: str, vocabulary: str, vocabulary_size: int = -1, device: Optional
          download_root: Optional[str | Path] = None, *, pretrained: Optional[str] = None,
          model_config: Optional[str] = None, image_mean: Optional[str | Path] = None,
          cache_dir: Optional[str | Path] = None, base_url: Optional[str] = None, text_batch_size: int = 256,
-         log: Callable[[str], None] = print, **kwargs) -> SPLICE:
+         log: Callable[[str], None] = note, **kwargs) -> SPLICE:
     """A ``SPLICE`` over backbone ``name`` and ``vocabulary`` (SpLiCE's ``splice.load``).
 
     Args:
@@ -499,7 +505,7 @@ def load(name: str, vocabulary: str, vocabulary_size: int = -1, device: Optional
 
 def concept_dictionary(model, tokenizer, concepts: Sequence[str], backbone: Backbone, vocabulary: str,
                        vocabulary_size: int, device, cache_dir: Optional[str | Path] = None,
-                       text_batch_size: int = 256, log: Callable[[str], None] = print) -> torch.Tensor:
+                       text_batch_size: int = 256, log: Callable[[str], None] = note) -> torch.Tensor:
     """The dictionary [T, d] of ``concepts``, from the cache in ``cache_dir`` when it was made the same way."""
     from utils.provenance import make_record, pretrained_identity
 
@@ -630,22 +636,37 @@ def add_splice_args(parser, l1_penalty: Optional[float] = None) -> None:
     parser.add_argument("--text_batch_size", type=int, default=256, help="concepts embedded at once")
 
 
-def splice_from_args(args, cache_dir: str | Path):
-    """(SPLICE with return_weights, preprocess, concepts, backbone) from ``add_splice_args`` flags."""
-    l1 = check_l1_penalty(args.l1_penalty)
+@dataclass
+class Loaded:
+    """What ``add_splice_args`` flags name, checked and loaded (everything but the concept embeddings)."""
+    backbone: Backbone
+    mean: torch.Tensor
+    concepts: list
+    model: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+
+
+def load_from_args(args) -> Loaded:
+    """Check the flags, the image mean and the vocabulary (cheap, first), then load the model."""
+    check_l1_penalty(args.l1_penalty)
     backbone = resolve_backbone(args.model, args.pretrained)
     mean = load_image_mean(backbone, args.image_mean, args.download_root, args.base_url)
     path, reverse = vocabulary_file(args.vocab, args.download_root, args.base_url)
     concepts = read_vocabulary(path, args.vocab_size, reverse)
     model, preprocess, tokenizer = load_backbone(backbone, args.device, args.model_config)
-    dictionary = concept_dictionary(model, tokenizer, concepts, backbone, args.vocab, args.vocab_size, args.device,
-                                    args.cache_dir or cache_dir, args.text_batch_size)
-    if mean.shape[0] != dictionary.shape[1]:
-        raise InputError(f"the image mean has d = {mean.shape[0]} but -model {args.model} embeds in "
+    return Loaded(backbone, mean, concepts, model, preprocess, tokenizer)
+
+
+def splice_from_loaded(args, loaded: Loaded, cache_dir: str | Path) -> SPLICE:
+    """The SPLICE (``return_weights``) of loaded flags; the concept embeddings come from (or go to) the cache."""
+    dictionary = concept_dictionary(loaded.model, loaded.tokenizer, loaded.concepts, loaded.backbone, args.vocab,
+                                    args.vocab_size, args.device, args.cache_dir or cache_dir, args.text_batch_size)
+    if loaded.mean.shape[0] != dictionary.shape[1]:
+        raise InputError(f"the image mean has d = {loaded.mean.shape[0]} but -model {args.model} embeds in "
                          f"d = {dictionary.shape[1]} (a mean of another model? see --image_mean)")
-    splicemodel = SPLICE(mean, dictionary, clip=model, solver=args.solver, l1_penalty=l1,
-                         return_weights=True, device=args.device)
-    return splicemodel, preprocess, concepts, backbone
+    return SPLICE(loaded.mean, dictionary, clip=loaded.model, solver=args.solver, l1_penalty=args.l1_penalty,
+                  return_weights=True, device=args.device)
 
 
 def splice_record(args, backbone: Backbone, concepts: Sequence[str], **fields) -> dict:
@@ -824,8 +845,8 @@ def dataset_decompositions(args, out_dir: str | Path, weights_out: Optional[str 
         for key in ("file", "command", "created", "script"):
             record.pop(key, None)
         return dec, record
-    splicemodel, preprocess, concepts, backbone = splice_from_args(args, out_dir)
-    ds = splice_dataset(args.dataset, args.data_path, preprocess)
+    loaded = load_from_args(args)
+    ds = splice_dataset(args.dataset, args.data_path, loaded.preprocess)
     indices = None
     if args.class_label is not None:
         labels = np.asarray(ds.labels)
@@ -834,6 +855,8 @@ def dataset_decompositions(args, out_dir: str | Path, weights_out: Optional[str 
         if len(indices) == 0:
             raise InputError(f"-class_label {args.class_label}: no image of -dataset {args.dataset} has this label "
                              f"(labels present: {np.unique(labels)[:20].tolist()})")
+    splicemodel = splice_from_loaded(args, loaded, out_dir)
+    backbone, concepts = loaded.backbone, loaded.concepts
     dec = decompose_images(splicemodel, ds, concepts, args.batch_size, args.num_workers, indices)
     record = splice_record(args, backbone, concepts, class_label=args.class_label, num_images=len(dec.index))
     if weights_out is not None:
