@@ -9,11 +9,12 @@ over the concepts, normalise). Each image is a normalised sparse non-negative mi
 noise, centred and normalised with an image mean as SpLiCE does with its targets.
 
 The machine may be shared: the two solvers run alternately, --repeats times each, and the best time of each
-is reported. Both use the same number of threads (--threads; scikit-learn's coordinate descent is
-single-threaded). The supports are compared: every weight above 1e-3 in one solution must be non-zero in
-the other.
+is reported. Both run on one core by default (--threads; scikit-learn's coordinate descent is single-threaded
+anyway). The supports are compared: every weight above 1e-3 in one solution must be non-zero in the other.
+--dense_images N also times SpLiCE's own ADMM formulation (dense [T, T]-sized updates, batched, its random
+start, the batch stopping when all its images have converged: utils.nnlasso.nnlasso_admm) on the first N images.
 
-    python bench/bench_splice.py                 # the full problem (a few minutes on 2 cores)
+    python bench/bench_splice.py                 # the full problem (a few minutes)
     python bench/bench_splice.py --smoke         # tiny, for the tests
 """
 import argparse
@@ -39,8 +40,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--l1_penalty", type=float, default=0.25)
     p.add_argument("--mix", type=int, default=12, help="concepts mixed into each synthetic image")
     p.add_argument("--noise", type=float, default=0.6, help="relative noise of the synthetic images")
-    p.add_argument("--batch_size", type=int, default=None, help="ADMM: images per block (default: SPLICE's)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--batch_size", type=int, default=64, help="ADMM: images iterated together")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--dense_images", type=int, default=0, help="also time SpLiCE's dense ADMM on this many images")
     p.add_argument("--repeats", type=int, default=3, help="best of this many alternating timings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a tiny problem (300 concepts x 32 dims x 8 images)")
@@ -68,10 +70,9 @@ def problem(T: int, d: int, n: int, mix: int, noise: float, seed: int) -> tuple[
 def main(args: argparse.Namespace) -> dict:
     if args.smoke:
         args.concepts, args.dim, args.images, args.repeats = 300, 32, 8, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     C, Y = problem(args.concepts, args.dim, args.images, args.mix, args.noise, args.seed)
-    bs = args.batch_size or 32
+    bs = args.batch_size
     best = {"skl": float("inf"), "admm": float("inf"), "admm_setup": float("inf")}
     for r in range(args.repeats):
         t = time.perf_counter()
@@ -104,6 +105,18 @@ def main(args: argparse.Namespace) -> dict:
           f"(setup {best['admm_setup']:.2f} s; iterations mean {iters.mean():.0f}, max {iters.max()})")
     print(f"  speedup {res['speedup']:.1f}x; max |w_admm - w_skl| {res['max_abs_diff']:.2e}; "
           f"same supports: {same_support}")
+    if args.dense_images:
+        from utils.nnlasso import nnlasso_admm
+
+        nd = min(args.dense_images, args.images)
+        t = time.perf_counter()
+        w_dense, dense_iters = nnlasso_admm(C, Y[:nd], args.l1_penalty, return_iters=True)
+        res["seconds"]["splice_dense_admm"] = time.perf_counter() - t
+        res["splice_dense_admm"] = {"images": nd, "iterations": dense_iters, "per_image_vs_admm": (
+            res["seconds"]["splice_dense_admm"] / nd) / (best["admm"] / args.images),
+            "max_abs_diff_vs_skl": float(np.abs(w_dense - w_skl[:nd]).max())}
+        print(f"  SpLiCE's dense ADMM on {nd} images: {res['seconds']['splice_dense_admm']:.2f} s "
+              f"({res['splice_dense_admm']['per_image_vs_admm']:.0f}x our admm's time per image)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return res

@@ -202,13 +202,12 @@ class ScreenedADMM:
         self.inv_den = (1 / (rho / 2 + eig)).to(dtype)  # diag(M)^-1 in the eigenbasis
 
     @torch.no_grad()
-    def fit(self, signals, l1_penalty: float, batch_size: int = 16, progress: bool = False,
+    def fit(self, signals, l1_penalty: float, batch_size: int = 64, progress: bool = False,
             return_iters: bool = False):
         """Codes [n, atoms] (numpy) of ``signals`` [n, d] for penalty ``l1_penalty``.
 
-        ``batch_size`` signals are iterated together; a finished signal's place is taken by the next one (on
-        CPU a small block keeps the tracked rows in cache). With ``return_iters`` also the iterations of each
-        signal ([n] int64; ``max_iter`` where it did not converge).
+        ``batch_size`` signals are iterated together; a finished signal's place is taken by the next one. With
+        ``return_iters`` also the iterations of each signal ([n] int64; ``max_iter`` where it did not converge).
         """
         V = torch.as_tensor(signals)
         if V.ndim != 2 or V.shape[1] != self.d:
@@ -223,7 +222,7 @@ class ScreenedADMM:
             if progress and tqdm and n else None
         st = _BlockState(self, l1_penalty / self.scale / self.rho)
         queue = 0
-        tol2, dual_tol2 = self.tol ** 2, (self.tol / self.rho) ** 2
+        tol2, dual_tol = self.tol ** 2, self.tol / self.rho
         eig, inv_den, thr = self.eig, self.inv_den, st.thr
         k = 0
         while True:
@@ -241,10 +240,10 @@ class ScreenedADMM:
             s = torch.bmm(z_new.unsqueeze(1), st.CS).squeeze(1)  # C~^T z_{k+1}  [a, d]
             beta_new = torch.add(st.y, s, alpha=-2).mul_(inv_den)  # beta_k
             st.y = torch.addcmul(s, eig, beta_new).add_(st.vt)  # y_{k+1}
-            w_new = torch.bmm(beta_new.unsqueeze(1), st.CS.transpose(1, 2)).squeeze(1).add_(z_new)  # w_{k+1}
+            w_new = torch.baddbmm(z_new.unsqueeze(1), beta_new.unsqueeze(1), st.CS.transpose(1, 2)).squeeze(1)
             # SpLiCE's stopping test for iteration k: rho |z_{k+1} - z_k| and |x_{k+1} - z_{k+1}| below tol
             dz = z_new - z
-            maybe = ((dz * dz).sum(1) < dual_tol2) & ~st.done
+            maybe = (torch.linalg.vector_norm(dz, dim=1) < dual_tol).logical_and_(st.live)
             last = k - st.k0_min >= self.max_iter - 1
             if last or bool(maybe.any()):
                 # x_{k+1} - z_{k+1} is e on the tracked concepts and C~_j (beta_{k-1} - beta_{k-2}) on the
@@ -255,7 +254,7 @@ class ScreenedADMM:
                 db = st.beta - st.beta_prev
                 conv = maybe & ((db * db) @ eig + ((e - cd) * (e + cd)).sum(1) < tol2)
                 if last:
-                    conv |= (k - st.k0 >= self.max_iter - 1) & ~st.done
+                    conv |= (k - st.k0 >= self.max_iter - 1) & st.live
                 if bool(conv.any()):
                     c = conv.nonzero()[:, 0]
                     rows = st.rows[c]
@@ -285,7 +284,7 @@ class _BlockState:
     """
 
     REFRESH_ROWS = 256  # signals refreshed at once (bounds the [rows, T] and [rows, M, d] temporaries)
-    ROW_KEYS = ("rows", "k0", "vt", "y", "beta", "beta_prev", "beta_F", "beta_P", "far", "near", "done", "cand",
+    ROW_KEYS = ("rows", "k0", "vt", "y", "beta", "beta_prev", "beta_F", "beta_P", "far", "near", "live", "cand",
                 "idx", "CS", "w", "w_old", "z", "z_old")
 
     def __init__(self, solver: ScreenedADMM, thr: float):
@@ -299,7 +298,7 @@ class _BlockState:
         for key in ("vt", "y", "beta", "beta_prev", "beta_F", "beta_P"):
             setattr(self, key, torch.zeros(0, d, device=dev, dtype=dt))
         self.far, self.near = (torch.zeros(0, device=dev, dtype=dt) for _ in range(2))
-        self.done = torch.zeros(0, device=dev, dtype=torch.bool)
+        self.live = torch.zeros(0, device=dev, dtype=torch.bool)
         self.cand = torch.zeros(0, self.M, device=dev, dtype=torch.long)
         self.idx = torch.zeros(0, self.m, device=dev, dtype=torch.long)
         self.CS = torch.zeros(0, self.m, d, device=dev, dtype=dt)
@@ -319,7 +318,7 @@ class _BlockState:
                "y": vt + sol.eig * beta, "beta": beta, "beta_prev": torch.zeros_like(beta),  # beta_{-2}: w_{-1} = 0
                "beta_F": torch.full_like(beta, float("inf")), "beta_P": torch.full_like(beta, float("inf")),
                "far": vt.new_zeros(b), "near": vt.new_zeros(b),
-               "done": torch.zeros(b, device=sol.device, dtype=torch.bool),
+               "live": torch.ones(b, device=sol.device, dtype=torch.bool),
                "cand": torch.full((b, self.M), T, device=sol.device, dtype=torch.long),
                "idx": torch.full((b, self.m), T, device=sol.device, dtype=torch.long),
                "CS": vt.new_zeros(b, self.m, sol.d)}
@@ -331,12 +330,12 @@ class _BlockState:
 
     def finish(self, c: torch.Tensor) -> None:
         """Mark signals ``c`` done (they stay until dropped, never re-screened)."""
-        self.done[c] = True
+        self.live[c] = False
         self.near[c] = float("inf")
         self.n_done += len(c)
 
     def drop_done(self) -> None:
-        keep = (~self.done).nonzero()[:, 0]
+        keep = self.live.nonzero()[:, 0]
         for key in self.ROW_KEYS:
             setattr(self, key, getattr(self, key)[keep])
         self.n_done = 0
@@ -349,9 +348,9 @@ class _BlockState:
         need = d_near >= self.near
         if not bool(need.any()):
             return
+        live = self.live
         g = self.sol.group
         d_far = torch.linalg.vector_norm(self.beta - self.beta_F, dim=1)
-        live = ~self.done
         if bool((need & (d_far >= self.far)).any()):  # with those halfway there, so that refreshes come in groups
             for sel in ((d_far >= g * self.far) & live).nonzero()[:, 0].split(self.REFRESH_ROWS):
                 self._evaluate_all(sel)

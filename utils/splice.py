@@ -359,8 +359,7 @@ class SPLICE(nn.Module):
             SpLiCE returns its sum over the batch).
         decomp_text, text_mean: decompose text too, centred with ``text_mean`` [d].
         device: where the dictionary, the mean and the solver live.
-        admm_batch_size: images iterated together by ``admm`` (default: 16 on CPU, where small blocks stay in
-            cache, 1024 on GPU).
+        admm_batch_size: images iterated together by ``admm`` (default: 64 on CPU, 1024 on GPU).
     """
 
     def __init__(self, image_mean: torch.Tensor, dictionary: torch.Tensor, clip: Optional[nn.Module] = None,
@@ -403,7 +402,7 @@ class SPLICE(nn.Module):
         """Weights [b, T] (>= 0, sparse) of targets [b, d] (normalised, centred embeddings)."""
         if self.solver == "skl":
             return solve_skl(self.dictionary, embedding, self.l1_penalty).to(self.device)
-        bs = self.admm_batch_size or (1024 if self.dictionary.is_cuda else 16)
+        bs = self.admm_batch_size or (1024 if self.dictionary.is_cuda else 64)
         w = self._admm_solver().fit(embedding.float(), self.l1_penalty, batch_size=bs)
         return torch.from_numpy(w).to(self.device)
 
