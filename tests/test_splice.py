@@ -16,7 +16,7 @@ from conftest import CONFIGS, GOLDEN, GOLDEN_WEIGHTS, REPO, run_inprocess
 from utils.nnlasso import ScreenedADMM
 from utils.splice import (SPLICE, centre_concepts, decompose_classes, decompose_dataset, decompose_image,
                           embed_concepts, get_preprocess, get_vocabulary, image_decomposition, load,
-                          load_decompositions, read_image_mean, read_vocabulary, resolve_backbone, solve_skl)
+                          load_decompositions, read_image_mean, read_vocabulary, resolve_backbone)
 from utils.text_sets import HashMismatchError
 
 G = GOLDEN / "splice"
@@ -69,11 +69,13 @@ def test_weights_l0_cosine_match_golden(golden, golden_images, solver):
     np.testing.assert_allclose(w, np.load(G / "weights_admm.npy"), atol=1e-4)
 
 
-def test_screened_admm_iterates_equal_splice_loop_from_zero():
+@pytest.mark.parametrize("tol, max_iter", [(1e-6, 2000), (0.0, 7)])
+def test_screened_admm_iterates_equal_splice_loop_from_zero(tol, max_iter):
     """ScreenedADMM = SpLiCE's ADMM (direct [T, T] Cholesky x-update) started at zero, each signal stopping at
-    its own first iteration with both residuals < tol: same stopping iteration, same z (float64)."""
+    its own first iteration with both residuals < tol (or at max_iter): same stopping iteration, same z
+    (float64)."""
     rng = np.random.default_rng(0)
-    T, d, n, rho, l1, tol = 400, 20, 5, 5.0, 0.3, 1e-6
+    T, d, n, rho, l1 = 400, 20, 5, 5.0, 0.3
     C = rng.standard_normal((T, d)) / np.sqrt(np.arange(1, d + 1))
     C = centre_concepts(torch.from_numpy(C)).double()
     V = F.normalize(torch.from_numpy(rng.standard_normal((n, d))), dim=1)
@@ -82,7 +84,7 @@ def test_screened_admm_iterates_equal_splice_loop_from_zero():
     for v in V:  # SpLiCE's ADMM.step, one signal, columns
         x = z = u = torch.zeros(T, 1, dtype=torch.float64)
         Cb = C @ v[:, None]
-        for k in range(2000):
+        for k in range(max_iter):
             z_old = z
             x = torch.cholesky_solve(2 * Cb + rho * (z - u), chol)
             z = torch.clamp_min(x + u - l1 / rho, 0)
@@ -92,11 +94,11 @@ def test_screened_admm_iterates_equal_splice_loop_from_zero():
         ref.append(z[:, 0].numpy())
         ref_iters.append(k + 1)
     # few tracked concepts and candidates: the screening and the re-evaluations are exercised
-    solver = ScreenedADMM(C, dtype=torch.float64, tracked=6, candidates=40)
+    solver = ScreenedADMM(C, tol=tol, max_iter=max_iter, dtype=torch.float64, tracked=6, candidates=40)
     got, iters = solver.fit(V, l1, batch_size=2, return_iters=True)
     np.testing.assert_array_equal(iters, ref_iters)
     np.testing.assert_allclose(got, np.stack(ref), atol=1e-12)
-    assert 0 < (got > 0).sum(1).min() and (got > 0).sum(1).max() < T
+    assert (got > 0).sum(1).max() < T and (tol == 0 or (got > 0).sum(1).min() > 0)
 
 
 def test_screened_admm_matches_sklearn_float32():

@@ -289,7 +289,7 @@ class _BlockState:
 
     def __init__(self, solver: ScreenedADMM, thr: float):
         self.sol, self.thr = solver, thr
-        T, d, dev, dt = solver.T, solver.d, solver.device, solver.dtype
+        d, dev, dt = solver.d, solver.device, solver.dtype
         self.m, self.M = solver.tracked, solver.candidates
         self.n_done = 0
         self.k0_min = 0
