@@ -38,8 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("-data_path", "--data_path", default=None, help="dataset root")
     parser.add_argument("--output", default=None,
                         help="the mean, .pt or .npy (default: {model}_{weights}_{dataset}_image_mean.pt)")
-    parser.add_argument("-batch_size", "--batch_size", type=int, default=256, help="images per batch")
-    parser.add_argument("--num_workers", type=int, default=8, help="data loader workers")
+    parser.add_argument("-batch_size", "--batch_size", type=int, default=256, help="images per batch (default: %(default)s)")
+    parser.add_argument("--num_workers", type=int, default=8, help="data loader workers (default: %(default)s)")
     parser.add_argument("-device", "--device", default=default_device(), help="torch device")
     parser.add_argument("--resume", action="store_true", help="continue a killed run (same model and dataset)")
     parser.add_argument("--keep_embeddings", action="store_true", help="keep the normalised embeddings [N, d]")

@@ -632,7 +632,7 @@ def add_splice_args(parser, l1_penalty: Optional[float] = None) -> None:
                              "GitHub; SHA-256 checked all the same")
     parser.add_argument("--cache_dir", default=None,
                         help="where the concept embeddings are cached (default: beside the outputs)")
-    parser.add_argument("--text_batch_size", type=int, default=256, help="concepts embedded at once")
+    parser.add_argument("--text_batch_size", type=int, default=256, help="concepts embedded at once (default: %(default)s)")
 
 
 @dataclass
@@ -819,8 +819,8 @@ def add_dataset_args(parser) -> None:
     parser.add_argument("-data_path", "--data_path", default=None, help="dataset root (CIFAR: ./datasets/)")
     parser.add_argument("-class_label", "--class_label", type=int, default=None,
                         help="decompose only the images with this label (default: all)")
-    parser.add_argument("-batch_size", "--batch_size", type=int, default=512, help="images per batch")
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
+    parser.add_argument("-batch_size", "--batch_size", type=int, default=512, help="images per batch (default: %(default)s)")
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers (default: %(default)s)")
     parser.add_argument("--from_weights", default=None,
                         help="read the per-image weights from this decompose_data.py .npz instead of running the "
                              "model (its model, vocabulary and l1 penalty apply)")
