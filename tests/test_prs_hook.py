@@ -344,3 +344,15 @@ def test_real_configs_sum_rule(name, spatial):
     with torch.no_grad():
         ref = F.normalize(model.encode_image(x), dim=-1)
     torch.testing.assert_close(attn.flatten(1, -2).sum(1) + mlps.sum(1), ref, atol=1e-5, rtol=0)
+
+
+def test_golden_files_are_the_golden_case():
+    """Every file of tests/golden/ listed in golden.json has its recorded size and SHA-256 (no fixture drifted)."""
+    import hashlib
+    import json
+
+    files = json.loads((GOLDEN / "golden.json").read_text())["files"]
+    assert len(files) > 50
+    for name, meta in files.items():
+        data = (GOLDEN / name).read_bytes()
+        assert len(data) == meta["bytes"] and hashlib.sha256(data).hexdigest() == meta["sha256"], name

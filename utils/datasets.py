@@ -9,6 +9,7 @@
 - ``CIFAR10`` / ``CIFAR100``: torchvision's files (downloaded into ``data_path`` if missing); splits ``train``,
   ``test`` (default ``test``).
 - ``sample``: the photos bundled with scikit-image (no ``data_path``, one split).
+- ``MSCOCO`` / ``image_files``: every image directly in the folder ``data_path`` (``ImageFiles``), no labels (-1).
 - anything else: an ``ImageFolder`` at ``data_path``, or at ``data_path/{split}/`` when that folder exists.
 
 A split a dataset does not have is an ``InputError``. Every dataset has ``.labels`` (a NumPy array in image
@@ -130,6 +131,37 @@ class BinaryWaterbirds(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[i, 0])
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FLAT_FOLDER_DATASETS = ("MSCOCO", "image_files")
+
+
+class ImageFiles(Dataset):
+    """Image files with integer labels (``.labels``, -1 = none), opened as RGB; picklable for worker processes."""
+
+    def __init__(self, files, labels=None, transform: Optional[Callable] = None):
+        self.files = [Path(f) for f in files]
+        self.labels = np.full(len(self.files), -1, dtype=np.int64) if labels is None \
+            else np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != len(self.files):
+            raise ValueError(f"ImageFiles: {len(self.files)} files but {len(self.labels)} labels")
+        self.transform = transform
+
+    @classmethod
+    def flat_folder(cls, root: str | Path, transform: Optional[Callable] = None) -> "ImageFiles":
+        """Every image directly in ``root`` (by extension, sorted by name), unlabelled."""
+        files = sorted(p for p in Path(root).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise InputError(f"--data_path {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        return cls(files, transform=transform)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        img = load_rgb(self.files[i])
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
 def _trust_present_files(base, name: str):
     """A torchvision CIFAR class whose files are trusted when present (md5 None: only existence is checked), so
     fixtures and mirrors work."""
@@ -180,6 +212,8 @@ def build_dataset(name: str, data_path: Optional[str], transform: Optional[Calla
         except RuntimeError as e:  # torchvision: files missing and the download failed / is not possible
             raise InputError(f"--data_path {root}: no usable {name} files ({e})") from e
     root = _require_dir(data_path, name)
+    if name in FLAT_FOLDER_DATASETS:
+        return ImageFiles.flat_folder(root, transform)
     if name == "imagenet":
         from torchvision.datasets import ImageNet
 

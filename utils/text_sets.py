@@ -96,6 +96,28 @@ ORIGINAL_TEXT_SETS: dict[str, Source] = {
 }
 
 
+# SpLiCE's files (AI4LIFE-GROUP/SpLiCE): concept vocabularies, one concept per line from the least to the most
+# frequent, and image means, torch tensors [d] (normalised image embeddings averaged over MSCOCO). utils/splice.py
+# fetches them on first use into its download root.
+SPLICE = ("AI4LIFE-GROUP/SpLiCE", "9a498102ce7c6701f4afe361ffaa86c39b47fa5f")
+SPLICE_FILES: dict[str, Source] = {
+    "laion.txt": Source(*SPLICE, "aee8e260477dcfbc873f939955ffd472969859054ed46e245bbe8b37d10b508c",
+                        folder="data/vocab"),
+    "laion_bigrams.txt": Source(*SPLICE, "6561525228843aa8b0d2b27e731c8c2b18dac0e4bdda40761933b0aecda1e67a",
+                                folder="data/vocab"),
+    "mscoco.txt": Source(*SPLICE, "ddd84fc591b2e49c1513cc3dcc199153df276a44686712e21a6efb7711e2d43b",
+                         folder="data/vocab"),
+    "open_clip_ViT-B-32_image.pt": Source(*SPLICE, "6b91c6d0e9006e27dfb6f13e6d25a90c5ff24eb14e4ee60cf064a7ddf9f646b7",
+                                          folder="data/means"),
+    "clip_ViT-B-32_image.pt": Source(*SPLICE, "dbd73aec9162cc26d3850c042b2a035720c1f6d38fc0b64a73518995f884202b",
+                                     folder="data/means"),
+    "clip_ViT-B-16_image.pt": Source(*SPLICE, "2907555438ef16b4677cb72ad81b3c3fe8c9246028714e943dba6c3b91d67eee",
+                                     folder="data/means"),
+    "clip_RN50_image.pt": Source(*SPLICE, "e1ee3345ef6faf6f8ebc30f649189bf4e583fe71229b2955e227cf59124d42fa",
+                                 folder="data/means"),
+}
+
+
 class HashMismatchError(InputError):
     """A downloaded file's SHA-256 differs from the pinned one (the file is not kept)."""
 

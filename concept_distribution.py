@@ -1,0 +1,72 @@
+"""SpLiCE concept distribution of a dataset or one class: a bar chart of its top concepts, and the numbers.
+
+  python concept_distribution.py -dataset ImageNetVal -out_folder imagenet_jackolantern_decomp --verbose \\
+      -l1_penalty 0.3 -class_label 607 -device "cuda"
+
+Writes to -out_folder (created if missing):
+  weights.txt                 SpLiCE's format: "Concept Decomposition: ", the concepts with a non-zero average
+                              weight, largest first, and the average L0 and cosine lines (SpLiCE writes those two
+                              only with --verbose)
+  {title}.png                 bar chart of the -plot_topk largest average weights (SpLiCE: seaborn, a .pdf)
+  {title}.json                the same numbers: top concepts, every non-zero concept, L0, cosine, images
+where {title} is {dataset}_class_{label}_decomposition (lower case) or {dataset}_decomposition. Fixed here:
+SpLiCE leaves "Class 0" out of the title of class 0. --from_weights reads a decompose_data.py .npz instead of
+running the model. See docs/splice.md.
+"""
+import argparse
+from pathlib import Path
+
+from utils.cli import run
+from utils.io import atomic_write_json, atomic_write_text
+from utils.provenance import write_provenance
+from utils.splice import add_dataset_args, add_splice_args, dataset_decompositions, decomposition_lines, \
+    plot_concepts
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("SpLiCE: concept distribution", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-out_folder", "--out_folder", required=True, help="output folder (created)")
+    parser.add_argument("--verbose", action="store_true", help="also print the concepts, L0 and cosine")
+    parser.add_argument("-plot_topk", "--plot_topk", type=int, default=10, help="concepts in the bar chart "
+                        "(default: %(default)s)")
+    add_splice_args(parser, l1_penalty=0.2)
+    add_dataset_args(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    folder = Path(args.out_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.verbose:
+        print(f"Decomposing {args.dataset}..." if args.class_label is None else
+              f"Decomposing class {args.class_label}...")
+    dec, record = dataset_decompositions(args, folder)
+    weights, l0, cosine = dec.summary()
+    lines = decomposition_lines(weights, dec.concepts, stop="zero")
+    l0_line = f"Average Decomposition L0 Norm: \t{l0}"
+    cos_line = f"Average CLIP, SpLiCE Cosine Sim: \t{round(cosine, 4)}"
+    atomic_write_text(folder / "weights.txt",
+                      "".join(f"{line}\n" for line in ["Concept Decomposition: ", *lines, l0_line, cos_line]))
+    print("Concept Decomposition:")
+    if args.verbose:
+        print("\n".join([*lines, l0_line, cos_line]))
+
+    order = [j for j in weights.argsort(kind="stable")[::-1] if weights[j] > 0]
+    nonzero = [[dec.concepts[j], float(weights[j])] for j in order]
+    top = nonzero[:max(args.plot_topk, 0)]
+    title = f"{args.dataset}" + (f" Class {args.class_label}" if args.class_label is not None else "") + \
+        " Decomposition"
+    stem = "_".join(title.split(" ")).lower()
+    plot_concepts([c for c, _ in top], [w for _, w in top], title, folder / f"{stem}.png")
+    summary = {"dataset": args.dataset, "class_label": args.class_label, "num_images": len(dec.index),
+               "l0": l0, "cosine": cosine, "top": top, "concepts": nonzero}
+    atomic_write_json(folder / f"{stem}.json", summary)
+    for name in ("weights.txt", f"{stem}.png", f"{stem}.json"):
+        write_provenance(folder / name, {**record, "l0": l0, "cosine": cosine})
+    print(f"wrote {folder / 'weights.txt'}, {stem}.png and {stem}.json")
+    return {**summary, "folder": str(folder), "stem": stem}
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())
