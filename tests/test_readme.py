@@ -9,8 +9,9 @@ from conftest import CONFIGS, GOLDEN_WEIGHTS, REPO
 
 README = (REPO / "README.md").read_text()
 DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "bench" / "README.md", REPO / "README.md"]
-# repository paths: a folder ending in "/", or a file with one of these extensions (not a name pattern)
-PATH = re.compile(r"^[\w.\-/]+(/|\.(?:py|md|ipynb|yml|yaml|sh|txt|json|toml))$")
+# repository paths: a folder ending in "/", a script or notebook, or a path with a folder (a bare `REPORT.md` or
+# `report.json` names an output, not a file of the repository)
+PATH = re.compile(r"^(?:[\w.\-]+/[\w.\-/]*|[\w.\-]+\.(?:py|ipynb|yml|sh))$")
 
 
 def test_readme_is_a_front_page():

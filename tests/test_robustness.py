@@ -312,9 +312,9 @@ def test_torchrun_two_processes_byte_identical_and_resumable(tmp_path, clean_prs
     res = run_killed("compute_prs.py", 5, *args, "--output_dir", killed, torchrun=2)
     assert res.returncode != 0 and not (killed / PRS[0]).exists()
     ranks = [json.loads((killed / f"{PRS[0]}.progress.rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["done"] == 4 and ranks[1]["done"] == 0
-    res = _torchrun([*args, "--resume"], killed)
-    assert "[rank 1/2] resuming at rows 4..6" not in res.stderr + res.stdout  # nothing of rank 1 was written
+    # rank 1 died before its first batch; torchrun then stops rank 0 wherever it was (0, 2 or 4 rows done)
+    assert ranks[1]["done"] == 0 and ranks[0]["done"] in (0, 2, 4)
+    _torchrun([*args, "--resume"], killed)
     for f in PRS:
         assert filecmp.cmp(clean_prs / f, killed / f, shallow=False), f
     assert not list(killed.glob("*.progress*")) and not list(killed.glob("*.partial"))
