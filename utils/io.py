@@ -28,7 +28,7 @@ def load_array(path: str | Path, what: str, mmap: bool = True) -> np.ndarray:
     if not path.is_file():
         hint = f" (written by {what})" if what else ""
         partial = " A .partial file is there: that run did not finish; rerun it with --resume." \
-            if Path(str(path) + PARTIAL).exists() else ""
+            if path.with_name(path.name + PARTIAL).exists() else ""
         raise FileNotFoundError(f"{path}: not found{hint}.{partial}")
     return np.load(path, mmap_mode="r" if mmap else None)
 
@@ -182,19 +182,6 @@ class StreamingArrays:
         for f in self.files.values():
             f.close()
         self.files.clear()
-
-    def finish(self, progress_files: Optional[list[Path]] = None, before_rename: Optional[Callable[[Path], None]] = None
-               ) -> None:
-        """Rename every ``.partial`` to its final name, then remove the progress files.
-
-        ``before_rename(final_path)`` runs first for each file (e.g. to write its provenance record). A crash part
-        way leaves the progress files in place, so ``--resume`` finishes the renames (``finish_renames``).
-        """
-        if not self.complete:
-            raise RuntimeError(f"StreamingArrays.finish: only rows {self.start}..{self.next_row} of "
-                               f"{self.start}..{self.stop} written")
-        self.close()
-        finish_renames(self.paths.values(), progress_files or [self.progress_file], before_rename)
 
 
 class _RowFile:

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from utils.cli import InputError
+from utils.names import NO_WEIGHTS
 
 __all__ = ["provenance_path", "make_record", "write_provenance", "read_provenance", "pretrained_identity",
            "run_key", "check_consistent", "add_mismatch_arg", "save_output", "derived_record"]
 
 RECORD_SUFFIX = ".provenance.json"
 FOLDER_RECORD = "provenance.json"
-NO_WEIGHTS = ("none", "None", "", "random")
 
 
 def provenance_path(path: str | Path) -> Path:

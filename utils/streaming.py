@@ -150,9 +150,11 @@ def stream_dataset(dataset: Dataset, outputs: Mapping[str, Output],
     first = next(iter(paths.values()))
     progress_files = [first.with_name(first.name + _progress_suffix(r, world)) for r in range(world)]
 
+    name_of = {p: k for k, p in paths.items()}
+
     def finish() -> None:  # rank 0: provenance records, renames, then the progress files go
         finish_renames(paths.values(), progress_files, before_rename=lambda p: write_provenance(
-            p, dict(record, shape=list(shapes[_name(paths, p)]), storage_dtype=dtypes[_name(paths, p)].name)))
+            p, dict(record, shape=list(shapes[name_of[p]]), storage_dtype=dtypes[name_of[p]].name)))
 
     # finished outputs (no progress file left)
     if all(p.is_file() for p in paths.values()) and not any(f.exists() for f in progress_files):
@@ -191,14 +193,15 @@ def stream_dataset(dataset: Dataset, outputs: Mapping[str, Output],
         for f in other:
             f.unlink(missing_ok=True)
     start, stop = _rank_rows(num, batch_size, rank, world)
-    writer = None
-    if main:
-        writer = StreamingArrays(paths, shapes, dtypes, key={"record": key}, resume=not fresh, start=start, stop=stop,
-                                 create=fresh, progress_suffix=_progress_suffix(rank, world))
+
+    def open_writer(create: bool) -> StreamingArrays:
+        return StreamingArrays(paths, shapes, dtypes, key={"record": key}, resume=not fresh, start=start, stop=stop,
+                               create=create, progress_suffix=_progress_suffix(rank, world))
+
+    writer = open_writer(create=fresh) if main else None  # rank 0 allocates fresh files, the others open them
     barrier()
     if not main:
-        writer = StreamingArrays(paths, shapes, dtypes, key={"record": key}, resume=not fresh, start=start, stop=stop,
-                                 create=False, progress_suffix=_progress_suffix(rank, world))
+        writer = open_writer(create=False)
     if writer.done and world == 1:
         say(f"Resuming at image {writer.next_row} of {num}")
     elif world > 1:
@@ -244,6 +247,3 @@ def _describe_writers(files: list[Path]) -> str:
     ranks = [int(m.group(1)) for f in files if (m := re.search(r"\.progress\.rank(\d+)\.json$", f.name))]
     return f"{max(ranks) + 1} processes under torchrun" if ranks else "1 process"
 
-
-def _name(paths: Mapping[str, Path], path: Path) -> str:
-    return next(k for k, p in paths.items() if p == path)
