@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from utils.cli import InputError, positive_int, run
 from utils.factory import default_device
 from utils.io import atomic_save, atomic_write
+from utils.names import image_embeddings_path, image_mean_path
 from utils.provenance import make_record, provenance_path, write_provenance
 from utils.splice import DEFAULT_MODEL, load_backbone, resolve_backbone, splice_dataset
 from utils.streaming import Output, stream_dataset
@@ -48,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     backbone = resolve_backbone(args.model, args.pretrained)
-    out = Path(args.output or f"{backbone.label}_{args.dataset}_image_mean.pt")
+    out = Path(args.output) if args.output else image_mean_path(backbone.label, args.dataset)
     if out.suffix not in (".pt", ".npy"):
         raise InputError(f"--output {out}: must end in .pt or .npy")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,7 @@ def main(args: argparse.Namespace) -> dict:
     ds = splice_dataset(args.dataset, args.data_path, preprocess)
     n, d = len(ds), int(model.visual.output_dim)
     record = make_record(args, model=backbone.name, pretrained=backbone.pretrained, num_images=n)
-    emb_path = out.with_name(f"{out.stem}_embeddings.npy")
+    emb_path = image_embeddings_path(out)
 
     @torch.no_grad()
     def compute(images, labels, start):  # [b, d] unit-norm embeddings

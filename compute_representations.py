@@ -16,12 +16,11 @@ Several GPUs: torchrun --nproc_per_node 8 compute_representations.py ... (docs/t
 import argparse
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from utils.cli import positive_int, run
-from utils.datasets import build_second_order_dataset
+from utils.datasets import build_second_order_dataset, class_column
 from utils.factory import add_model_args, load_model_from_args
 from utils.io import make_output_dir
 from utils.names import representations_path, split_classes_path
@@ -54,9 +53,8 @@ def main(args: argparse.Namespace) -> dict:
     out = make_output_dir(args.output_dir)
     record = make_record(args, coefficient=args.coefficient)
     classes = split_classes_path(out, args.dataset, args.split)
-    labels = np.asarray(ds.labels)
     if is_main_process():
-        save_output(classes, labels[:, 0] if labels.ndim == 2 else labels, dict(record, num_images=len(ds)))
+        save_output(classes, class_column(ds.labels), dict(record, num_images=len(ds)))
 
     path = representations_path(out, args.dataset, args.split, args.model, args.pretrained)
     dim = model.visual.output_dim

@@ -14,10 +14,9 @@ SpLiCE leaves "Class 0" out of the title of class 0. --from_weights reads a deco
 running the model. See docs/splice.md.
 """
 import argparse
-from pathlib import Path
 
 from utils.cli import run
-from utils.io import atomic_write_json, atomic_write_text
+from utils.io import atomic_write_json, atomic_write_text, make_output_dir
 from utils.provenance import write_provenance
 from utils.splice import add_dataset_args, add_splice_args, dataset_decompositions, decomposition_lines, \
     plot_concepts
@@ -36,8 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    folder = Path(args.out_folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_output_dir(args.out_folder, "-out_folder")
     if args.verbose:
         print(f"Decomposing {args.dataset}..." if args.class_label is None else
               f"Decomposing class {args.class_label}...")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from utils.cli import run
 from utils.io import atomic_write_text
+from utils.names import splice_weights_path
 from utils.provenance import write_provenance
 from utils.splice import add_dataset_args, add_splice_args, dataset_decompositions, decomposition_lines
 
@@ -35,8 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     out = Path(args.out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    weights_out = Path(args.weights_out) if args.weights_out else \
-        out.with_name((out.name[:-4] if out.name.endswith(".txt") else out.name) + "_weights.npz")
+    weights_out = Path(args.weights_out) if args.weights_out else splice_weights_path(out)
     if args.verbose:
         print(f"Decomposing {args.dataset}..." if args.class_label is None else
               f"Decomposing class {args.class_label} from {args.dataset}...")

@@ -15,10 +15,8 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
-
 from utils.cli import InputError, run
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, make_output_dir
 from utils.provenance import write_provenance
 from utils.splice import add_splice_args, decompose_image, decomposition_lines, load_from_args, read_image, \
     splice_from_loaded, splice_record
@@ -51,18 +49,15 @@ def main(args: argparse.Namespace) -> list:
     outputs = [output_file(args.out_path, p, len(args.path)) for p in args.path]
     if len(set(outputs)) != len(outputs):
         raise InputError("-path: two images have the same stem, so the same output file; rename one")
-    folder = outputs[0].parent
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_output_dir(outputs[0].parent, "-out_path")
     loaded = load_from_args(args)
     splicemodel, preprocess, concepts = splice_from_loaded(args, loaded, folder), loaded.preprocess, loaded.concepts
     results = []
     for path, img, out in zip(args.path, images, outputs):
-        with torch.no_grad():
-            weights, l0, cosine = decompose_image(preprocess(img).unsqueeze(0), splicemodel, args.device)
+        weights, l0, cosine = decompose_image(preprocess(img).unsqueeze(0), splicemodel)
         lines = decomposition_lines(weights[0].cpu().numpy(), concepts, stop="zero")
         l0_line = f"Decomposition L0 Norm: \t{l0}"
         cos_line = f"CLIP, SpLiCE Cosine Sim: \t{round(cosine, 4)}"
-        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, "".join(f"{line}\n" for line in [f"Concept Decomposition of {path}: ", *lines,
                                                                  l0_line, cos_line]))
         write_provenance(out, splice_record(args, loaded.backbone, concepts, image=str(path), num_images=1, l0=l0,

@@ -48,7 +48,7 @@ def load_rgb(path: str | Path) -> Image.Image:
             img = Image.open(f)
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for truncated / non-image files
-        raise InputError(f"{path}: cannot read the image ({e})") from e
+        raise InputError(f"{path}: not an image PIL can read ({e})") from e
 
 
 def _check_split(dataset: str, split: Optional[str], splits: tuple[str, ...], default: str) -> str:
@@ -259,11 +259,16 @@ def subsample_imagenet(ds: Dataset, split: str) -> Dataset:
     return sub
 
 
+def class_column(labels) -> np.ndarray:
+    """Labels as [B] class indices: Waterbirds' [B, 2] (class, background) gives its class column."""
+    labels = np.asarray(labels)
+    return labels[:, 0] if labels.ndim == 2 else labels
+
+
 def class_labels(ds, num_classes: int, what: str) -> np.ndarray:
-    """``ds.labels`` as [B] class indices (Waterbirds' [B, 2]: the class column), checked against the
-    ``num_classes`` of the classifier named ``what``."""
-    labels = np.asarray(ds.labels)
-    labels = labels[:, 0] if labels.ndim == 2 else labels
+    """``ds.labels`` as [B] class indices (``class_column``), checked against the ``num_classes`` of the classifier
+    named ``what``."""
+    labels = class_column(ds.labels)
     if len(labels) and labels.max() >= num_classes:
         raise InputError(f"{what}: {num_classes} classes, but the dataset has label {labels.max()}")
     return labels

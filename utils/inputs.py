@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from utils.cli import InputError, format_layers
+from utils.datasets import class_column
 from utils.io import load_array
 from utils.names import (attn_rest_path, classifier_path, find_classifier, labels_path, prs_paths,
                          second_order_paths)
@@ -44,8 +45,7 @@ def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch:
     names = {k: str(p) for k, p in paths.items()}
     out = {k: load_array(paths[k], written_by[0]) for k in ("attn", "mlp", "cls_attn")}
     out["classifier"] = np.asarray(load_array(paths["classifier"], written_by[1], mmap=False), np.float32)
-    labels = np.asarray(load_array(paths["labels"], written_by[0], mmap=False))
-    out["labels"] = labels[:, 0] if labels.ndim == 2 else labels
+    out["labels"] = class_column(load_array(paths["labels"], written_by[0], mmap=False))
     num_layers = out["mlp"].shape[1] - 1 if out["mlp"].ndim == 3 else out["attn"].shape[1]
     out["layers"] = stored_layers(paths["attn"], out["attn"], num_layers)
     out["num_layers"] = num_layers

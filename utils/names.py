@@ -159,6 +159,30 @@ def sparse_decomposition_stem(dataset: str, model: str, pretrained: Optional[str
     return stem + ("_per_text" if norm == "per_text" else "")
 
 
+# ----------------------------------------------------------------------------- SpLiCE
+def splice_concepts_path(folder: str | Path, backbone_label: str, vocabulary: str, vocabulary_size: int) -> Path:
+    """``splice_concepts_{model}_{weights}_{vocab}_{size|full}.npy``: a cached concept dictionary [T, d]."""
+    size = vocabulary_size if vocabulary_size > 0 else "full"
+    return Path(folder) / f"splice_concepts_{backbone_label}_{vocabulary}_{size}.npy"
+
+
+def image_mean_path(backbone_label: str, dataset: str) -> Path:
+    """``{model}_{weights}_{dataset}_image_mean.pt``: compute_image_mean.py's default output."""
+    return Path(f"{backbone_label}_{dataset}_image_mean.pt")
+
+
+def image_embeddings_path(mean_path: str | Path) -> Path:
+    """``{mean stem}_embeddings.npy`` [N, d]: the embeddings a mean is computed from."""
+    mean_path = Path(mean_path)
+    return mean_path.with_name(f"{mean_path.stem}_embeddings.npy")
+
+
+def splice_weights_path(out_path: str | Path) -> Path:
+    """``{out_path without .txt}_weights.npz``: decompose_data.py's per-image weights [N, T]."""
+    out = Path(out_path)
+    return out.with_name((out.name[:-4] if out.name.endswith(".txt") else out.name) + "_weights.npz")
+
+
 # ----------------------------------------------------------------------------- finding inputs by name
 def find_input(directory: str | Path | Sequence[str | Path], candidates: Sequence[str], what: str) -> Path:
     """The first of the file names ``candidates`` that exists in ``directory`` (or in each of several, in order).

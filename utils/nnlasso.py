@@ -54,6 +54,15 @@ DEFAULT_TOL = 1e-6
 DEFAULT_MAX_ITER = 2000
 
 
+def _unit_scale(C: torch.Tensor, who: str) -> float:
+    """The scale s that gives the atoms (rows of ``C`` [T, d]) unit mean squared norm: the units the solvers
+    work in, where SpLiCE's rho keeps its meaning (``C / s``, ``w * s``, ``l1 / s``: the same minimiser)."""
+    s = float(torch.linalg.vector_norm(C.double()) / C.shape[0] ** 0.5)
+    if not s > 0:
+        raise InputError(f"{who}: the dictionary is all zeros")
+    return s
+
+
 def nnlasso_admm(dictionary, signals, l1_penalty: float, rho: float = DEFAULT_RHO, tol: float = DEFAULT_TOL,
                  max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, device: Optional[str | torch.device] = None,
                  dtype: Optional[torch.dtype] = None, batch_size: int = 1024, progress: bool = False,
@@ -91,9 +100,7 @@ def nnlasso_admm(dictionary, signals, l1_penalty: float, rho: float = DEFAULT_RH
     T, d = C.shape
     # Solve in units where the atoms have unit mean squared norm (SpLiCE's setting: unit-norm concepts), so
     # that rho keeps its meaning for any dictionary scale: C' = C / s, w' = s w, l1' = l1 / s (same minimiser).
-    s = float(torch.linalg.vector_norm(C.double()) / T ** 0.5)
-    if not s > 0:
-        raise InputError("nnlasso_admm: the dictionary is all zeros")
+    s = _unit_scale(C, "nnlasso_admm")
     C = C / s
     thr = l1_penalty / s / rho
     # Woodbury: x = (r - (r C) M^-1 C^T) / rho with r = 2 v C^T + rho (z - u), M = rho/2 I + C^T C [d, d].
@@ -187,9 +194,7 @@ class ScreenedADMM:
         self.tracked = min(max(1, int(tracked)), self.T)
         self.group = float(group)
         self.candidates = min(max(2 * self.tracked, int(candidates)), self.T)
-        self.scale = float(torch.linalg.vector_norm(C64) / self.T ** 0.5)
-        if not self.scale > 0:
-            raise InputError("ScreenedADMM: the dictionary is all zeros")
+        self.scale = _unit_scale(C64, "ScreenedADMM")
         C64 = C64 / self.scale
         eig, Q = torch.linalg.eigh(C64.T @ C64)  # C^T C = Q diag(eig) Q^T
         eig = eig.clamp_min(0)
@@ -203,8 +208,9 @@ class ScreenedADMM:
 
     @torch.no_grad()
     def fit(self, signals, l1_penalty: float, batch_size: int = 64, progress: bool = False,
-            return_iters: bool = False):
-        """Codes [n, atoms] (numpy) of ``signals`` [n, d] for penalty ``l1_penalty``.
+            return_iters: bool = False, as_numpy: bool = True):
+        """Codes [n, atoms] (numpy; with ``as_numpy=False`` a float tensor on ``self.device``) of ``signals``
+        [n, d] for penalty ``l1_penalty``.
 
         ``batch_size`` signals are iterated together; a finished signal's place is taken by the next one. With
         ``return_iters`` also the iterations of each signal ([n] int64; ``max_iter`` where it did not converge).
@@ -269,8 +275,10 @@ class ScreenedADMM:
             k += 1
         if bar is not None:
             bar.close()
-        out = (out / self.scale).cpu().numpy()
-        return (out, iters.cpu().numpy()) if return_iters else out
+        out = out / self.scale
+        if as_numpy:
+            out, iters = out.cpu().numpy(), iters.cpu().numpy()
+        return (out, iters) if return_iters else out
 
 
 class _BlockState:

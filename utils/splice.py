@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.cli import InputError
+from utils.datasets import class_column, load_rgb
 from utils.factory import default_device, load_model, register_model_config
-from utils.names import NO_WEIGHTS, pretrained_name
+from utils.names import NO_WEIGHTS, pretrained_name, splice_concepts_path
 from utils.text_sets import EXTERNAL, SPLICE_FILES, TEXT_DIR, fetch_original
 
 __all__ = ["SPLICE", "load", "get_vocabulary", "get_preprocess", "get_tokenizer", "available_models",
@@ -272,14 +273,9 @@ def embed_concepts(model: nn.Module, tokenizer: Callable, concepts: Sequence[str
 
     SpLiCE embeds one line at a time; batches change the dictionary by ~5e-7.
     """
-    from tqdm import tqdm
+    from utils.text import encode_texts
 
-    rows = []
-    starts = range(0, len(concepts), batch_size)
-    for st in tqdm(starts, desc=f"embedding {len(concepts)} concepts", disable=not progress):
-        tokens = tokenizer(list(concepts[st:st + batch_size])).to(device)
-        rows.append(model.encode_text(tokens).float())
-    return centre_concepts(torch.cat(rows))
+    return centre_concepts(encode_texts(model, tokenizer, concepts, device, batch_size, progress))
 
 
 def centre_concepts(embeddings: torch.Tensor) -> torch.Tensor:
@@ -296,15 +292,13 @@ def concepts_digest(concepts: Sequence[str]) -> str:
 def concept_cache_path(folder: str | Path, backbone: Backbone, vocabulary: str, vocabulary_size: int) -> Path:
     """``splice_concepts_{model}_{weights}_{vocab}_{size|full}.npy`` in ``folder``."""
     vocab = Path(vocabulary).stem if vocabulary not in SPLICE_VOCABULARIES + tuple(LOCAL_VOCABULARIES) else vocabulary
-    size = vocabulary_size if vocabulary_size > 0 else "full"
-    return Path(folder) / f"splice_concepts_{backbone.label}_{_safe(vocab)}_{size}.npy"
+    return splice_concepts_path(folder, backbone.label, _safe(vocab), vocabulary_size)
 
 
 def cached_dictionary(path: Path, key: dict, build: Callable[[], torch.Tensor], record: dict,
                       log: Callable[[str], None] = note) -> torch.Tensor:
     """The dictionary at ``path`` if its provenance record has ``key``, else ``build()`` it and save it there."""
-    from utils.io import atomic_save
-    from utils.provenance import read_provenance, write_provenance
+    from utils.provenance import read_provenance, save_output
 
     rec = read_provenance(path) if path.is_file() else None
     if rec is not None and rec.get("concepts_key") == key:
@@ -314,8 +308,7 @@ def cached_dictionary(path: Path, key: dict, build: Callable[[], torch.Tensor], 
         log(f"{path}: made from other concepts or weights; recomputing it")
     dictionary = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(path, dictionary.cpu().numpy().astype(np.float32))
-    write_provenance(path, {**record, "concepts_key": key})
+    save_output(path, dictionary.cpu().numpy().astype(np.float32), {**record, "concepts_key": key})
     log(f"wrote {path} [{dictionary.shape[0]}, {dictionary.shape[1]}]")
     return dictionary
 
@@ -376,7 +369,8 @@ class SPLICE(nn.Module):
         dictionary = torch.as_tensor(dictionary).float()
         if dictionary.ndim != 2 or image_mean.shape != dictionary.shape[1:]:
             raise InputError(f"SPLICE: the image mean {tuple(image_mean.shape)} and the dictionary "
-                             f"{tuple(dictionary.shape)} must be [d] and [T, d] with the same d")
+                             f"{tuple(dictionary.shape)} must be [d] and [T, d] with the same d (a mean of another "
+                             f"model? see --image_mean)")
         self.device = torch.device(device)
         self.clip = clip.to(self.device) if clip is not None else None
         self.register_buffer("image_mean", image_mean.to(self.device))
@@ -404,18 +398,20 @@ class SPLICE(nn.Module):
         if self.solver == "skl":
             return solve_skl(self.dictionary, embedding, self.l1_penalty).to(self.device)
         bs = self.admm_batch_size or (1024 if self.dictionary.is_cuda else 64)
-        w = self._admm_solver().fit(embedding.float(), self.l1_penalty, batch_size=bs)
-        return torch.from_numpy(w).to(self.device)
+        return self._admm_solver().fit(embedding.float(), self.l1_penalty, batch_size=bs, as_numpy=False)
+
+    def _recompose(self, weights: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        return F.normalize(F.normalize(weights @ self.dictionary, dim=1) + mean, dim=1)
 
     def recompose_image(self, weights: torch.Tensor) -> torch.Tensor:
         """Dense embeddings [b, d] of weights [b, T]: ``normalise(normalise(w C) + mu)``."""
-        return F.normalize(F.normalize(weights @ self.dictionary, dim=1) + self.image_mean, dim=1)
+        return self._recompose(weights, self.image_mean)
 
     def recompose_text(self, weights: torch.Tensor) -> torch.Tensor:
         """As ``recompose_image``, with the text mean."""
         if self.text_mean is None:
             raise ValueError("SPLICE.recompose_text: no text_mean was given")
-        return F.normalize(F.normalize(weights @ self.dictionary, dim=1) + self.text_mean, dim=1)
+        return self._recompose(weights, self.text_mean)
 
     # -- images
     def _embed_images(self, image: torch.Tensor) -> torch.Tensor:
@@ -497,9 +493,6 @@ def load(name: str, vocabulary: str, vocabulary_size: int = -1, device: Optional
     model, _, tokenizer = load_backbone(backbone, device, model_config)
     dictionary = concept_dictionary(model, tokenizer, concepts, backbone, vocabulary, vocabulary_size, device,
                                     cache_dir, text_batch_size, log)
-    if mean.shape[0] != dictionary.shape[1]:
-        raise InputError(f"the image mean has d = {mean.shape[0]} but {name} embeds in d = {dictionary.shape[1]} "
-                         f"(a mean of another model?)")
     return SPLICE(mean, dictionary, clip=model, device=device, **kwargs)
 
 
@@ -662,9 +655,6 @@ def splice_from_loaded(args, loaded: Loaded, cache_dir: str | Path) -> SPLICE:
     """The SPLICE (``return_weights``) of loaded flags; the concept embeddings come from (or go to) the cache."""
     dictionary = concept_dictionary(loaded.model, loaded.tokenizer, loaded.concepts, loaded.backbone, args.vocab,
                                     args.vocab_size, args.device, args.cache_dir or cache_dir, args.text_batch_size)
-    if loaded.mean.shape[0] != dictionary.shape[1]:
-        raise InputError(f"the image mean has d = {loaded.mean.shape[0]} but -model {args.model} embeds in "
-                         f"d = {dictionary.shape[1]} (a mean of another model? see --image_mean)")
     return SPLICE(loaded.mean, dictionary, clip=loaded.model, solver=args.solver, l1_penalty=args.l1_penalty,
                   return_weights=True, device=args.device)
 
@@ -681,16 +671,10 @@ def splice_record(args, backbone: Backbone, concepts: Sequence[str], **fields) -
 
 def read_image(path: str | Path, what: str = "-path"):
     """An image file as RGB PIL (a clear error for a missing file or one PIL cannot read)."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path}: not found")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"{what} {path}: not an image PIL can read ({e})") from e
+    return load_rgb(path)
 
 
 def decomposition_lines(weights: np.ndarray, concepts: Sequence[str], stop: str = "zero") -> list[str]:
@@ -743,10 +727,7 @@ class Decompositions:
         """The images with ``label`` (all for None)."""
         if label is None:
             return self
-        rows = np.nonzero(self.labels == label)[0]
-        if len(rows) == 0:
-            raise InputError(f"-class_label {label}: no image has this label "
-                             f"(labels present: {np.unique(self.labels)[:20].tolist()})")
+        rows = rows_with_label(self.labels, label)
         return Decompositions(self.weights[rows], self.cosine[rows], self.labels[rows], self.index[rows],
                               self.concepts)
 
@@ -755,6 +736,15 @@ class Decompositions:
         n = self.weights.shape[0]
         mean = np.asarray(self.weights.sum(0), dtype=np.float64).ravel() / n
         return mean.astype(np.float32), self.weights.nnz / n, float(self.cosine.astype(np.float64).sum() / n)
+
+
+def rows_with_label(labels: np.ndarray, label: int, of: str = "") -> np.ndarray:
+    """The rows of ``labels`` [N] equal to ``label``; none is an ``InputError`` listing the labels present."""
+    rows = np.nonzero(labels == label)[0]
+    if len(rows) == 0:
+        raise InputError(f"-class_label {label}: no image {of}has this label "
+                         f"(labels present: {np.unique(labels)[:20].tolist()})")
+    return rows
 
 
 def decompose_images(splicemodel: SPLICE, dataset, concepts: Sequence[str], batch_size: int = 512,
@@ -766,8 +756,7 @@ def decompose_images(splicemodel: SPLICE, dataset, concepts: Sequence[str], batc
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
-    labels = np.asarray(getattr(dataset, "labels", np.full(len(dataset), -1)))
-    labels = labels[:, 0] if labels.ndim == 2 else labels
+    labels = class_column(getattr(dataset, "labels", np.full(len(dataset), -1)))
     index = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
     loader = DataLoader(Subset(dataset, index.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
@@ -833,28 +822,19 @@ def dataset_decompositions(args, out_dir: str | Path, weights_out: Optional[str 
 
     ``weights_out``: where to write the per-image weights (``save_decompositions``) when decomposing.
     """
-    from utils.provenance import check_consistent, read_provenance, write_provenance
+    from utils.provenance import check_consistent, derived_record, write_provenance
 
     if args.from_weights:
         check_consistent([args.from_weights], fields=("dataset",), expected={"dataset": args.dataset},
                          allow_mismatch=args.allow_mismatch)
         dec = load_decompositions(args.from_weights).select(args.class_label)
-        record = dict(read_provenance(args.from_weights) or {})
-        record.update(from_weights=str(Path(args.from_weights).resolve()), class_label=args.class_label,
-                      num_images=len(dec.index))
-        for key in ("file", "command", "created", "script"):
-            record.pop(key, None)
-        return dec, record
+        return dec, derived_record([args.from_weights], from_weights=str(Path(args.from_weights).resolve()),
+                                   class_label=args.class_label, num_images=len(dec.index))
     loaded = load_from_args(args)
     ds = splice_dataset(args.dataset, args.data_path, loaded.preprocess)
     indices = None
     if args.class_label is not None:
-        labels = np.asarray(ds.labels)
-        labels = labels[:, 0] if labels.ndim == 2 else labels
-        indices = np.nonzero(labels == args.class_label)[0]
-        if len(indices) == 0:
-            raise InputError(f"-class_label {args.class_label}: no image of -dataset {args.dataset} has this label "
-                             f"(labels present: {np.unique(labels)[:20].tolist()})")
+        indices = rows_with_label(class_column(ds.labels), args.class_label, f"of -dataset {args.dataset} ")
     splicemodel = splice_from_loaded(args, loaded, out_dir)
     backbone, concepts = loaded.backbone, loaded.concepts
     dec = decompose_images(splicemodel, ds, concepts, args.batch_size, args.num_workers, indices)

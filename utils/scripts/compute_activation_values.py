@@ -29,6 +29,7 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from utils.cli import InputError, layer_list, run
+from utils.datasets import class_column
 from utils.factory import add_model_args
 from utils.names import attn_rest_path, pclens_paths
 from utils.scripts import int_or_none, load_script, refuse_cache_dir, str2bool
@@ -92,14 +93,13 @@ def class_block_subset(samples_per_class: int, tot_samples_per_class: int, seed:
                                  f"images ({len(ds)} images, {len(ds.classes)} classes, --tot_samples_per_class "
                                  f"{tot_samples_per_class})")
             index += rng.sample(block, samples_per_class)
-        labels = np.asarray(ds.labels)
-        cls = labels[:, 0] if labels.ndim == 2 else labels
+        cls = class_column(ds.labels)
         if any((cls[c * tot_samples_per_class:(c + 1) * tot_samples_per_class] != c).any()
                for c in range(len(ds.classes))):
             print(f"warning: the images are not stored in blocks of {tot_samples_per_class} per class, as PCLens' "
                   f"subset assumes: the subset does not take {samples_per_class} images from each class")
         sub = Subset(ds, index)
-        sub.labels = labels[index]
+        sub.labels = np.asarray(ds.labels)[index]
         return sub
 
     return select
