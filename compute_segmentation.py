@@ -50,9 +50,9 @@ from prs_hook import hook_prs_logger
 from utils.cli import InputError, run
 from utils.factory import add_model_args, load_model_from_args
 from utils.imagenet_segmentation import ImagenetSegmentation
-from utils.inputs import load_classifier
-from utils.io import load_array, make_output_dir
-from utils.names import neuron_segmentation_dir, pretrained_name, second_order_paths
+from utils.inputs import load_classifier, load_layer_pcs
+from utils.io import make_output_dir
+from utils.names import neuron_segmentation_dir, pretrained_name
 from utils.provenance import check_consistent, make_record, save_output
 from utils.segmentation import (add_segmentation_args, check_image_size, evaluate_neuron_batch, finish_segmentation,
                                 neuron_layer_pairs, select_neurons, stream_segmentation)
@@ -78,15 +78,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_pcas(args: argparse.Namespace) -> tuple[list[Path], np.ndarray]:
     """The PCA file of every listed layer and their PCs stacked in that order, ``[layers * neurons, d]``."""
-    if len(set(args.mlp_layers)) != len(args.mlp_layers):
-        raise InputError(f"--mlp_layers {' '.join(map(str, args.mlp_layers))}: a layer is listed twice")
-    files = [second_order_paths(args.output_dir, args.dataset, "train", args.model, args.pretrained, layer,
-                                args.top_k_pca)["pca"] for layer in args.mlp_layers]
-    pcs = [np.asarray(load_array(f, "compute_pcas.py", mmap=False), np.float32) for f in files]
-    for f, p in zip(files, pcs):
-        if p.ndim != 2 or p.shape != pcs[0].shape:
-            raise InputError(f"{f}: PCs of shape {list(p.shape)}; expected [neurons, d] = {list(pcs[0].shape)}")
-    return files, np.concatenate(pcs)
+    pcs, spans = load_layer_pcs(args.output_dir, args.dataset, "train", args.model, args.pretrained, args.mlp_layers,
+                                args.top_k_pca)
+    for s in spans:  # the same number of neurons in every layer: neuron_layer_pairs maps row i to i // M
+        if s.size != spans[0].size:
+            raise InputError(f"{s.pca_path}: PCs of shape {[s.size, pcs.shape[1]]}; expected [neurons, d] = "
+                             f"{[spans[0].size, pcs.shape[1]]}")
+    return [s.pca_path for s in spans], pcs
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 import tqdm
 
 from utils import adversarial as adv
-from utils.cli import InputError, run
+from utils.cli import InputError, positive_int, run
 from utils.factory import add_model_args, load_model_from_args
 from utils.names import pretrained_name
 from utils.io import atomic_write_json, atomic_write_text
@@ -95,15 +95,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="JSON {class: [words]} adding to or replacing the shipped block lists "
                              "(utils/data/adversarial_block_words.json); a class with no list blocks only its "
                              "name and plural")
-    parser.add_argument("--neurons_num", default=50, type=int, help="neurons with the largest |<PC, Δ>| to use")
-    parser.add_argument("--results_per_generation", default=10, type=int,
+    parser.add_argument("--neurons_num", default=50, type=positive_int, help="neurons with the largest |<PC, Δ>| to use")
+    parser.add_argument("--results_per_generation", default=10, type=positive_int,
                         help="descriptions to render (taken from the LLM's reply)")
     parser.add_argument("--neurons_texts", default=128, type=int,
                         help="texts per neuron of the decompositions (their --components; part of the names)")
-    parser.add_argument("--overall_words", default=20, type=int, help="distinct words given to the LLM")
-    parser.add_argument("--batch_size", default=4, type=int, help="images per description")
+    parser.add_argument("--overall_words", default=20, type=positive_int, help="distinct words given to the LLM")
+    parser.add_argument("--batch_size", default=4, type=positive_int, help="images per description")
     parser.add_argument("--llm", default=adv.DEFAULT_LLM, help="chat LLM (hub id or folder) writing the descriptions")
-    parser.add_argument("--max_new_tokens", default=1024, type=int, help="length limit of the LLM's reply")
+    parser.add_argument("--max_new_tokens", default=1024, type=positive_int, help="length limit of the LLM's reply")
     parser.add_argument("--prompts_file", default=None,
                         help="use these descriptions (one per line) instead of asking the LLM")
     parser.add_argument("--flux_model", default=adv.DEFAULT_FLUX, help="FLUX pipeline (hub id or folder)")
@@ -122,12 +122,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     adv.require_extra()
-    for flag in ("neurons_num", "results_per_generation", "overall_words", "batch_size", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.baseline < 0:
         raise InputError(f"--baseline {args.baseline}: must be 0 or more")
     out = Path(args.dataset_path)
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    settings["pretrained"] = pretrained_name(args.pretrained)
+    # a --dataset_path holding another run is refused here, before any model is loaded
+    saved_prompts = None if args.dry_run else adv.read_saved_prompts(out / PROMPTS_FILE, settings)
 
     # 1. the direction Δ = t(class_0) - t(class_1)
     model, preprocess, tokenizer = load_model_from_args(args)
@@ -162,9 +163,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.dry_run:
         print("LLM request:\n" + "\n".join(f"[{m['role']}] {m['content']}" for m in messages))
         return {"words": words, "messages": messages}
-    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
-    settings["pretrained"] = pretrained_name(args.pretrained)
-    prompts = adv.read_saved_prompts(out / PROMPTS_FILE, settings)
+    prompts = saved_prompts
     out.mkdir(parents=True, exist_ok=True)
     if prompts is not None:
         print(f"reusing the {len(prompts)} descriptions of {out / PROMPTS_FILE}")

@@ -39,7 +39,8 @@ from utils.names import (ablations_stem, classifier_path, classifier_path_pretra
                          neuron_segmentation_dir, prs_paths, representations_path, second_order_ablations_path,
                          second_order_paths, segmentation_dir, sparse_decomposition_stem, specific_heads_stem,
                          split_classes_path, split_labels_path, text_embeddings_path)
-from utils.provenance import check_consistent, make_record, provenance_path, read_provenance, write_provenance
+from utils.provenance import (git_state, make_record, pretrained_identity, provenance_path, read_provenance, run_key,
+                              write_provenance)
 from utils.report import Row, Section, build_section, load_published, read_key_values, write_report
 
 REPO = Path(__file__).resolve().parent
@@ -70,6 +71,10 @@ class Step:
     streaming: bool = False
     records: bool = True
     group: str = ""
+
+    def chosen(self, selected: Optional[set]) -> bool:
+        """Picked by ``--steps`` (by its name or its group; everything without ``--steps``)."""
+        return selected is None or bool({self.name, self.group} & selected)
 
     def argv(self, resume: bool) -> list[str]:
         return [self.script, *map(str, self.args), *(["--resume"] if resume else [])]
@@ -341,11 +346,9 @@ def up_to_date(step: Step, argv: Sequence[str], inputs: Sequence[Path], pretrain
             return False
         if provenance_path(path).stat().st_mtime < path.stat().st_mtime:
             return False
-        if pretrained and Path(pretrained).is_file() and "pretrained" in record:
-            try:
-                check_consistent([path], ("pretrained",), {"pretrained": pretrained})
-            except InputError:
-                return False
+        if pretrained and Path(pretrained).is_file() and "pretrained" in record and \
+                run_key({"pretrained": record["pretrained"]}) != run_key({"pretrained": pretrained_identity(pretrained)}):
+            return False
     newest_input = max((q.stat().st_mtime for q in inputs if q.is_file()), default=0.0)
     return min(q.stat().st_mtime for q in step.outputs) >= newest_input
 
@@ -390,7 +393,7 @@ def execute(steps: Sequence[Step], plan: Plan, selected: Optional[set[str]], dry
         command = shlex.join([sys.executable, *argv])
         entry = {"name": step.name, "script": step.script, "command": command, "seconds": None, "log": None}
         failed = [n for n in step.needs if status.get(n, "").startswith(("failed", "skipped: needs"))]
-        if selected is not None and step.name not in selected and step.group not in selected:
+        if not step.chosen(selected):
             entry.update(status="not selected (--steps)", command=None)
         elif step.data and not plan.data[step.data]:
             entry.update(status=f"skipped: no --{step.data} given", command=None)
@@ -484,8 +487,7 @@ def main(args: argparse.Namespace) -> dict:
     for flag, value in plan.data.items():
         if value and value != "sample" and not args.smoke and not Path(value).exists():
             raise FileNotFoundError(f"--{flag} {value}: no such file or folder")
-    wanted = [s for s in steps if (selected is None or {s.name, s.group} & selected) and (not s.data or
-                                                                                           plan.data[s.data])]
+    wanted = [s for s in steps if s.chosen(selected) and (not s.data or plan.data[s.data])]
     missing = sorted({s.script for s in wanted if not (REPO / s.script).is_file()})
     if missing and not args.dry_run:
         raise InputError(f"{args.pipeline} needs {', '.join(missing)}, not in this checkout; leave its steps out "
@@ -509,7 +511,7 @@ def main(args: argparse.Namespace) -> dict:
               "pipeline": args.pipeline, "model": args.model, "pretrained": args.pretrained, "smoke": args.smoke,
               "command": shlex.join(["python", "reproduce.py", *sys.argv[1:]]), "output_dir": str(out),
               "repository": str(REPO), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": make_record(None).get("git_commit"), "steps": results,
+              "git_commit": git_state()[0], "steps": results,
               "sections": [build_section(s, table, status.get(s.step, "was not run"), out) for s in sections]}
     md, js = write_report(out, report)
     failed = [r["name"] for r in results if r["status"].startswith("failed")]

@@ -21,7 +21,6 @@ The heavy libraries (transformers, diffusers, sentence-transformers, accelerate)
 from __future__ import annotations
 
 import gc
-import glob
 import importlib
 import json
 import re
@@ -31,9 +30,12 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from utils import inputs
 from utils.cli import InputError
-from utils.io import atomic_write, load_array
-from utils.names import second_order_paths, sparse_decomposition_stem
+from utils.inputs import LayerSpan
+from utils.io import atomic_write
+from utils.names import sparse_decomposition_stem
+from utils.neurons import read_decomposition
 from utils.text import encode_texts
 
 EXTRA_INSTALL = 'pip install -e ".[adversarial]"'
@@ -90,42 +92,14 @@ def class_direction(model: torch.nn.Module, tokenizer: Callable, class_0: str, c
 
 
 # ----------------------------------------------------------------------------- 2. the neurons
-class LayerSpan(NamedTuple):
-    """Where one MLP layer's neurons sit in the concatenated PCs: rows ``start:start + size``."""
-    layer: int
-    start: int
-    size: int
-    pca_path: Path
-
-
 def load_layer_pcs(input_dir: str | Path, dataset: str, split: str, model: str, pretrained: Optional[str],
                    layers: Sequence[int], top_k: int, dim: int) -> tuple[np.ndarray, list[LayerSpan]]:
-    """The first PCs of every listed layer, concatenated in ``layers`` order: ``[N, dim]`` float32, and the spans.
-
-    File per layer: ``{dataset}_{split}_mlps_{model}_{pretrained}_{layer}_{top_k}_pca.npy`` (compute_pcas.py).
-    A missing file is an ``InputError`` listing the layers that do have PCA files in ``input_dir``.
-    """
-    if len(set(layers)) != len(layers):
-        raise InputError(f"--mlp_layers {' '.join(map(str, layers))}: a layer is listed twice")
-    blocks, spans, start = [], [], 0
-    for layer in layers:
-        path = second_order_paths(input_dir, dataset, split, model, pretrained, layer, top_k)["pca"]
-        if not path.is_file():
-            suffix = f"_{layer}_{top_k}_pca.npy"
-            head = path.name[:-len(suffix)] + "_"
-            found = sorted(int(m.group(1)) for p in Path(input_dir).glob(f"{glob.escape(head)}*_{top_k}_pca.npy")
-                           if (m := re.fullmatch(re.escape(head) + rf"(\d+)_{top_k}_pca\.npy", p.name)))
-            raise InputError(f"--mlp_layers {' '.join(map(str, layers))}: no PCA file for layer {layer} ({path} "
-                             f"not found; written by compute_pcas.py); {input_dir} has PCA files for layers "
-                             f"{found or 'none'} with --top_k_pca {top_k}")
-        pcs = np.asarray(load_array(path, "compute_pcas.py", mmap=False), np.float32)
-        if pcs.ndim != 2 or pcs.shape[1] != dim:
-            raise InputError(f"{path}: shape {pcs.shape}, expected [neurons, d={dim}] (the model's embedding "
-                             f"dimension; PCs of another model?)")
-        blocks.append(pcs)
-        spans.append(LayerSpan(layer, start, len(pcs), path))
-        start += len(pcs)
-    return np.concatenate(blocks), spans
+    """``utils.inputs.load_layer_pcs``, each file checked to hold PCs of the model's dimension ``dim``."""
+    pcs, spans = inputs.load_layer_pcs(input_dir, dataset, split, model, pretrained, layers, top_k)
+    if pcs.shape[1] != dim:
+        raise InputError(f"{spans[0].pca_path}: shape {(spans[0].size, pcs.shape[1])}, expected [neurons, d={dim}] "
+                         f"(the model's embedding dimension; PCs of another model?)")
+    return pcs, spans
 
 
 def check_layer_sizes(model: torch.nn.Module, spans: Sequence[LayerSpan]) -> None:
@@ -173,8 +147,7 @@ def load_decompositions(paths: Sequence[Path], spans: Sequence[LayerSpan]) -> di
                              f"compute_sparse_decomposition.py --mlp_layer {span.layer}, or check --text_descriptions"
                              f", --neurons_texts, --solver, --transform_alpha)")
         try:
-            table = json.loads(path.read_text())
-            entries = {int(k): [(float(c), str(t)) for _, c, t in v] for k, v in table.items()}
+            entries = {k: [(float(c), str(t)) for _, c, t in v] for k, v in read_decomposition(path).items()}
         except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
             raise InputError(f"{path}: not a decomposition {{neuron: [[text index, coefficient, text], ...]}} "
                              f"({type(e).__name__}: {e})") from e

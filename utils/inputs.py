@@ -6,8 +6,10 @@ the file at fault.
 """
 from __future__ import annotations
 
+import glob
+import re
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -183,3 +185,42 @@ def load_second_order_files(input_dir: str | Path, dataset: str, split: str, mod
                      allow_mismatch=allow_mismatch)
     check_consistent(files, MODEL_FIELDS + DATA_FIELDS + ("mlp_layer", "coefficient"), allow_mismatch=allow_mismatch)
     return {"merged": merged, "pca": pca, "norm": norm, "paths": paths}
+
+
+class LayerSpan(NamedTuple):
+    """Where one MLP layer's neurons sit in PCs stacked over layers: rows ``start:start + size``."""
+    layer: int
+    start: int
+    size: int
+    pca_path: Path
+
+
+def load_layer_pcs(input_dir: str | Path, dataset: str, split: str, model: str, pretrained: Optional[str],
+                   layers: Sequence[int], top_k: int) -> tuple[np.ndarray, list[LayerSpan]]:
+    """The first PCs of every listed MLP layer, stacked in ``layers`` order: ``[N, d]`` float32, and the spans.
+
+    File per layer: ``{dataset}_{split}_mlps_{model}_{pretrained}_{layer}_{top_k}_pca.npy`` (compute_pcas.py).
+    A layer listed twice, a missing file (the layers that have one are listed) or files of different widths
+    are ``InputError``s.
+    """
+    if len(set(layers)) != len(layers):
+        raise InputError(f"--mlp_layers {' '.join(map(str, layers))}: a layer is listed twice")
+    blocks, spans, start = [], [], 0
+    for layer in layers:
+        path = second_order_paths(input_dir, dataset, split, model, pretrained, layer, top_k)["pca"]
+        if not path.is_file():
+            head = path.name[:-len(f"_{layer}_{top_k}_pca.npy")] + "_"
+            found = sorted(int(m.group(1)) for p in Path(input_dir).glob(f"{glob.escape(head)}*_{top_k}_pca.npy")
+                           if (m := re.fullmatch(re.escape(head) + rf"(\d+)_{top_k}_pca\.npy", p.name)))
+            raise InputError(f"--mlp_layers {' '.join(map(str, layers))}: no PCA file for layer {layer} ({path}: not "
+                             f"found; written by compute_pcas.py); {input_dir} has PCA files for layers "
+                             f"{found or 'none'} with --top_k_pca {top_k}")
+        pcs = np.asarray(load_array(path, "compute_pcas.py", mmap=False), np.float32)
+        if pcs.ndim != 2 or (blocks and pcs.shape[1] != blocks[0].shape[1]):
+            expected = f"[neurons, {blocks[0].shape[1]}]" if blocks else "[neurons, d]"
+            raise InputError(f"{path}: PCs of shape {list(pcs.shape)}; expected {expected}")
+        blocks.append(pcs)
+        spans.append(LayerSpan(layer, start, len(pcs), path))
+        start += len(pcs)
+    return np.concatenate(blocks), spans
+

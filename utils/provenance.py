@@ -74,7 +74,8 @@ def _comparable(field: str, value: Any) -> Any:
 
 
 @lru_cache(maxsize=None)
-def _git_state() -> tuple[Optional[str], Optional[bool]]:
+def git_state() -> tuple[Optional[str], Optional[bool]]:
+    """(commit, dirty) of the repository this code runs from; (None, None) outside a git checkout."""
     repo = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
@@ -116,7 +117,7 @@ def make_record(args: Any = None, **fields: Any) -> dict:
             else rec["pretrained"]
     if rec.get("data_path"):
         rec["data_path"] = _comparable("data_path", rec["data_path"])
-    commit, dirty = _git_state()
+    commit, dirty = git_state()
     rec.update({"script": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else None,
                 "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
