@@ -25,7 +25,8 @@ import compute_second_order_ablations
 from utils.ablations import mean_ablation_study
 from utils.cli import InputError, run
 from utils.inputs import load_decomposition, require_layers
-from utils.io import atomic_write_json, save_figure
+from utils.io import atomic_write_json, make_output_dir, save_figure
+from utils.names import ablations_stem
 from utils.provenance import add_mismatch_arg, derived_record, write_provenance
 
 # the flags that select paper 2's study (the others of its parser are paper 2's too, but do not select it)
@@ -134,9 +135,8 @@ def mean_ablations(args: argparse.Namespace) -> dict:
     }
     for k, v in printed.items():
         print(f"{k}:", v)
-    out = Path(args.figures_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.dataset}_ablations_{args.model}"
+    out = make_output_dir(args.figures_dir, "--figures_dir")
+    stem = ablations_stem(args.dataset, args.model)
     result = {"args": vars(args), "num_images": int(arrays["attn"].shape[0]), "accuracy_percent": acc,
               "printed": printed}
     atomic_write_json(out / f"{stem}.json", result)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from utils.cli import InputError, run
-from utils.inputs import last_layers, load_decomposition
+from utils.inputs import MODEL_FIELDS, last_layers, load_decomposition
 from utils.factory import default_device
 from utils.io import atomic_write_json, atomic_write_text, load_array, make_output_dir, save_figure
 from utils.names import completeness_stem, text_embeddings_path
@@ -155,7 +155,7 @@ def completeness(args: argparse.Namespace, arrays: dict, paths: dict[str, Path],
     if B < 2:
         raise InputError(f"{paths['attn']}: TextSpan and PCLens need at least 2 images, the attn file has {B}")
     features, lines, emb_path = load_text_set(args, d)
-    check_consistent([paths["attn"], emb_path], ("model", "pretrained", "force_quick_gelu"),
+    check_consistent([paths["attn"], emb_path], MODEL_FIELDS,
                      allow_mismatch=args.allow_mismatch)
     first = L - args.num_of_last_layers
     if args.algorithm != "pclens" and args.texts_per_head > min(args.w_ov_rank, B, d):

@@ -17,7 +17,7 @@ import numpy as np
 
 from utils.cli import InputError, run
 from utils.inputs import last_layers, load_decomposition
-from utils.io import atomic_write_json, load_array, save_figure
+from utils.io import atomic_write_json, load_array, make_output_dir, save_figure
 from utils.names import specific_heads_stem
 from utils.provenance import add_mismatch_arg, derived_record, write_provenance
 from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
@@ -109,8 +109,7 @@ def main(args: argparse.Namespace) -> dict:
         results[f"best of {args.random_trials} random"] = random["best"]
         report(f"Best of {args.random_trials} random sets of {len(heads)} heads", random["best"])
 
-    out = Path(args.figures_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(args.figures_dir, "--figures_dir")
     stem = specific_heads_stem(args.dataset, args.model)
     summary = {"args": vars(args), "num_images": B, "heads": [f"{l}.{h}" for l, h in heads],
                "baseline": results["baseline"], "ablated": results["heads mean-ablated"], "random": random}

@@ -181,9 +181,8 @@ def load_second_order_files(input_dir: str | Path, dataset: str, split: str, mod
         raise InputError(f"{paths['norm']}: shape {norm.shape} does not match {paths['merged']} {merged.shape} "
                          f"(expected [neurons, top_k] = {(K, top_k)}; rerun compute_pcas.py)")
     files = [paths["merged"], paths["pca"], paths["norm"]]
-    check_consistent(files, ("model", "pretrained"), expected={"model": model, "pretrained": pretrained},
-                     allow_mismatch=allow_mismatch)
-    check_consistent(files, MODEL_FIELDS + DATA_FIELDS + ("mlp_layer", "coefficient"), allow_mismatch=allow_mismatch)
+    check_consistent(files, MODEL_FIELDS + DATA_FIELDS + ("mlp_layer", "coefficient"),
+                     expected={"model": model, "pretrained": pretrained}, allow_mismatch=allow_mismatch)
     return {"merged": merged, "pca": pca, "norm": norm, "paths": paths}
 
 

@@ -43,8 +43,10 @@ def attn_rest_path(output_dir: str | Path, dataset: str, model: str, suffix: str
 
 
 def pclens_paths(output_dir: str | Path, dataset: str, model: str, seed: int) -> dict[str, Path]:
-    """PCLens' names of the decomposition files: ``{dataset}_{attn|mlp|cls_attn|labels}_{model}_seed_{seed}.npy``."""
-    return {k: Path(output_dir) / f"{dataset}_{k}_{model}_seed_{seed}.npy" for k in (*PRS_KINDS, "labels")}
+    """PCLens' names of the decomposition files: ``{dataset}_{attn|mlp|cls_attn|labels}_{model}_seed_{seed}.npy``,
+    and ``attn_rest`` (``compute_prs.py --layers``) with the same ``_seed_{seed}`` suffix."""
+    paths = {k: Path(output_dir) / f"{dataset}_{k}_{model}_seed_{seed}.npy" for k in (*PRS_KINDS, "labels")}
+    return {**paths, "attn_rest": attn_rest_path(output_dir, dataset, model, f"_seed_{seed}")}
 
 
 def pclens_explanations_path(output_dir: str | Path, dataset: str, text_set: str, model: str, algorithm: str,

@@ -93,13 +93,16 @@ def class_heatmaps(terms: torch.Tensor, representation: torch.Tensor, classifier
     logits = terms @ classifier  # [b, n, C]
     score = logits.gather(2, chosen.view(-1, 1, 1).expand(-1, logits.shape[1], 1)) \
         - logits.mean(2, keepdim=True)  # [b, n, 1]
-    res = upsample_patch_scores(score, grid, patch)[:, 0].clamp(min=0)  # [b, H, W]
+    res, degenerate = _minmax(upsample_patch_scores(score, grid, patch)[:, 0].clamp(min=0))  # [b, H, W]
+    return res, chosen, degenerate
+
+
+def _minmax(res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each map of ``res`` [b, H, W] min–max normalised to [0, 1], and which are constant ([b] bool; all zeros)."""
     lo = res.amin((1, 2), keepdim=True)
     hi = res.amax((1, 2), keepdim=True)
-    degenerate = (hi == lo).view(-1)
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    res = torch.where(hi > lo, (res - lo) / span, torch.zeros_like(res))
-    return res, chosen, degenerate
+    return torch.where(hi > lo, (res - lo) / span, torch.zeros_like(res)), (hi == lo).view(-1)
 
 
 def curve_scores(heatmaps: torch.Tensor, thr: float) -> torch.Tensor:
@@ -286,11 +289,7 @@ def neuron_heatmaps(prs, images: torch.Tensor, classifier: torch.Tensor, selecti
     act = torch.cat([prs.post_gelu[l][:, 1:].float() for l in layers], -1)  # [b, n, P]: row i = stacked PC i
     index = selection[chosen]  # [b, k]
     maps = act.gather(2, index[:, None, :].expand(-1, act.shape[1], -1)).mean(-1)  # [b, n]
-    res = upsample_patch_scores(maps[..., None], grid, patch)[:, 0]  # [b, H, W]
-    lo = res.amin((1, 2), keepdim=True)
-    hi = res.amax((1, 2), keepdim=True)
-    degenerate = (hi == lo).view(-1)
-    res = torch.where(hi > lo, (res - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi)), torch.zeros_like(res))
+    res, degenerate = _minmax(upsample_patch_scores(maps[..., None], grid, patch)[:, 0])  # [b, H, W]
     return res, chosen, degenerate, maps.view(-1, *grid)
 
 
@@ -368,7 +367,7 @@ def stream_segmentation(ds, out: Path, evaluate: Callable[[torch.Tensor, torch.T
     S = args.image_size
     outputs = {"heatmaps": Output(out / "heatmaps.npy", (S, S), "float32"),
                "metrics": Output(out / "per_image_metrics.npy", (len(METRIC_COLUMNS),), "float64"), **(extra or {})}
-    rows_so_far = []
+    running = {"sums": np.zeros(len(METRIC_COLUMNS)), "images": 0}  # over the images of this invocation
 
     def compute(images, targets, start):
         res = evaluate(images, targets)
@@ -377,12 +376,13 @@ def stream_segmentation(ds, out: Path, evaluate: Callable[[torch.Tensor, torch.T
             for i in range(len(images)):
                 save_segmentation_images(out / "images", start + i, unnormalize(images[i], preprocess),
                                          targets[i].numpy(), res["foreground"][i], res["heatmap"][i])
-        rows_so_far.append(rows)
+        running["sums"] += rows.sum(0)
+        running["images"] += len(rows)
         return {"heatmaps": res["pred"], "metrics": rows, **{k: res[k] for k in (extra or {})}}
 
     def describe(batch) -> str:  # running metrics over the images of this invocation
-        r = np.concatenate(rows_so_far)
-        m = aggregate_metrics(r[:, 0], r[:, 1], r[:, 2:4], r[:, 4:6], r[:, 6])
+        s = running["sums"]  # counts, then the AP sum: mAP is its mean
+        m = aggregate_metrics(s[0], s[1], s[2:4], s[4:6], [s[6] / running["images"]])
         return "pixAcc: %.4f, mIoU: %.4f, mAP: %.4f" % (m["pixAcc"], m["mIoU"], m["mAP"])
 
     return stream_dataset(ds, outputs, compute, record=record, resume=args.resume, batch_size=args.batch_size,

@@ -543,12 +543,13 @@ def replacement_accuracy(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarr
         x = _to_heads(attn[s:e, first_layer:], device)  # [h, c, d]
         m = _tensor(mlp[s:e], device)
         coefs = (x - mu[:, None]) @ q.transpose(1, 2)  # [h, c, K]
-        logits = (m.sum(1) + const) @ W  # [c, C]
+        base = m.sum(1) + const  # [c, d]: the MLPs, the early layers' and every replaced head's mean
+        logits = base @ W  # [c, C]
         y = lab[s:e]
         correct[0] += int((logits.argmax(-1) == y).sum())
         for k in range(K):
             logits = logits + coefs[:, :, k].T @ qw[:, k]
             correct[k + 1] += int((logits.argmax(-1) == y).sum())
         if final is not None:
-            final.update((m.sum(1) + const + torch.einsum("hck,hkd->cd", coefs, q))[None])
+            final.update((base + torch.einsum("hck,hkd->cd", coefs, q))[None])
     return correct

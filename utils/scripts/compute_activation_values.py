@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, Subset
 from utils.cli import InputError, layer_list, run
 from utils.datasets import class_column
 from utils.factory import add_model_args
-from utils.names import attn_rest_path, pclens_paths
+from utils.names import pclens_paths
 from utils.scripts import int_or_none, load_script, refuse_cache_dir, str2bool
 
 # where PCLens looks for a dataset under --data_path
@@ -129,8 +129,7 @@ def main(args: argparse.Namespace) -> dict:
         data_path=data_root(args.dataset, args.data_path), dataset=args.dataset, num_workers=args.num_workers,
         output_dir=args.output_dir, dtype="float16" if args.quantization == "fp16" else "float32",
         resume=args.resume, select_images=select, layers=args.layers,
-        output_names={**pclens_paths(args.output_dir, args.dataset, args.model, args.seed),
-                      "attn_rest": attn_rest_path(args.output_dir, args.dataset, args.model, f"_seed_{args.seed}")})
+        output_names=pclens_paths(args.output_dir, args.dataset, args.model, args.seed))
     return load_script("compute_prs").main(prs_args)
 
 

@@ -33,7 +33,7 @@ from utils.cli import run
 from utils.factory import default_device
 from utils.inputs import load_decomposition
 from utils.io import atomic_write_text, make_output_dir
-from utils.names import attn_rest_path, classifier_path, pclens_explanations_path, pclens_paths
+from utils.names import classifier_path, pclens_explanations_path, pclens_paths
 from utils.provenance import add_mismatch_arg, derived_record, write_provenance
 from utils.scripts import load_script
 from utils.textspan import pclens_from_stats, pclens_record, textspan_from_stats
@@ -74,7 +74,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def load_arrays(args: argparse.Namespace) -> tuple[dict, dict]:
     """The seed-named decomposition and the classifier (memory-mapped), checked against each other."""
     paths = {**pclens_paths(args.input_dir, args.dataset, args.model, args.seed),
-             "attn_rest": attn_rest_path(args.input_dir, args.dataset, args.model, f"_seed_{args.seed}"),
              "classifier": classifier_path(args.input_dir, args.dataset, args.model)}
     arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch, paths=paths,
                                 written_by=("python -m utils.scripts.compute_activation_values",
