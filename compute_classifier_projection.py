@@ -16,7 +16,7 @@ from pathlib import Path
 
 import compute_text_projection
 from utils.cli import run
-from utils.names import classifier_path_pretrained
+from utils.files.names import classifier_path_pretrained
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ Reads from --input_dir (memory-mapped; the attn file is read in chunks of images
 and the texts from --text_dir/{text_descriptions}.txt (or --text_dir/external/, see text_descriptions/).
 
 Per head of the last --num_of_last_layers layers (all of them at once, on --device), with --algorithm:
-  textspan   --texts_per_head texts chosen greedily as in the original (utils/textspan.py);
+  textspan   --texts_per_head texts chosen greedily as in the original (utils/text/textspan.py);
   pclens     (or svd_data_approx) PCLens: the head's principal components up to 99 % of the singular-value
              sum (+1, at most --max_text), each with the --texts_per_head texts of largest and smallest cosine
              (texts centred by their mean, then unit-normalised); the reconstruction is the projection onto
@@ -32,14 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import InputError, run
-from utils.inputs import MODEL_FIELDS, last_layers, load_decomposition
-from utils.factory import default_device
-from utils.io import atomic_write_json, atomic_write_text, load_array, make_output_dir, save_figure
-from utils.names import completeness_stem, text_embeddings_path
-from utils.provenance import add_mismatch_arg, check_consistent, derived_record, write_provenance
-from utils.text_sets import read_text_set, resolve_text_file
-from utils.textspan import (HeadStatsAccumulator, pclens_from_stats, replacement_accuracy, scan_decomposition,
+from utils.errors import InputError
+from utils.cli import run
+from utils.files.readers import MODEL_FIELDS, last_layers, load_decomposition
+from utils.models import default_device
+from utils.files.atomic import atomic_write_json, atomic_write_text, load_array, make_output_dir, save_figure
+from utils.files.names import completeness_stem, text_embeddings_path
+from utils.files.provenance import add_mismatch_arg, check_consistent, derived_record, write_provenance
+from utils.text.sets import read_text_set, resolve_text_file
+from utils.text.textspan import (HeadStatsAccumulator, pclens_from_stats, replacement_accuracy, scan_decomposition,
                             textspan_from_stats)
 
 SEP = "------------------\n"
@@ -138,7 +139,7 @@ def completeness(args: argparse.Namespace, arrays: dict, paths: dict[str, Path],
     """Pass 1 (head statistics), the algorithm on every head, pass 2 (accuracies); shared with
     utils/scripts/compute_text_explanations.py.
 
-    ``arrays``: what ``utils.inputs.load_decomposition`` returns (attn, layers, num_layers, attn_rest, mlp,
+    ``arrays``: what ``utils.files.readers.load_decomposition`` returns (attn, layers, num_layers, attn_rest, mlp,
     classifier, labels, checked to agree); the last layers must be stored (a file of ``compute_prs.py --layers``
     works when it keeps them: the layers not replaced, kept or in attn_rest, are mean-ablated); ``paths``: the
     files. Returns the per-head records (``heads``) and raw results (``results``), ``means`` [h, d], ``basis``

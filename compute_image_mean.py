@@ -16,13 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.cli import InputError, positive_int, run
-from utils.factory import default_device
-from utils.io import atomic_save, atomic_write
-from utils.names import image_embeddings_path, image_mean_path
-from utils.provenance import make_record, provenance_path, write_provenance
+from utils.errors import InputError
+from utils.cli import positive_int, run
+from utils.models import default_device
+from utils.files.atomic import atomic_save, atomic_write
+from utils.files.names import image_embeddings_path, image_mean_path
+from utils.files.provenance import make_record, provenance_path, write_provenance
 from utils.splice import DEFAULT_MODEL, load_backbone, resolve_backbone, splice_dataset
-from utils.streaming import Output, stream_dataset
+from utils.files.streaming import Output, stream_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:

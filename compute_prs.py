@@ -24,13 +24,15 @@ import argparse
 import os
 
 from prs_hook import hook_prs_logger
-from utils.cli import InputError, format_layers, layer_list, positive_int, run
+from utils.errors import InputError
+from utils.cli import layer_list, positive_int, run
+from utils.files.names import format_layers
 from utils.datasets import build_dataset
-from utils.factory import add_model_args, load_model_from_args
-from utils.io import make_output_dir
-from utils.names import attn_rest_path, labels_path, prs_paths
-from utils.provenance import make_record, save_output
-from utils.streaming import Output, init_distributed, is_main_process, stream_dataset
+from utils.models import add_model_args, load_model_from_args
+from utils.files.atomic import make_output_dir
+from utils.files.names import attn_rest_path, labels_path, prs_paths
+from utils.files.provenance import make_record, save_output
+from utils.files.streaming import Output, init_distributed, is_main_process, stream_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -23,16 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import InputError, positive_int, run
-from utils.ablations import ABLATIONS, ablation_logits, accuracy_over_dataset
+from utils.errors import InputError
+from utils.cli import positive_int, run
+from utils.neurons.ablations import ABLATIONS, ablation_logits, accuracy_over_dataset
 from utils.datasets import build_second_order_dataset, class_labels
-from utils.factory import add_model_args, load_model_from_args
-from utils.inputs import load_classifier, load_second_order_files
-from utils.io import atomic_write_json, make_output_dir, save_figure
-from utils.names import pretrained_name, second_order_ablations_path
-from utils.neuron_pca import neuron_means
-from utils.provenance import add_mismatch_arg, derived_record, write_provenance
-from utils.second_order import COEFFICIENT, SecondOrderEffects
+from utils.models import add_model_args, load_model_from_args
+from utils.files.readers import load_classifier, load_second_order_files
+from utils.files.atomic import atomic_write_json, make_output_dir, save_figure
+from utils.files.names import pretrained_name, second_order_ablations_path
+from utils.neurons.pca import neuron_means
+from utils.files.provenance import add_mismatch_arg, derived_record, write_provenance
+from utils.neurons.effects import COEFFICIENT, SecondOrderEffects
 
 
 def get_args_parser() -> argparse.ArgumentParser:

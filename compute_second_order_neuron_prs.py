@@ -23,12 +23,12 @@ import numpy as np
 
 from utils.cli import positive_int, run
 from utils.datasets import build_second_order_dataset
-from utils.factory import add_model_args, load_model_from_args
-from utils.io import make_output_dir
-from utils.names import second_order_paths, split_labels_path
-from utils.provenance import make_record, save_output
-from utils.second_order import COEFFICIENT, SecondOrderEffects
-from utils.streaming import Output, init_distributed, is_main_process, stream_dataset
+from utils.models import add_model_args, load_model_from_args
+from utils.files.atomic import make_output_dir
+from utils.files.names import second_order_paths, split_labels_path
+from utils.files.provenance import make_record, save_output
+from utils.neurons.effects import COEFFICIENT, SecondOrderEffects
+from utils.files.streaming import Output, init_distributed, is_main_process, stream_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -47,16 +47,17 @@ import numpy as np
 import torch
 
 from prs_hook import hook_prs_logger
-from utils.cli import InputError, run
-from utils.factory import add_model_args, load_model_from_args
+from utils.errors import InputError
+from utils.cli import run
+from utils.models import add_model_args, load_model_from_args
 from utils.imagenet_segmentation import ImagenetSegmentation
-from utils.inputs import load_classifier, load_layer_pcs
-from utils.io import make_output_dir
-from utils.names import neuron_segmentation_dir, pretrained_name
-from utils.provenance import check_consistent, make_record, save_output
-from utils.segmentation import (add_segmentation_args, check_image_size, evaluate_neuron_batch, finish_segmentation,
-                                neuron_layer_pairs, select_neurons, stream_segmentation)
-from utils.streaming import Output, init_distributed, is_main_process
+from utils.files.readers import load_classifier, load_layer_pcs
+from utils.files.atomic import make_output_dir
+from utils.files.names import neuron_segmentation_dir, pretrained_name
+from utils.files.provenance import check_consistent, make_record, save_output
+from utils.neurons.segmentation import evaluate_neuron_batch, neuron_layer_pairs, select_neurons
+from utils.segmentation import add_segmentation_args, check_image_size, finish_segmentation, stream_segmentation
+from utils.files.streaming import Output, init_distributed, is_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:

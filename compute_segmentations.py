@@ -28,15 +28,16 @@ import numpy as np
 import torch
 
 from prs_hook import hook_prs_logger
-from utils.cli import InputError, run
-from utils.factory import add_model_args, load_model_from_args
+from utils.errors import InputError
+from utils.cli import run
+from utils.models import add_model_args, load_model_from_args
 from utils.imagenet_segmentation import ImagenetSegmentation
-from utils.io import load_array, make_output_dir
-from utils.names import classifier_path, pretrained_name, segmentation_dir
-from utils.provenance import check_consistent, make_record
+from utils.files.atomic import load_array, make_output_dir
+from utils.files.names import classifier_path, pretrained_name, segmentation_dir
+from utils.files.provenance import check_consistent, make_record
 from utils.segmentation import (add_segmentation_args, check_image_size, evaluate_batch, finish_segmentation,
                                 stream_segmentation)
-from utils.streaming import init_distributed, is_main_process
+from utils.files.streaming import init_distributed, is_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:

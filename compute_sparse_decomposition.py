@@ -41,20 +41,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import InputError, positive_int, run
-from utils.factory import add_model_args, load_model_from_args
-from utils.ablations import accuracy_over_dataset
+from utils.errors import InputError
+from utils.cli import positive_int, run
+from utils.models import add_model_args, load_model_from_args
+from utils.neurons.ablations import accuracy_over_dataset
 from utils.datasets import build_second_order_dataset, class_labels
-from utils.inputs import load_classifier
-from utils.io import atomic_write_json, load_array, make_output_dir
-from utils.names import find_input, find_text_set, second_order_paths, sparse_decomposition_stem
-from utils.neuron_pca import neuron_means
-from utils.provenance import add_mismatch_arg, check_consistent, derived_record, write_provenance
-from utils.second_order import COEFFICIENT, SecondOrderEffects
-from utils.sparse_decomposition import (EVALUATIONS, NORMS, SOLVERS, build_text_dictionary, cosine_rows,
+from utils.files.readers import load_classifier
+from utils.files.atomic import atomic_write_json, load_array, make_output_dir
+from utils.files.names import find_input, find_text_set, second_order_paths, sparse_decomposition_stem
+from utils.neurons.pca import neuron_means
+from utils.files.provenance import add_mismatch_arg, check_consistent, derived_record, write_provenance
+from utils.neurons.effects import COEFFICIENT, SecondOrderEffects
+from utils.neurons.sparse import (EVALUATIONS, NORMS, SOLVERS, build_text_dictionary, cosine_rows,
                                         decompose, decomposition_json, plot_fit, reconstruction_logits,
                                         save_sparse_npz, top_components)
-from utils.text_sets import read_text_set
+from utils.text.sets import read_text_set
 
 
 def get_args_parser() -> argparse.ArgumentParser:

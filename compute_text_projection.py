@@ -10,13 +10,13 @@ import argparse
 from pathlib import Path
 from typing import Callable, Optional
 
-from utils.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames
-from utils.factory import add_model_args, load_model_from_args
-from utils.io import make_output_dir
-from utils.names import classifier_path
-from utils.text import zero_shot_classifier
+from utils.text.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames
+from utils.models import add_model_args, load_model_from_args
+from utils.files.atomic import make_output_dir
+from utils.files.names import classifier_path
+from utils.text.embeddings import zero_shot_classifier
 from utils.cli import positive_int, run
-from utils.provenance import make_record, save_output
+from utils.files.provenance import make_record, save_output
 
 
 def get_args_parser(description: str = __doc__, model: str = "ViT-H-14",

@@ -13,12 +13,12 @@ import argparse
 from pathlib import Path
 
 from utils.cli import positive_int, run
-from utils.factory import add_model_args, load_model_from_args
-from utils.io import make_output_dir
-from utils.names import text_embeddings_path
-from utils.provenance import make_record, save_output
-from utils.text import encode_texts
-from utils.text_sets import read_text_set, resolve_text_file, sha256_of
+from utils.models import add_model_args, load_model_from_args
+from utils.files.atomic import make_output_dir
+from utils.files.names import text_embeddings_path
+from utils.files.provenance import make_record, save_output
+from utils.text.embeddings import encode_texts
+from utils.text.sets import read_text_set, resolve_text_file, sha256_of
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.cli import InputError, run
-from utils.inputs import last_layers, load_decomposition
-from utils.io import atomic_write_json, load_array, make_output_dir, save_figure
-from utils.names import specific_heads_stem
-from utils.provenance import add_mismatch_arg, derived_record, write_provenance
+from utils.errors import InputError
+from utils.cli import run
+from utils.files.readers import last_layers, load_decomposition
+from utils.files.atomic import atomic_write_json, load_array, make_output_dir, save_figure
+from utils.files.names import specific_heads_stem
+from utils.files.provenance import add_mismatch_arg, derived_record, write_provenance
 from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
                               head_logits, parse_heads, random_head_sets)
 
@@ -46,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace) -> dict:
-    """The memmapped arrays (``utils.inputs.load_decomposition``) with the [B, 2] labels as ``groups``."""
+    """The memmapped arrays (``utils.files.readers.load_decomposition``) with the [B, 2] labels as ``groups``."""
     arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch)
     lpath = arrays["paths"]["labels"]
     labels = np.asarray(load_array(lpath, "compute_prs.py", mmap=False))

@@ -16,8 +16,8 @@ running the model. See docs/splice.md.
 import argparse
 
 from utils.cli import run
-from utils.io import atomic_write_json, atomic_write_text, make_output_dir
-from utils.provenance import write_provenance
+from utils.files.atomic import atomic_write_json, atomic_write_text, make_output_dir
+from utils.files.provenance import write_provenance
 from utils.splice import add_dataset_args, add_splice_args, dataset_decompositions, decomposition_lines, \
     plot_concepts
 

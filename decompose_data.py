@@ -15,9 +15,9 @@ import argparse
 from pathlib import Path
 
 from utils.cli import run
-from utils.io import atomic_write_text
-from utils.names import splice_weights_path
-from utils.provenance import write_provenance
+from utils.files.atomic import atomic_write_text
+from utils.files.names import splice_weights_path
+from utils.files.provenance import write_provenance
 from utils.splice import add_dataset_args, add_splice_args, dataset_decompositions, decomposition_lines
 
 

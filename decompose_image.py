@@ -15,9 +15,10 @@ import argparse
 import os
 from pathlib import Path
 
-from utils.cli import InputError, run
-from utils.io import atomic_write_text, make_output_dir
-from utils.provenance import write_provenance
+from utils.errors import InputError
+from utils.cli import run
+from utils.files.atomic import atomic_write_text, make_output_dir
+from utils.files.provenance import write_provenance
 from utils.splice import add_splice_args, decompose_image, decomposition_lines, load_from_args, read_image, \
     splice_from_loaded, splice_record
 

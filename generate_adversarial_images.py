@@ -3,7 +3,7 @@
 Finds the words that push CLIP's image embedding from --class_1 (the true class, e.g. "cat") toward --class_0
 (e.g. "vacuum cleaner"), has a chat LLM write image descriptions that use them and mention class_1, renders
 them with FLUX.1-schnell or DeepFloyd IF, and scores every image with CLIP: score = image embedding . Δ with
-Δ = t(class_0) - t(class_1); score > 0 is a success. Stages: see utils/adversarial.py.
+Δ = t(class_0) - t(class_1); score > 0 is a success. Stages: see utils/neurons/adversarial.py.
 
 Reads from --output_dir (alias --input_dir; the original reads its inputs from --output_dir), per --mlp_layers:
   {dataset}_{train_split}_mlps_{model}_{pretrained}_{layer}_{top_k_pca}_pca.npy          (compute_pcas.py)
@@ -28,13 +28,14 @@ from pathlib import Path
 
 import tqdm
 
-from utils import adversarial as adv
-from utils.cli import InputError, positive_int, run
-from utils.factory import add_model_args, load_model_from_args
-from utils.names import pretrained_name
-from utils.io import atomic_write_json, atomic_write_text
-from utils.provenance import add_mismatch_arg, check_consistent, make_record, write_provenance
-from utils.sparse_decomposition import NORMS, SOLVERS
+from utils.neurons import adversarial as adv
+from utils.errors import InputError
+from utils.cli import positive_int, run
+from utils.models import add_model_args, load_model_from_args
+from utils.files.names import pretrained_name
+from utils.files.atomic import atomic_write_json, atomic_write_text
+from utils.files.provenance import add_mismatch_arg, check_consistent, make_record, write_provenance
+from utils.neurons.sparse import NORMS, SOLVERS
 
 PROMPTS_FILE = "prompts.json"
 # the settings that decide the descriptions and images of a --dataset_path (a rerun must match them)

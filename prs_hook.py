@@ -33,13 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.cli import InputError
+from utils.errors import InputError, UnsupportedModelError
 
 __all__ = ["PRSLogger", "UnsupportedModelError", "autocast_off", "check_supported", "float32_tower", "hook_prs_logger"]
-
-
-class UnsupportedModelError(InputError):
-    """The image tower has a feature that breaks the exact decomposition."""
 
 
 def check_supported(model: nn.Module, model_name: Optional[str] = None) -> None:

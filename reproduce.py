@@ -33,15 +33,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from utils.cli import InputError, run
-from utils.io import StreamingArrays, atomic_write_text, make_output_dir
-from utils.names import (ablations_stem, classifier_path, classifier_path_pretrained, completeness_stem, labels_path,
+from utils.errors import InputError
+from utils.cli import run
+from utils.files.atomic import atomic_write_text, make_output_dir
+from utils.files.rows import StreamingArrays
+from utils.files.names import (ablations_stem, classifier_path, classifier_path_pretrained, completeness_stem, labels_path,
                          neuron_segmentation_dir, prs_paths, representations_path, second_order_ablations_path,
                          second_order_paths, segmentation_dir, sparse_decomposition_stem, specific_heads_stem,
                          split_classes_path, split_labels_path, text_embeddings_path)
-from utils.provenance import (git_state, make_record, pretrained_identity, provenance_path, read_provenance, run_key,
+from utils.files.provenance import (git_state, make_record, pretrained_identity, provenance_path, read_provenance, run_key,
                               write_provenance)
-from utils.report import Row, Section, build_section, load_published, read_key_values, write_report
+from utils.reproduce.report import Row, Section, build_section, load_published, read_key_values, write_report
 
 REPO = Path(__file__).resolve().parent
 TEXTS = "text_descriptions"

@@ -1,4 +1,4 @@
-"""Our batched torch OMP (utils.omp) against scikit-learn's SparseCoder(transform_algorithm='omp'), the
+"""Our batched torch OMP (utils.solvers.omp) against scikit-learn's SparseCoder(transform_algorithm='omp'), the
 original's decomposition, on the paper's problem: 3,072 signals (ViT-B-32's MLP neurons) x 512 dims, a
 30,000-atom text dictionary, k = 128 atoms per signal.
 
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.omp import omp  # noqa: E402
-from utils.sparse_decomposition import build_text_dictionary  # noqa: E402
+from utils.solvers.omp import omp  # noqa: E402
+from utils.neurons.sparse import build_text_dictionary  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

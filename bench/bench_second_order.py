@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.second_order import COEFFICIENT, SecondOrderEffects  # noqa: E402
+from utils.neurons.effects import COEFFICIENT, SecondOrderEffects  # noqa: E402
 
 
 @torch.no_grad()
@@ -108,7 +108,7 @@ def main() -> None:
     print("| computation | batch | images | images/s |")
     print("|---|---|---|---|")
     print(f"| original-style per-(layer, head) | {args.baseline_batch_size} | {args.baseline_images} | {base:.3f} |")
-    print(f"| batched (utils.second_order) | {args.batch_size} | {args.images} | {ours:.2f} |")
+    print(f"| batched (utils.neurons.effects) | {args.batch_size} | {args.images} | {ours:.2f} |")
     print(f"speed-up: {ours / base:.1f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({

@@ -1,4 +1,4 @@
-"""SpLiCE's solve on CPU: our batched ADMM (utils.nnlasso.ScreenedADMM, each image stopping on its own
+"""SpLiCE's solve on CPU: our batched ADMM (utils.solvers.nnlasso.ScreenedADMM, each image stopping on its own
 residuals) against SpLiCE's per-image scikit-learn loop (-solver skl, utils.splice.solve_skl: one
 Lasso(alpha = l1 / (2 d), positive=True, fit_intercept=False, max_iter=10000, tol=1e-6) per image, as SpLiCE's
 SPLICE.decompose), at SpLiCE's size: 10,000 concepts x 512 dims, 256 images, l1_penalty 0.25.
@@ -12,7 +12,7 @@ The machine may be shared: the two solvers run alternately, --repeats times each
 is reported. Both run on one core by default (--threads; scikit-learn's coordinate descent is single-threaded
 anyway). The supports are compared: every weight above 1e-3 in one solution must be non-zero in the other.
 --dense_images N also times SpLiCE's own ADMM formulation (dense [T, T]-sized updates, batched, its random
-start, the batch stopping when all its images have converged: utils.nnlasso.nnlasso_admm) on the first N images.
+start, the batch stopping when all its images have converged: utils.solvers.nnlasso.nnlasso_admm) on the first N images.
 
     python bench/bench_splice.py                 # the full problem (a few minutes)
     python bench/bench_splice.py --smoke         # tiny, for the tests
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.nnlasso import ScreenedADMM  # noqa: E402
+from utils.solvers.nnlasso import ScreenedADMM  # noqa: E402
 from utils.splice import centre_concepts, solve_skl  # noqa: E402
 
 
@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"  speedup {res['speedup']:.1f}x; max |w_admm - w_skl| {res['max_abs_diff']:.2e}; "
           f"same supports: {same_support}")
     if args.dense_images:
-        from utils.nnlasso import nnlasso_admm
+        from utils.solvers.nnlasso import nnlasso_admm
 
         nd = min(args.dense_images, args.images)
         t = time.perf_counter()

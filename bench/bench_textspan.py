@@ -6,7 +6,7 @@ d = 768, 3,500 texts, m = 60 texts per head, w_ov_rank 80), timed side by side i
 - ``batched`` (what compute_complete_text_set.py does): one streamed pass of per-head statistics over the
   images (all heads), TextSpan for all heads at once in the rank-k text space, and each head's [B, d]
   reconstruction.
-- ``numpy``: ``utils.textspan.textspan_reference_numpy``, the algorithm as written (SVD of [B, d], then per
+- ``numpy``: ``utils.text.textspan.textspan_reference_numpy``, the algorithm as written (SVD of [B, d], then per
   step data @ texts [B, T], std, deflation of data and texts), one head at a time, float32 like the original.
   It is slow (minutes per head on a laptop CPU), so it runs on ``--baseline_heads`` heads (default 1) and
   its time is scaled to all heads; ``--baseline_iters`` can also cut its steps (scaled linearly, the steps
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.textspan import (HeadStats, HeadStatsAccumulator, reconstruct, textspan_from_stats,  # noqa: E402
+from utils.text.textspan import (HeadStats, HeadStatsAccumulator, reconstruct, textspan_from_stats,  # noqa: E402
                             textspan_reference_numpy)
 
 

@@ -11,7 +11,7 @@ import sys
 
 from torch.utils.data import Subset
 
-import utils.streaming
+import utils.files.streaming
 
 AT = int(os.environ["PRSCLIP_KILL_AT"])
 
@@ -26,6 +26,6 @@ class KillingSubset(Subset):
         return [self[i] for i in indices]
 
 
-utils.streaming.Subset = KillingSubset
+utils.files.streaming.Subset = KillingSubset
 script, sys.argv = sys.argv[1], sys.argv[1:]
 runpy.run_path(script, run_name="__main__")

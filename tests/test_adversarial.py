@@ -1,4 +1,4 @@
-"""generate_adversarial_images.py and utils/adversarial.py on tiny models built here (offline, CPU).
+"""generate_adversarial_images.py and utils/neurons/adversarial.py on tiny models built here (offline, CPU).
 
 The LLM, FLUX and IF pipelines and the sentence-transformers model are random-init tiny models assembled from
 configs, with tokenizers built by the ``tokenizers`` library, saved to temporary folders and passed to the script
@@ -32,7 +32,7 @@ pytest.importorskip("accelerate")
 
 from conftest import GOLDEN_WEIGHTS, TINY_ARGS, run_inprocess  # noqa: E402
 
-from utils import adversarial as adv  # noqa: E402
+from utils.neurons import adversarial as adv  # noqa: E402
 
 SCRIPT = "generate_adversarial_images.py"
 PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar (transformers shows one while loading weights)
@@ -357,7 +357,7 @@ def test_signed_to_pil():
 
 # ----------------------------------------------------------------------------- end to end
 def clip_scores(paths, direction) -> np.ndarray:
-    """image embedding . Δ with open_clip directly (independent of utils.adversarial.score_images)."""
+    """image embedding . Δ with open_clip directly (independent of utils.neurons.adversarial.score_images)."""
     import open_clip
     from PIL import Image
 

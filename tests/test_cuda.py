@@ -99,7 +99,7 @@ def test_golden_spatial(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_golden_second_order(device):
-    from utils.second_order import SecondOrderEffects
+    from utils.neurons.effects import SecondOrderEffects
 
     effects, r = SecondOrderEffects(golden_model(device, "prsclip-tiny-quickgelu"), 1, device)(golden_images())
     merged = np.load(SO / "golden_train_mlps_prsclip-tiny-quickgelu_golden_1_merged.npy")
@@ -192,7 +192,7 @@ def _sparse_problem(dtype, T=600, d=48, n=64, seed=0):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_omp_matches_cpu(device):
-    from utils.omp import omp
+    from utils.solvers.omp import omp
 
     D, X = _sparse_problem(torch.float64)
     cpu = omp(D, X, 12, device="cpu")
@@ -209,7 +209,7 @@ def test_omp_matches_cpu(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_admm_matches_cpu(device):
-    from utils.nnlasso import nnlasso_admm
+    from utils.solvers.nnlasso import nnlasso_admm
 
     D, X = _sparse_problem(torch.float64, T=200, d=24, n=16)
     kwargs = dict(l1_penalty=2.0, tol=1e-9, max_iter=20000, seed=3, batch_size=8)

@@ -1,4 +1,4 @@
-"""torchrun set-up (utils/streaming.py): the process group and GPU of each rank, and --resume with another number of
+"""torchrun set-up (utils/files/streaming.py): the process group and GPU of each rank, and --resume with another number of
 processes. The 2-process byte-identity and resume tests are in test_robustness.py and test_layers.py."""
 import argparse
 import filecmp
@@ -9,7 +9,7 @@ import torch
 from conftest import GOLDEN, TINY_ARGS, run_inprocess, run_killed
 from test_robustness import _error_line
 
-import utils.streaming as streaming
+import utils.files.streaming as streaming
 
 IMAGES = ["--dataset", "golden", "--data_path", str(GOLDEN / "images"), "--num_workers", "0", "--batch_size", "2"]
 ATTN = "golden_attn_prsclip-tiny.npy"

@@ -17,7 +17,8 @@ import torch
 
 from conftest import GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, free_port, run_inprocess
 from test_robustness import _error_line
-from utils.cli import format_layers, layer_list
+from utils.cli import layer_list
+from utils.files.names import format_layers
 
 MODEL, DATASET = "prsclip-tiny", "binary_waterbirds"
 KEPT = [0, 2, 3]  # layer 0 kept but not replaced (--num_of_last_layers 2), layer 1 in attn_rest
@@ -192,7 +193,7 @@ def test_use_specific_heads_same_groups(runs, tmp_path):
     for key in ("baseline", "ablated", "random", "heads"):
         assert summary["part"][key] == summary["full"][key], key
     # the logits behind them (6 images rarely flip an argmax)
-    from utils.inputs import last_layers, load_decomposition
+    from utils.files.readers import last_layers, load_decomposition
     from utils.waterbirds import head_logits
 
     parts = {}

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from sklearn.metrics import precision_recall_curve
 
 import utils.segmentation as seg
+from utils.neurons.segmentation import NEURON_THRESHOLD
 from conftest import CONFIGS, GOLDEN, GOLDEN_WEIGHTS, run_inprocess
 
 GN = GOLDEN / "neuron_segmentation"
@@ -91,7 +92,7 @@ def test_metrics_on_the_golden_maps_are_exact():
     """Fed the original's own heatmaps, the shared metric code (foreground > 0.5) gives its numbers exactly."""
     maps = torch.from_numpy(np.load(GN / "heatmaps.npy"))
     targets = torch.from_numpy(np.load(GOLDEN / "segmentation" / "targets.npy"))
-    out = seg.segmentation_metrics(maps, targets, threshold=seg.NEURON_THRESHOLD)
+    out = seg.segmentation_metrics(maps, targets, threshold=NEURON_THRESHOLD)
     golden = GOLDEN_JSON["per_image"]
     np.testing.assert_array_equal(out["inter"], [p["inter"] for p in golden])
     np.testing.assert_array_equal(out["union"], [p["union"] for p in golden])

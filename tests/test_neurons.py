@@ -1,11 +1,11 @@
-"""utils/neurons.py (the logic of visualize_neurons.ipynb and concept_discovery.ipynb): one neuron column read at a
+"""utils/neurons/explore.py (the logic of visualize_neurons.ipynb and concept_discovery.ipynb): one neuron column read at a
 time, the per-neuron means cached once, activity and word scores on hand-made cases."""
 import os
 
 import numpy as np
 import pytest
 
-from utils.neurons import active_neurons, cached_neuron_means, concept_scores, top_images
+from utils.neurons.explore import active_neurons, cached_neuron_means, concept_scores, top_images
 
 
 class Recording:

@@ -1,4 +1,4 @@
-"""PCLens' svd_data_approx (utils/textspan.py) and PCLens' command lines (utils/scripts/), end to end on the tiny model.
+"""PCLens' svd_data_approx (utils/text/textspan.py) and PCLens' command lines (utils/scripts/), end to end on the tiny model.
 
 The reference is written here from PCLens' description, in float64 NumPy: SVD of the centred head, components
 up to 99 % of the singular-value sum (+1, capped), texts centred by their mean and unit-normalised, ranked by
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, run_inprocess
-from utils.textspan import (head_stats, pclens_from_stats, pclens_record, reconstruct, svd_data_approx,
+from utils.text.textspan import (head_stats, pclens_from_stats, pclens_record, reconstruct, svd_data_approx,
                             textspan_reference_numpy)
 
 GOLDEN_PRS = GOLDEN / "prs"
@@ -369,7 +369,7 @@ def test_missing_text_embeddings_say_how_to_make_them(pclens_run, tmp_path):
 def test_pclens_text_set_is_pinned_to_pclens_repository(tmp_path):
     import io
 
-    from utils.text_sets import HashMismatchError, fetch_original
+    from utils.text.sets import HashMismatchError, fetch_original
 
     seen = []
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import GOLDEN, tiny_model
 import prs_hook
 from prs_hook import PRSLogger, UnsupportedModelError, check_supported, hook_prs_logger
-from utils.cli import InputError
-from utils.factory import load_model
+from utils.errors import InputError
+from utils.models import load_model
 
 VARIANTS = ["prsclip-tiny", "prsclip-tiny-quickgelu", "tiny-ls", "tiny-noln-p8"]
 

@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO, run_inprocess, run_killed, run_script
 
 import reproduce
-from utils.provenance import read_provenance
-from utils.report import Row, Section, build_section, find_published, load_published, read_key_values, render_markdown
+from utils.files.provenance import read_provenance
+from utils.reproduce.report import Row, Section, build_section, find_published, load_published, read_key_values, render_markdown
 
 
 def missing(*scripts: str) -> list[str]:

@@ -102,9 +102,9 @@ def test_resume_refuses_another_runs_partial_files(tmp_path):
 
 def test_crash_between_renames_is_completed_by_resume(tmp_path, clean_prs, monkeypatch):
     import compute_prs
-    import utils.io
+    import utils.files.atomic
 
-    real, seen = utils.io.os.replace, []
+    real, seen = utils.files.atomic.os.replace, []
 
     def crash_on_second_rename(src, dst):
         if Path(dst).name in PRS:  # the streamed arrays (not the labels, written before)
@@ -114,10 +114,10 @@ def test_crash_between_renames_is_completed_by_resume(tmp_path, clean_prs, monke
         return real(src, dst)
 
     args = [*TINY_ARGS, *IMAGES, "--batch_size", "2", "--output_dir", str(tmp_path)]
-    monkeypatch.setattr(utils.io.os, "replace", crash_on_second_rename)
+    monkeypatch.setattr(utils.files.atomic.os, "replace", crash_on_second_rename)
     with pytest.raises(OSError, match="simulated"):
         compute_prs.main(compute_prs.get_args_parser().parse_args(args))
-    monkeypatch.setattr(utils.io.os, "replace", real)
+    monkeypatch.setattr(utils.files.atomic.os, "replace", real)
     assert (tmp_path / PRS[0]).exists() and not (tmp_path / PRS[1]).exists()
     out, _ = _ok("compute_prs.py", *args, "--resume")
     assert "finishing the renames" in out

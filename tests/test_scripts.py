@@ -172,7 +172,7 @@ def test_text_projection_matches_golden(tmp_path):
 
 
 def test_prompts_are_the_openai_templates_in_order():
-    from utils.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames
+    from utils.text.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames
 
     names = get_classnames("golden", str(GOLDEN / "text/classnames.txt"))
     prompts = [t(c) for c in names for t in OPENAI_IMAGENET_TEMPLATES]
@@ -188,7 +188,7 @@ def test_text_projection_builtin_names(tmp_path, dataset, classes):
 
 
 def test_builtin_classname_tables():
-    from utils.classnames import get_classnames
+    from utils.text.classnames import get_classnames
 
     assert len(get_classnames("imagenet")) == 1000
     assert len(get_classnames("cub")) == 200 and get_classnames("waterbirds")[0] == "Black footed Albatross"

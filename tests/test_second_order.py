@@ -1,4 +1,4 @@
-"""Second-order neuron effects (utils.second_order): golden match, the frozen-forward identity, a naive loop,
+"""Second-order neuron effects (utils.neurons.effects): golden match, the frozen-forward identity, a naive loop,
 PCA, the ablation arithmetic, and the file / input helpers."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import GOLDEN, GOLDEN_WEIGHTS, tiny_model
-from utils.ablations import ablation_logits
-from utils.inputs import load_second_order_files
-from utils.names import find_classifier, find_input, find_text_set, second_order_paths
-from utils.neuron_pca import neuron_means, neuron_pcas
-from utils.second_order import SecondOrderEffects, check_mlp_layer
+from utils.neurons.ablations import ablation_logits
+from utils.files.readers import load_second_order_files
+from utils.files.names import find_classifier, find_input, find_text_set, second_order_paths
+from utils.neurons.pca import neuron_means, neuron_pcas
+from utils.neurons.effects import SecondOrderEffects, check_mlp_layer
 
 SO = GOLDEN / "second_order"
 STEM = "golden_train_mlps_prsclip-tiny-quickgelu_golden_1"

@@ -14,7 +14,7 @@ import utils.segmentation as seg
 from conftest import GOLDEN, TINY_ARGS, run_inprocess, run_script, tiny_model
 from prs_hook import hook_prs_logger
 from utils.imagenet_segmentation import ImagenetSegmentation, SegmentationFileError, resize_mask
-from utils.visualization import find_textspan_file, parse_textspan_heads, topk_similar
+from utils.plots import find_textspan_file, parse_textspan_heads, topk_similar
 
 GSEG = GOLDEN / "segmentation"
 GOLDEN_CLASSIFIER = GOLDEN / "prs" / "golden_classifier_prsclip-tiny.npy"

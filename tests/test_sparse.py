@@ -13,10 +13,10 @@ import torch
 from sklearn.decomposition import SparseCoder
 from sklearn.linear_model import Lasso, orthogonal_mp_gram
 
-from utils.nnlasso import nnlasso_admm
-from utils.omp import omp
-from utils.names import sparse_decomposition_stem as output_stem
-from utils.sparse_decomposition import (build_text_dictionary, cosine_rows, decompose, decomposition_json,
+from utils.solvers.nnlasso import nnlasso_admm
+from utils.solvers.omp import omp
+from utils.files.names import sparse_decomposition_stem as output_stem
+from utils.neurons.sparse import (build_text_dictionary, cosine_rows, decompose, decomposition_json,
                                         reconstruction_logits, save_sparse_npz, top_components)
 
 

@@ -1,4 +1,4 @@
-"""SpLiCE (utils/splice.py, utils.nnlasso.ScreenedADMM, the four scripts) against the original's golden outputs."""
+"""SpLiCE (utils/splice.py, utils.solvers.nnlasso.ScreenedADMM, the four scripts) against the original's golden outputs."""
 import json
 import pickle
 import shlex
@@ -13,11 +13,11 @@ from sklearn.linear_model import Lasso
 
 from conftest import CONFIGS, GOLDEN, GOLDEN_WEIGHTS, REPO, run_inprocess
 
-from utils.nnlasso import ScreenedADMM
+from utils.solvers.nnlasso import ScreenedADMM
 from utils.splice import (SPLICE, centre_concepts, decompose_classes, decompose_dataset, decompose_image,
                           embed_concepts, get_preprocess, get_vocabulary, image_decomposition, load,
                           load_decompositions, read_image_mean, read_vocabulary, resolve_backbone)
-from utils.text_sets import HashMismatchError
+from utils.text.sets import HashMismatchError
 
 G = GOLDEN / "splice"
 IMAGES = GOLDEN / "images"
@@ -261,7 +261,7 @@ def test_fetch_refuses_a_wrong_hash(tmp_path, monkeypatch):
     # the same file with its hash pinned is accepted
     import hashlib
 
-    from utils.text_sets import Source
+    from utils.text.sets import Source
 
     sha = hashlib.sha256((mirror / "laion.txt").read_bytes()).hexdigest()
     monkeypatch.setattr(S, "SPLICE_FILES", {"laion.txt": Source("AI4LIFE-GROUP/SpLiCE", "0" * 40, sha, "data/vocab")})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import GOLDEN, REPO, TINY_ARGS, run_inprocess, run_script
-from utils.textspan import svd_data_approx, textspan_reference_numpy
+from utils.text.textspan import svd_data_approx, textspan_reference_numpy
 
 IMAGES = GOLDEN / "images"
 MODEL = "prsclip-tiny"
@@ -127,7 +127,7 @@ def test_complete_text_set_textspan(workdir):
     acc = summary["accuracy"]["final"]
     assert blocks[-1] == f"Current accuracy: {acc}\nNumber of texts: {summary['number_of_texts']}"
     assert f"Current accuracy: {acc}" in res.stdout
-    from utils.visualization import parse_textspan_heads  # the notebooks' reader of this file
+    from utils.plots import parse_textspan_heads  # the notebooks' reader of this file
 
     assert parse_textspan_heads(stem.with_suffix(".txt")) == {(r["layer"], r["head"]): r["texts"]
                                                                for r in summary["heads"]}
@@ -250,7 +250,7 @@ def test_complete_text_set_chunk_and_stats_dtype(workdir, tmp_path, monkeypatch)
     """--chunk 4 reads the heads' statistics 4 images at a time: the same texts and accuracies (float64 sums);
     --stats_dtype float32 takes the per-chunk products in float32: the same texts (the picks have margins far
     above float32 error) and stds within float32 noise."""
-    from utils.textspan import HeadStatsAccumulator
+    from utils.text.textspan import HeadStatsAccumulator
 
     seen, real_update = [], HeadStatsAccumulator.update
     monkeypatch.setattr(HeadStatsAccumulator, "update",

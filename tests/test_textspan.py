@@ -1,4 +1,4 @@
-"""TextSpan / PCLens (utils/textspan.py), text sets and their fetch (utils/text_sets.py), Waterbirds helpers."""
+"""TextSpan / PCLens (utils/text/textspan.py), text sets and their fetch (utils/text/sets.py), Waterbirds helpers."""
 import hashlib
 import json
 import sys
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import GOLDEN, REPO, run_script
-from utils.text_sets import (HashMismatchError, Source, fetch_original, read_text_set, resolve_text_file)
-from utils.textspan import (HeadStatsAccumulator, head_stats, pclens_from_stats, reconstruct, svd_data_approx,
+from utils.text.sets import (HashMismatchError, Source, fetch_original, read_text_set, resolve_text_file)
+from utils.text.textspan import (HeadStatsAccumulator, head_stats, pclens_from_stats, reconstruct, svd_data_approx,
                             text_span, textspan_from_stats, textspan_reference_numpy)
 from utils import waterbirds as wb
 
@@ -294,7 +294,7 @@ def test_fetch_cli_offline(tmp_path):
 
 
 def test_every_original_text_set_is_pinned():
-    from utils.text_sets import ORIGINAL_TEXT_SETS
+    from utils.text.sets import ORIGINAL_TEXT_SETS
 
     assert all(s.sha256 and len(s.sha256) == 64 for s in ORIGINAL_TEXT_SETS.values())
     assert ORIGINAL_TEXT_SETS["30k.txt"].sha256 == "b96dfed9d570daddcc461e03c6009b7de6f72e515cb0a9eab35a9e1f21546f7b"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.text_sets import EXTERNAL, ORIGINAL_TEXT_SETS, TEXT_DIR, HashMismatchError, fetch_original  # noqa: E402
+from utils.text.sets import EXTERNAL, ORIGINAL_TEXT_SETS, TEXT_DIR, HashMismatchError, fetch_original  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -21,14 +21,9 @@ import os
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["InputError", "run", "configure_torch", "add_tf32_arg", "positive_int", "layer_list", "format_layers"]
+from utils.errors import InputError
 
-
-class InputError(ValueError):
-    """Bad input (a flag, a file, a shape): printed as one line naming the culprit, exit status 2.
-
-    A subclass of ``ValueError`` so that library callers catching ``ValueError`` keep working.
-    """
+__all__ = ["run", "configure_torch", "add_tf32_arg", "positive_int", "layer_list"]
 
 
 def positive_int(text: str) -> int:
@@ -54,18 +49,6 @@ def layer_list(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"'{item}' in '{text}': the range ends before it starts")
         layers.update(range(lo, hi + 1))
     return sorted(layers)
-
-
-def format_layers(layers) -> str:
-    """``[0, 5, 28, 29, 30, 31]`` -> ``"0,5,28-31"`` (the inverse of ``layer_list``)."""
-    layers, parts, i = sorted(layers), [], 0
-    while i < len(layers):
-        j = i
-        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
-            j += 1
-        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
-        i = j + 1
-    return ",".join(parts)
 
 
 def configure_torch(allow_tf32: bool = False) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.cli import InputError
+from utils.errors import InputError
 
 # (scikit-image loader, class name). All ship inside the scikit-image wheel; no download.
 SAMPLE_IMAGES = [

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.cli import InputError
+from utils.errors import InputError
 
 MASK_RESIZE = ("stretch", "crop")
 

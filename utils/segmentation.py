@@ -36,7 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.cli import InputError, positive_int
+from utils.errors import InputError
+from utils.cli import positive_int
 
 EPS = np.spacing(1)  # the original's guard in pixAcc and IoU
 
@@ -239,71 +240,6 @@ def evaluate_batch(prs, images: torch.Tensor, targets: torch.Tensor, classifier:
     return score_heatmaps(res, chosen, degenerate, targets, thr)
 
 
-# ----------------------------------------------------------------------------- paper 2: neurons
-NEURON_THRESHOLD = 0.5  # the original's fixed foreground threshold (quirk N3)
-
-
-def select_neurons(pcs: np.ndarray, classifier: np.ndarray, top_neurons: int, random: bool = False,
-                   seed: int = 0) -> np.ndarray:
-    """Per class, the ``top_neurons`` rows of the stacked PCs ``[P, d]`` most aligned with its classifier column.
-
-    The score of row i for class c is ``|pcs[i] · classifier[:, c]|`` (the PC's sign plays no part, quirk N2).
-    ``random``: a seeded random choice of ``top_neurons`` distinct rows per class instead. Returns ``[C, k]``
-    row indices, ascending score (random: in drawn order).
-    """
-    P = pcs.shape[0]
-    if not 1 <= top_neurons <= P:
-        raise InputError(f"--top_neurons {top_neurons}: must be between 1 and the {P} neurons of the listed layers")
-    C = classifier.shape[1]
-    if random:
-        rng = np.random.default_rng(seed)
-        return np.stack([rng.choice(P, top_neurons, replace=False) for _ in range(C)])
-    scores = np.abs(np.asarray(pcs, np.float32) @ np.asarray(classifier, np.float32))  # [P, C]
-    return np.argsort(scores, axis=0, kind="stable")[-top_neurons:].T.copy()  # [C, k]
-
-
-def neuron_layer_pairs(rows: np.ndarray, layers: Sequence[int], num_neurons: int) -> np.ndarray:
-    """Stacked-PC rows ``[...]`` -> ``[..., 2]`` (neuron, layer): row i is neuron ``i % M`` of ``layers[i // M]``.
-
-    (The original adds ``i // M`` to the first layer, which is only right for consecutive ascending layers: N1.)
-    """
-    rows = np.asarray(rows)
-    return np.stack([rows % num_neurons, np.asarray(layers)[rows // num_neurons]], -1)
-
-
-@torch.no_grad()
-def neuron_heatmaps(prs, images: torch.Tensor, classifier: torch.Tensor, selection: torch.Tensor,
-                    layers: Sequence[int], grid: Sequence[int], patch: Sequence[int]
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One hooked forward (``prs`` keeps the post-activation values of ``layers``); per image its class's map.
-
-    Args:
-        classifier: ``[d, C]``; selection: ``[C, k]`` stacked-PC rows (``select_neurons``) on ``prs.device``.
-    Returns:
-        ``(heatmaps [b, H, W], chosen [b], degenerate [b], neuron maps [b, grid_h, grid_w])``: the mean
-        activation of the chosen class's neurons at each image token (CLS dropped, row-major grid), and that
-        map upsampled and min–max normalised per image (a constant map is all zeros, ``degenerate``).
-    """
-    r = prs.encode_image(images)
-    chosen = (r.to(classifier.dtype) @ classifier).argmax(-1)  # [b]
-    act = torch.cat([prs.post_gelu[l][:, 1:].float() for l in layers], -1)  # [b, n, P]: row i = stacked PC i
-    index = selection[chosen]  # [b, k]
-    maps = act.gather(2, index[:, None, :].expand(-1, act.shape[1], -1)).mean(-1)  # [b, n]
-    res, degenerate = _minmax(upsample_patch_scores(maps[..., None], grid, patch)[:, 0])  # [b, H, W]
-    return res, chosen, degenerate, maps.view(-1, *grid)
-
-
-def evaluate_neuron_batch(prs, images: torch.Tensor, targets: torch.Tensor, classifier: torch.Tensor,
-                          selection: torch.Tensor, layers: Sequence[int], grid: Sequence[int],
-                          patch: Sequence[int], thr: float = 0.0) -> dict[str, np.ndarray]:
-    """Heatmaps and metrics of one batch (paper 2), every image on its own: ``score_heatmaps``'s arrays plus
-    ``neuron_map`` ``[b, grid_h, grid_w]``."""
-    res, chosen, degenerate, maps = neuron_heatmaps(prs, images, classifier, selection, layers, grid, patch)
-    out = score_heatmaps(res, chosen, degenerate, targets, thr, threshold=NEURON_THRESHOLD)
-    out["neuron_map"] = maps.cpu().numpy().astype(np.float32)
-    return out
-
-
 # ----------------------------------------------------------------------------- the scripts' loop and ending
 METRIC_COLUMNS = ["correct", "labeled", "inter_bg", "inter_fg", "union_bg", "union_fg", "ap", "chosen_class"]
 
@@ -313,7 +249,7 @@ def add_segmentation_args(parser, output_help: str = "where the results go") -> 
     import os
 
     from utils.imagenet_segmentation import MASK_RESIZE
-    from utils.provenance import add_mismatch_arg
+    from utils.files.provenance import add_mismatch_arg
 
     parser.add_argument("--save_img", action="store_true", default=False,
                         help="save input, ground-truth mask, predicted mask and heatmap overlay per image (PNG)")
@@ -355,14 +291,14 @@ def metric_rows(res: Mapping[str, np.ndarray]) -> np.ndarray:
 
 def stream_segmentation(ds, out: Path, evaluate: Callable[[torch.Tensor, torch.Tensor], dict], preprocess,
                         args, record: dict, extra: Optional[Mapping] = None, desc: str = "segmentation") -> bool:
-    """Run ``evaluate(images, targets)`` over ``ds`` with ``utils.streaming.stream_dataset``.
+    """Run ``evaluate(images, targets)`` over ``ds`` with ``utils.files.streaming.stream_dataset``.
 
     Streams ``heatmaps.npy`` [B, S, S] (the precision–recall scores) and ``per_image_metrics.npy`` [B, 8] into
     ``out``, plus ``extra`` (name -> ``Output``, filled from ``evaluate``'s array of that name); writes the
     ``--save_img`` pictures; shows the running pixAcc / mIoU / mAP. ``args`` supplies ``save_img``, ``resume``,
     ``batch_size``, ``num_workers``, ``image_size``.
     """
-    from utils.streaming import Output, stream_dataset
+    from utils.files.streaming import Output, stream_dataset
 
     S = args.image_size
     outputs = {"heatmaps": Output(out / "heatmaps.npy", (S, S), "float32"),
@@ -396,8 +332,8 @@ def finish_segmentation(ds, out: Path, args, record: dict, summary: dict) -> dic
     import tqdm
     from sklearn.metrics import precision_recall_curve
 
-    from utils.io import atomic_save, atomic_write_json, atomic_write_text
-    from utils.provenance import write_provenance
+    from utils.files.atomic import atomic_save, atomic_write_json, atomic_write_text
+    from utils.files.provenance import write_provenance
 
     per_image = np.load(out / "per_image_metrics.npy")
     counts = per_image[:, :6].astype(np.int64)

@@ -10,7 +10,7 @@ The math, with SpLiCE's conventions:
     - ``skl``: scikit-learn ``Lasso(alpha=l1_penalty / (2 d), positive=True, fit_intercept=False,
       max_iter=10000, tol=1e-6)``, one image at a time (SpLiCE's exact path);
     - ``admm``: SpLiCE's ADMM (rho 5, tolerance 1e-6, at most 2000 iterations), batched over images, each image
-      stopping on its own residuals (``utils.nnlasso.ScreenedADMM``). Starts from zero, not from SpLiCE's
+      stopping on its own residuals (``utils.solvers.nnlasso.ScreenedADMM``). Starts from zero, not from SpLiCE's
       random draw: same minimiser, weights within ~1e-5 of ``skl``.
 * Recompose ``z_hat = normalise(normalise(w C) + mu)``; report L0 (non-zero weights) and ``cosine = <z_hat, z>``.
 * ``vocabulary_size = k`` keeps the LAST k lines of the file (the files run from the least to the most
@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.cli import InputError
+from utils.errors import InputError
 from utils.datasets import class_column, load_rgb
-from utils.factory import default_device, load_model, register_model_config
-from utils.names import NO_WEIGHTS, pretrained_name, splice_concepts_path
-from utils.text_sets import EXTERNAL, SPLICE_FILES, TEXT_DIR, fetch_original
+from utils.models import default_device, load_model, register_model_config
+from utils.files.names import NO_WEIGHTS, pretrained_name, splice_concepts_path
+from utils.text.sets import EXTERNAL, SPLICE_FILES, TEXT_DIR, fetch_original
 
 __all__ = ["SPLICE", "load", "get_vocabulary", "get_preprocess", "get_tokenizer", "available_models",
            "decompose_image", "decompose_classes", "decompose_dataset"]
@@ -273,7 +273,7 @@ def embed_concepts(model: nn.Module, tokenizer: Callable, concepts: Sequence[str
 
     SpLiCE embeds one line at a time; batches change the dictionary by ~5e-7.
     """
-    from utils.text import encode_texts
+    from utils.text.embeddings import encode_texts
 
     return centre_concepts(encode_texts(model, tokenizer, concepts, device, batch_size, progress))
 
@@ -298,7 +298,7 @@ def concept_cache_path(folder: str | Path, backbone: Backbone, vocabulary: str, 
 def cached_dictionary(path: Path, key: dict, build: Callable[[], torch.Tensor], record: dict,
                       log: Callable[[str], None] = note) -> torch.Tensor:
     """The dictionary at ``path`` if its provenance record has ``key``, else ``build()`` it and save it there."""
-    from utils.provenance import read_provenance, save_output
+    from utils.files.provenance import read_provenance, save_output
 
     rec = read_provenance(path) if path.is_file() else None
     if rec is not None and rec.get("concepts_key") == key:
@@ -385,7 +385,7 @@ class SPLICE(nn.Module):
 
     # -- solving
     def _admm_solver(self):
-        from utils.nnlasso import ScreenedADMM
+        from utils.solvers.nnlasso import ScreenedADMM
 
         key = (self.dictionary.data_ptr(), self.dictionary.device, tuple(self.dictionary.shape))
         if self._admm is None or self._admm[0] != key:
@@ -500,7 +500,7 @@ def concept_dictionary(model, tokenizer, concepts: Sequence[str], backbone: Back
                        vocabulary_size: int, device, cache_dir: Optional[str | Path] = None,
                        text_batch_size: int = 256, log: Callable[[str], None] = note) -> torch.Tensor:
     """The dictionary [T, d] of ``concepts``, from the cache in ``cache_dir`` when it was made the same way."""
-    from utils.provenance import make_record, pretrained_identity
+    from utils.files.provenance import make_record, pretrained_identity
 
     def build():
         return embed_concepts(model, tokenizer, concepts, device, text_batch_size, progress=True).cpu()
@@ -661,7 +661,7 @@ def splice_from_loaded(args, loaded: Loaded, cache_dir: str | Path) -> SPLICE:
 
 def splice_record(args, backbone: Backbone, concepts: Sequence[str], **fields) -> dict:
     """Provenance record of a SpLiCE output."""
-    from utils.provenance import make_record
+    from utils.files.provenance import make_record
 
     return make_record(args, model=backbone.name, pretrained=backbone.pretrained, l1_penalty=args.l1_penalty,
                        solver=args.solver, vocab=args.vocab, vocab_size=args.vocab_size, num_concepts=len(concepts),
@@ -775,7 +775,7 @@ def decompose_images(splicemodel: SPLICE, dataset, concepts: Sequence[str], batc
 def save_decompositions(path: str | Path, dec: Decompositions) -> None:
     """One ``.npz``, atomically: a scipy CSR [N, T] (``scipy.sparse.load_npz`` reads it) plus ``cosine``,
     ``labels``, ``index`` [N] and ``concepts`` [T]."""
-    from utils.io import atomic_write
+    from utils.files.atomic import atomic_write
 
     w = dec.weights.tocsr()
     arrays = dict(format=np.array("csr"), shape=np.array(w.shape), data=w.data, indices=w.indices, indptr=w.indptr,
@@ -800,7 +800,7 @@ def load_decompositions(path: str | Path) -> Decompositions:
 
 def add_dataset_args(parser) -> None:
     """SpLiCE's dataset flags, and ours for reading a decomposition back (``--from_weights``)."""
-    from utils.provenance import add_mismatch_arg
+    from utils.files.provenance import add_mismatch_arg
 
     parser.add_argument("-dataset", "--dataset", required=True,
                         help=f"SpLiCE's {', '.join(SPLICE_DATASETS)} (MSCOCO: a folder of images), or any name "
@@ -822,7 +822,7 @@ def dataset_decompositions(args, out_dir: str | Path, weights_out: Optional[str 
 
     ``weights_out``: where to write the per-image weights (``save_decompositions``) when decomposing.
     """
-    from utils.provenance import check_consistent, derived_record, write_provenance
+    from utils.files.provenance import check_consistent, derived_record, write_provenance
 
     if args.from_weights:
         check_consistent([args.from_weights], fields=("dataset",), expected={"dataset": args.dataset},
@@ -852,7 +852,7 @@ def plot_concepts(concepts: Sequence[str], weights: Sequence[float], title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils.io import save_figure
+    from utils.files.atomic import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(concepts), 1) + 1.6))
     y = np.arange(len(concepts))

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from utils.cli import InputError
+from utils.errors import InputError
 
 # The heads the paper mean-ablates, from the original code (layer, head): "geo" (location) and "setting"
 # (image setting / background) heads of the last 4 layers.

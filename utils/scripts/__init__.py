@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from utils.cli import InputError
+from utils.errors import InputError
 
-ROOT = Path(__file__).resolve().parent.parent.parent  # the repository root (holds compute_prs.py, ...)
+from utils import REPO_ROOT as ROOT  # the repository root (holds compute_prs.py, ...)
 
 
 def load_script(name: str) -> ModuleType:

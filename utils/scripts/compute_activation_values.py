@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from utils.cli import InputError, layer_list, run
+from utils.errors import InputError
+from utils.cli import layer_list, run
 from utils.datasets import class_column
-from utils.factory import add_model_args
-from utils.names import pclens_paths
+from utils.models import add_model_args
+from utils.files.names import pclens_paths
 from utils.scripts import int_or_none, load_script, refuse_cache_dir, str2bool
 
 # where PCLens looks for a dataset under --data_path

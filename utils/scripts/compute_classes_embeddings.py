@@ -9,7 +9,7 @@ another dataset pass --classnames FILE (one name per line, in label order). The 
 import argparse
 
 from utils.cli import run
-from utils.factory import add_model_args
+from utils.models import add_model_args
 from utils.scripts import load_script, refuse_cache_dir
 
 

@@ -9,7 +9,7 @@ top_1500_nouns_5_sentences_imagenet_bias_clean, are fetched with
 `python text_descriptions/fetch_original.py top_1500_nouns_5_sentences_imagenet_bias_clean.txt` and embedded
 with `python compute_text_set_projection.py --model M --pretrained P --data_path text_descriptions/NAME.txt`.
 
-Runs compute_complete_text_set.py's computation (streamed; utils/textspan.py) with --algorithm
+Runs compute_complete_text_set.py's computation (streamed; utils/text/textspan.py) with --algorithm
   svd_data_approx  PCLens: per head, principal components up to 99 % of the singular-value sum (+1), at most
                    --max_text; per component the --text_per_princ_comp texts of largest and of smallest cosine
                    (centred, unit texts); the head is replaced by its projection onto the span of each
@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from utils.cli import run
-from utils.factory import default_device
-from utils.inputs import load_decomposition
-from utils.io import atomic_write_text, make_output_dir
-from utils.names import classifier_path, pclens_explanations_path, pclens_paths
-from utils.provenance import add_mismatch_arg, derived_record, write_provenance
+from utils.models import default_device
+from utils.files.readers import load_decomposition
+from utils.files.atomic import atomic_write_text, make_output_dir
+from utils.files.names import classifier_path, pclens_explanations_path, pclens_paths
+from utils.files.provenance import add_mismatch_arg, derived_record, write_provenance
 from utils.scripts import load_script
-from utils.textspan import pclens_from_stats, pclens_record, textspan_from_stats
+from utils.text.textspan import pclens_from_stats, pclens_record, textspan_from_stats
 
 TEXT_SPAN_RANK = 80  # PCLens' text_span: the span of the top 80 right singular vectors
 

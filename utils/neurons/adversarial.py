@@ -30,17 +30,18 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from utils import inputs
-from utils.cli import InputError
-from utils.inputs import LayerSpan
-from utils.io import atomic_write
-from utils.names import sparse_decomposition_stem
-from utils.neurons import read_decomposition
-from utils.text import encode_texts
+from utils import DATA_DIR
+from utils.files import readers
+from utils.errors import InputError
+from utils.files.readers import LayerSpan
+from utils.files.atomic import atomic_write
+from utils.files.names import sparse_decomposition_stem
+from utils.neurons.explore import read_decomposition
+from utils.text.embeddings import encode_texts
 
 EXTRA_INSTALL = 'pip install -e ".[adversarial]"'
 EXTRA_MODULES = ("transformers", "diffusers", "sentence_transformers", "accelerate")
-BLOCK_WORDS_FILE = Path(__file__).resolve().parent / "data" / "adversarial_block_words.json"
+BLOCK_WORDS_FILE = DATA_DIR / "adversarial_block_words.json"
 
 DEFAULT_LLM = "meta-llama/Meta-Llama-3-8B-Instruct"
 DEFAULT_SIMILARITY_MODEL = "sentence-transformers/all-distilroberta-v1"
@@ -94,8 +95,8 @@ def class_direction(model: torch.nn.Module, tokenizer: Callable, class_0: str, c
 # ----------------------------------------------------------------------------- 2. the neurons
 def load_layer_pcs(input_dir: str | Path, dataset: str, split: str, model: str, pretrained: Optional[str],
                    layers: Sequence[int], top_k: int, dim: int) -> tuple[np.ndarray, list[LayerSpan]]:
-    """``utils.inputs.load_layer_pcs``, each file checked to hold PCs of the model's dimension ``dim``."""
-    pcs, spans = inputs.load_layer_pcs(input_dir, dataset, split, model, pretrained, layers, top_k)
+    """``utils.files.readers.load_layer_pcs``, each file checked to hold PCs of the model's dimension ``dim``."""
+    pcs, spans = readers.load_layer_pcs(input_dir, dataset, split, model, pretrained, layers, top_k)
     if pcs.shape[1] != dim:
         raise InputError(f"{spans[0].pca_path}: shape {(spans[0].size, pcs.shape[1])}, expected [neurons, d={dim}] "
                          f"(the model's embedding dimension; PCs of another model?)")
@@ -432,7 +433,7 @@ def signed_to_pil(images: torch.Tensor) -> list:
 
 
 def save_png(image, path: str | Path) -> None:
-    """Write one PIL image as PNG via ``utils.io.atomic_write`` (never a half-written file)."""
+    """Write one PIL image as PNG via ``utils.files.atomic.atomic_write`` (never a half-written file)."""
     atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 

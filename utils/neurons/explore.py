@@ -7,7 +7,7 @@
 - ``concept_scores``: the words of one image. A neuron is active on it when its centred norm exceeds its
   significance threshold (its ``top_k``-th largest training norm, column 0 of ``..._{top_k}_norm.npy``); a word
   scores the sum, over the active neurons whose sparse decomposition contains it, of coefficient × norm.
-- ``plot_neuron`` / ``plot_concepts``: the figures, saved with ``utils.io.save_figure``.
+- ``plot_neuron`` / ``plot_concepts``: the figures, saved with ``utils.files.atomic.save_figure``.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from utils.cli import InputError
-from utils.io import load_array, save_figure
-from utils.neuron_pca import neuron_means
-from utils.provenance import derived_record, save_output
+from utils.errors import InputError
+from utils.files.atomic import load_array, save_figure
+from utils.neurons.pca import neuron_means
+from utils.files.provenance import derived_record, save_output
 
 __all__ = ["cached_neuron_means", "top_images", "read_decomposition", "image_centred_norms", "active_neurons",
            "concept_scores", "display_image", "plot_neuron", "plot_concepts"]

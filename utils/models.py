@@ -18,8 +18,8 @@ from typing import Callable, Optional
 import torch
 
 from prs_hook import UnsupportedModelError, check_supported
-from utils.names import NO_WEIGHTS
-from utils.cli import InputError
+from utils.files.names import NO_WEIGHTS
+from utils.errors import InputError
 
 
 

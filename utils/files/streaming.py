@@ -3,7 +3,7 @@
 Every script that runs the model over a dataset (compute_prs.py, compute_second_order_neuron_prs.py,
 compute_segmentations.py, compute_representations.py, ...) calls ``stream_dataset``. It
 
-- pre-allocates the outputs as ``.partial`` .npy files (``utils.io.StreamingArrays``) and fills them in image order;
+- pre-allocates the outputs as ``.partial`` .npy files (``utils.files.rows.StreamingArrays``) and fills them in image order;
 - resumes (``--resume``) from the last completed batch, refusing another run's partial files; says so when it
   starts fresh; and over finished outputs of the same run (their provenance records) does nothing;
 - writes a provenance record beside every output, then renames the ``.partial`` files to their final names;
@@ -30,9 +30,9 @@ import torch
 import tqdm
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from utils.cli import InputError
-from utils.io import StreamingArrays, finish_renames
-from utils.provenance import read_provenance, run_key, write_provenance
+from utils.errors import InputError
+from utils.files.rows import StreamingArrays, finish_renames
+from utils.files.provenance import read_provenance, run_key, write_provenance
 
 __all__ = ["init_distributed", "rank_and_world", "is_main_process", "barrier", "stream_dataset", "Output"]
 
@@ -126,7 +126,7 @@ def stream_dataset(dataset: Dataset, outputs: Mapping[str, Output],
     Args:
         dataset: yields ``(image tensor, label)``; ``len(dataset)`` rows are written.
         outputs: name -> ``Output`` (final path, per-image shape, dtype); ``compute`` returns name -> ``[b, *shape]``.
-        record: the provenance record of these outputs (``utils.provenance.make_record``); its identifying
+        record: the provenance record of these outputs (``utils.files.provenance.make_record``); its identifying
             fields (model, weights, dataset, split, data_path, num_images, ...) are the resume key.
         resume: continue an interrupted run; over finished outputs of the same run, do nothing.
         batch_size, num_workers: the DataLoader's.

@@ -1,9 +1,9 @@
 """Sparse text decomposition of neurons' first principal components (paper 2, section 5).
 
 Each neuron's first PC [d] (``compute_pcas.py``) is written as a sparse combination of text embeddings: the
-rows of a centred, rescaled text dictionary [T, d]. Solvers: ``omp`` (``utils.omp``: exactly ``components``
+rows of a centred, rescaled text dictionary [T, d]. Solvers: ``omp`` (``utils.solvers.omp``: exactly ``components``
 texts, what the original's scikit-learn ``SparseCoder(transform_algorithm='omp')`` computes) and ``nnlasso``
-(``utils.nnlasso``: SpLiCE's non-negative lasso by ADMM).
+(``utils.solvers.nnlasso``: SpLiCE's non-negative lasso by ADMM).
 
 The dictionary (``build_text_dictionary``). The text embeddings are centred (their mean over texts removed),
 then rescaled, then multiplied by ``coefficient`` (100):
@@ -27,8 +27,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from utils.io import atomic_write
-from utils.cli import InputError
+from utils.files.atomic import atomic_write
+from utils.errors import InputError
 
 NORMS = ("per_dimension", "per_text")
 SOLVERS = ("omp", "nnlasso")
@@ -78,8 +78,8 @@ def decompose(dictionary: np.ndarray, targets: np.ndarray, solver: str, componen
     ``nnlasso``: SpLiCE's non-negative lasso with ``l1_penalty`` (seeded ADMM; ``components`` is not used by
     the solver, only by ``top_components``).
     """
-    from utils.nnlasso import DEFAULT_MAX_ITER, nnlasso_admm
-    from utils.omp import omp
+    from utils.solvers.nnlasso import DEFAULT_MAX_ITER, nnlasso_admm
+    from utils.solvers.omp import omp
 
     D = torch.from_numpy(np.ascontiguousarray(dictionary, dtype=np.float32))
     X = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
@@ -125,7 +125,7 @@ def decomposition_json(top: Sequence[Sequence[tuple[int, float]]], lines: Sequen
 
 
 def save_sparse_npz(path: str | Path, matrix: sp.spmatrix) -> None:
-    """``scipy.sparse.save_npz`` of ``matrix`` as CSC (the original's format), via ``utils.io.atomic_write``."""
+    """``scipy.sparse.save_npz`` of ``matrix`` as CSC (the original's format), via ``utils.files.atomic.atomic_write``."""
     atomic_write(path, lambda f: sp.save_npz(f, sp.csc_matrix(matrix)))
 
 
@@ -178,7 +178,7 @@ def plot_fit(cosines: np.ndarray, title: str, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils.io import save_figure
+    from utils.files.atomic import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(cosines, bins=min(50, max(5, len(cosines) // 4)), range=(min(0.0, float(cosines.min())), 1.0))

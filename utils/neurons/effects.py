@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from prs_hook import _layer_scale, autocast_off, hook_prs_logger
-from utils.cli import InputError
+from utils.errors import InputError
 
 COEFFICIENT = 100.0  # the papers' scale factor on the normalised output
 

@@ -1,76 +1,23 @@
-"""Crash-safe writing and reading, in one place.
+"""Row files: a group of pre-allocated ``.npy`` arrays filled batch by batch, resumable after a kill.
 
-Small files are written to ``<final>.partial``, fsynced and renamed (``atomic_write`` and friends). Big arrays
-are streamed batch by batch into pre-allocated ``.npy`` files named ``<final>.partial``, each row written at its
-offset (``StreamingArrays``); a sidecar ``<first final>.progress.json`` (one per process under torchrun:
+Big arrays are streamed into ``.npy`` files named ``<final>.partial``, each row written at its offset
+(``StreamingArrays``); a sidecar ``<first final>.progress.json`` (one per process under torchrun:
 ``.progress.rank{r}.json``) records how many of the rows are complete. Only when every row is written are the
-files renamed to their final names, so a killed run never leaves a complete-looking file, and ``--resume``
-continues from the last completed batch. The loop that fills them is ``utils.streaming.stream_dataset``.
+files renamed to their final names (``finish_renames``), so a killed run never leaves a complete-looking file, and
+``--resume`` continues from the last completed batch. The loop that fills them is
+``utils.files.streaming.stream_dataset``.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from utils.cli import InputError
-
-PARTIAL = ".partial"
-
-
-# ----------------------------------------------------------------------------- reading
-def load_array(path: str | Path, what: str, mmap: bool = True) -> np.ndarray:
-    """``np.load`` with a clear error naming the file (and the script that writes it)."""
-    path = Path(path)
-    if not path.is_file():
-        hint = f" (written by {what})" if what else ""
-        partial = " A .partial file is there: that run did not finish; rerun it with --resume." \
-            if path.with_name(path.name + PARTIAL).exists() else ""
-        raise FileNotFoundError(f"{path}: not found{hint}.{partial}")
-    return np.load(path, mmap_mode="r" if mmap else None)
-
-
-def make_output_dir(path: str | Path, flag: str = "--output_dir") -> Path:
-    """Create the output folder ``path`` (and its parents); a path that is a file is an ``InputError``."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{flag} {path}: is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:
-        raise InputError(f"{flag} {path}: cannot create the folder ({e})") from e
-    return path
-
-
-# ----------------------------------------------------------------------------- writing
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(f)`` on a temporary file in the same folder, fsync, then rename: never a half-written ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + PARTIAL)
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save(path: str | Path, array: np.ndarray) -> None:
-    """``np.save`` via ``atomic_write``."""
-    atomic_write(path, lambda f: np.save(f, array))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file via a temporary name, fsync, and rename."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_write_json(path: str | Path, obj, indent: Optional[int] = 1) -> None:
-    """``json.dumps(obj, indent=indent)`` written via ``atomic_write_text``."""
-    atomic_write_text(path, json.dumps(obj, indent=indent))
-
+from utils.errors import InputError
+from utils.files.atomic import PARTIAL, atomic_write_json
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
@@ -250,14 +197,3 @@ def finish_renames(paths, progress_files, before_rename: Optional[Callable[[Path
             raise RuntimeError(f"finish: neither {partial} nor {p} exists")
     for f in progress_files:
         Path(f).unlink(missing_ok=True)
-
-
-def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
-    """Save a matplotlib figure via a temporary name and rename, then close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    tmp = path.with_name(path.name + PARTIAL + path.suffix)  # keep the extension: matplotlib picks the format
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)

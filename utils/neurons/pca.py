@@ -10,7 +10,7 @@ from typing import Iterable, Optional
 import numpy as np
 import tqdm
 
-from utils.cli import InputError
+from utils.errors import InputError
 
 
 def _neuron_chunks(K: int, size: int) -> Iterable[slice]:

@@ -1,7 +1,7 @@
 """Finding and loading the files a script reads (written by other scripts), with shape and provenance checks.
 
 Each loader memory-maps what is large, checks that the files agree with one another (shapes, and the provenance
-records of utils/provenance.py: same model and weights) and raises ``InputError`` / ``FileNotFoundError`` naming
+records of utils/files/provenance.py: same model and weights) and raises ``InputError`` / ``FileNotFoundError`` naming
 the file at fault.
 """
 from __future__ import annotations
@@ -13,12 +13,13 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from utils.cli import InputError, format_layers
+from utils.errors import InputError
+from utils.files.names import format_layers
 from utils.datasets import class_column
-from utils.io import load_array
-from utils.names import (attn_rest_path, classifier_path, find_classifier, labels_path, prs_paths,
+from utils.files.atomic import load_array
+from utils.files.names import (attn_rest_path, classifier_path, find_classifier, labels_path, prs_paths,
                          second_order_paths)
-from utils.provenance import check_consistent, read_provenance
+from utils.files.provenance import check_consistent, read_provenance
 
 
 MODEL_FIELDS = ("model", "pretrained", "force_quick_gelu")  # files used together must share these

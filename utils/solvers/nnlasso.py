@@ -41,7 +41,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from utils.cli import InputError
+from utils.errors import InputError
 
 try:
     from tqdm import tqdm

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from utils.cli import InputError
+from utils import REPO_ROOT
+from utils.errors import InputError
 
-TEXT_DIR = Path(__file__).resolve().parent.parent / "text_descriptions"
+TEXT_DIR = REPO_ROOT / "text_descriptions"
 EXTERNAL = "external"  # sub-folder of a text folder where fetched (not committed) sets go
 
 

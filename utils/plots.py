@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 import tqdm
 
-from utils.io import save_figure
+from utils.files.atomic import save_figure
 from utils.segmentation import overlay, unnormalize, upsample_patch_scores
-from utils.cli import InputError
+from utils.errors import InputError
 
 __all__ = ["parse_textspan_heads", "find_textspan_file", "text_maps", "centered", "plot_map_grid",
            "embed_heads", "topk_similar", "show_neighbours", "overlay", "unnormalize"]

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from utils.io import atomic_write_json, atomic_write_text
+from utils import DATA_DIR
+from utils.files.atomic import atomic_write_json, atomic_write_text
 
 __all__ = ["PUBLISHED_NUMBERS", "Row", "Section", "load_published", "find_published", "build_section",
            "render_markdown", "write_report", "read_key_values"]
 
-PUBLISHED_NUMBERS = Path(__file__).resolve().parent / "data" / "published_numbers.json"
+PUBLISHED_NUMBERS = DATA_DIR / "published_numbers.json"
 DASH = "—"
 
 

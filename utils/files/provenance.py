@@ -27,8 +27,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from utils.cli import InputError
-from utils.names import NO_WEIGHTS
+from utils import REPO_ROOT
+from utils.errors import InputError
+from utils.files.names import NO_WEIGHTS
 
 __all__ = ["provenance_path", "make_record", "write_provenance", "read_provenance", "pretrained_identity",
            "run_key", "check_consistent", "add_mismatch_arg", "save_output", "derived_record"]
@@ -76,7 +77,7 @@ def _comparable(field: str, value: Any) -> Any:
 @lru_cache(maxsize=None)
 def git_state() -> tuple[Optional[str], Optional[bool]]:
     """(commit, dirty) of the repository this code runs from; (None, None) outside a git checkout."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO_ROOT
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
@@ -150,7 +151,7 @@ def run_key(record: Mapping[str, Any]) -> dict:
 
 def write_provenance(path: str | Path, record: Mapping[str, Any]) -> Path:
     """Write ``record`` (with ``file``) beside ``path``, atomically and fsynced."""
-    from utils.io import atomic_write_json
+    from utils.files.atomic import atomic_write_json
 
     path = Path(path)
     target = provenance_path(path)
@@ -162,7 +163,7 @@ def save_output(path: str | Path, array, record: Mapping[str, Any]) -> Path:
     """``np.save`` ``array`` to ``path`` atomically, with its provenance record (shape and dtype added)."""
     import numpy as np
 
-    from utils.io import atomic_save
+    from utils.files.atomic import atomic_save
 
     array = np.asarray(array)
     atomic_save(path, array)

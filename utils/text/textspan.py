@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from utils.cli import InputError
+from utils.errors import InputError
 
 __all__ = ["HeadStats", "HeadStatsAccumulator", "TextSpanResult", "PCLensResult", "head_stats",
            "textspan_from_stats", "pclens_from_stats", "pclens_record", "reconstruct", "text_span", "svd_data_approx",

@@ -3,7 +3,7 @@
 Paper 1 names carry the model only (``{dataset}_attn_{model}.npy``); paper 2 names carry the pretrained tag too
 (``{dataset}_{split}_mlps_{model}_{pretrained}_{layer}_merged.npy``). ``{pretrained}`` is always
 ``pretrained_name(...)``: the tag, a local checkpoint's file stem, or ``none``. Two checkpoints of one
-architecture share the paper-1 names; their provenance records (utils/provenance.py) tell them apart.
+architecture share the paper-1 names; their provenance records (utils/files/provenance.py) tell them apart.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def segmentation_dir(output_dir: str | Path, train_dataset: str, model: str, pre
 def second_order_paths(output_dir: str | Path, dataset: str, split: str, model: str, pretrained: Optional[str],
                        mlp_layer: int, top_k: Optional[int] = None) -> dict[str, Path]:
     """``merged``: ``{dataset}_{split}_mlps_{model}_{pretrained}_{mlp_layer}_merged.npy`` [images, neurons, d];
-    ``mean``: ``..._{mlp_layer}_mean.npy`` [neurons, d], its per-neuron means (a cache of utils/neurons.py);
+    ``mean``: ``..._{mlp_layer}_mean.npy`` [neurons, d], its per-neuron means (a cache of utils/neurons/explore.py);
     with ``top_k``: ``pca`` ``..._{top_k}_pca.npy`` [neurons, d] and ``norm`` ``..._{top_k}_norm.npy``
     [neurons, top_k] (the top-k centred norms per neuron, ascending)."""
     stem = f"{dataset}_{split}_mlps_{model}_{pretrained_name(pretrained)}_{mlp_layer}"
@@ -222,3 +222,15 @@ def find_text_set(directory: str | Path | Sequence[str | Path], text_set: str, m
     names = [text_embeddings_path(".", text_set, model, pretrained).name, text_embeddings_path(".", text_set, model).name]
     return find_input(directory, names, f"text embeddings [T, d] of '{text_set}' for {model} "
                                         f"(written by compute_text_set_projection.py)")
+
+
+def format_layers(layers) -> str:
+    """``[0, 5, 28, 29, 30, 31]`` -> ``"0,5,28-31"`` (the inverse of ``layer_list``)."""
+    layers, parts, i = sorted(layers), [], 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
+        i = j + 1
+    return ",".join(parts)

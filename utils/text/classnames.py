@@ -6,8 +6,9 @@ from typing import Optional
 
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
+from utils import DATA_DIR
 from utils.datasets import SAMPLE_IMAGES
-from utils.cli import InputError
+from utils.errors import InputError
 
 __all__ = ["OPENAI_IMAGENET_TEMPLATES", "get_classnames", "cub_classnames"]
 
@@ -28,7 +29,7 @@ WATERBIRDS_BINARY_CLASSNAMES = ["landbird", "waterbird"]
 
 def cub_classnames() -> list[str]:
     """The 200 CUB-200-2011 classes in label order, e.g. '001.Black_footed_Albatross' -> 'Black footed Albatross'."""
-    folders = (Path(__file__).parent / "data" / "cub_200_folders.txt").read_text().split()
+    folders = (DATA_DIR / "cub_200_folders.txt").read_text().split()
     return [f.split(".", 1)[1].replace("_", " ") for f in folders]
 
 

@@ -1,0 +1,1 @@
+"""Sparse solvers: orthogonal matching pursuit and non-negative lasso (ADMM, active set)."""

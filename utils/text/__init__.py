@@ -1,0 +1,1 @@
+"""Text: embeddings and zero-shot classifiers, the text sets, class names, TextSpan and PCLens."""
