@@ -24,11 +24,11 @@ from pathlib import Path
 import compute_second_order_ablations
 from utils.ablations import mean_ablation_study
 from utils.errors import InputError
-from utils.cli import run
+from utils.cli import add_mismatch_arg, run
 from utils.files.readers import load_decomposition, require_layers
 from utils.files.atomic import atomic_write_json, make_output_dir, save_figure
 from utils.files.names import ablations_stem
-from utils.files.provenance import add_mismatch_arg, derived_record, write_provenance
+from utils.files.provenance import derived_record, write_provenance
 
 # the flags that select paper 2's study (the others of its parser are paper 2's too, but do not select it)
 PAPER2_SELECTORS = ("mlp_layer", "pretrained", "coefficient", "top_k_pca", "data_path", "split")

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 
 from utils.errors import InputError
-from utils.cli import run
+from utils.cli import add_mismatch_arg, run
 from utils.files.readers import MODEL_FIELDS, last_layers, load_decomposition
 from utils.models import default_device
 from utils.files.atomic import atomic_write_json, atomic_write_text, load_array, make_output_dir, save_figure
 from utils.files.names import completeness_stem, text_embeddings_path
-from utils.files.provenance import add_mismatch_arg, check_consistent, derived_record, write_provenance
+from utils.files.provenance import check_consistent, derived_record, write_provenance
 from utils.text.sets import read_text_set, resolve_text_file
 from utils.text.textspan import (HeadStatsAccumulator, pclens_from_stats, replacement_accuracy, scan_decomposition,
                             textspan_from_stats)

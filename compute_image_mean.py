@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import InputError
-from utils.cli import positive_int, run
+from utils.cli import args_record, positive_int, run
 from utils.models import default_device
 from utils.files.atomic import atomic_save, atomic_write
 from utils.files.names import image_embeddings_path, image_mean_path
-from utils.files.provenance import make_record, provenance_path, write_provenance
+from utils.files.provenance import provenance_path, write_provenance
 from utils.splice import DEFAULT_MODEL, load_backbone, resolve_backbone, splice_dataset
 from utils.files.streaming import Output, stream_dataset
 
@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> dict:
     model, preprocess, _ = load_backbone(backbone, args.device, args.model_config)
     ds = splice_dataset(args.dataset, args.data_path, preprocess)
     n, d = len(ds), int(model.visual.output_dim)
-    record = make_record(args, model=backbone.name, pretrained=backbone.pretrained, num_images=n)
+    record = args_record(args, model=backbone.name, pretrained=backbone.pretrained, num_images=n)
     emb_path = image_embeddings_path(out)
 
     @torch.no_grad()

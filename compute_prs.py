@@ -25,13 +25,13 @@ import os
 
 from prs_hook import hook_prs_logger
 from utils.errors import InputError
-from utils.cli import layer_list, positive_int, run
+from utils.cli import add_model_args, args_record, layer_list, load_model_from_args, positive_int, run
 from utils.files.names import format_layers
 from utils.datasets import build_dataset
-from utils.models import add_model_args, load_model_from_args
+
 from utils.files.atomic import make_output_dir
 from utils.files.names import attn_rest_path, labels_path, prs_paths
-from utils.files.provenance import make_record, save_output
+from utils.files.provenance import save_output
 from utils.files.streaming import Output, init_distributed, is_main_process, stream_dataset
 
 
@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> dict:
     ds = args.select_images(ds) if getattr(args, "select_images", None) else ds
     names = getattr(args, "output_names", None) or {**prs_paths(out, args.dataset, args.model),
                                                     "labels": labels_path(out, args.dataset)}
-    record = make_record(args) if layers is None else make_record(args, layers=layers)
+    record = args_record(args) if layers is None else args_record(args, layers=layers)
     if is_main_process():
         save_output(names["labels"], ds.labels, dict(record, num_images=len(ds)))
 

@@ -19,12 +19,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-from utils.cli import positive_int, run
+from utils.cli import add_model_args, args_record, load_model_from_args, positive_int, run
 from utils.datasets import build_second_order_dataset, class_column
-from utils.models import add_model_args, load_model_from_args
+
 from utils.files.atomic import make_output_dir
 from utils.files.names import representations_path, split_classes_path
-from utils.files.provenance import make_record, save_output
+from utils.files.provenance import save_output
 from utils.neurons.effects import COEFFICIENT
 from utils.files.streaming import Output, init_distributed, is_main_process, stream_dataset
 
@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> dict:
     model, preprocess, _ = load_model_from_args(args)
     ds = build_second_order_dataset(args.dataset, args.data_path, preprocess, args.split)
     out = make_output_dir(args.output_dir)
-    record = make_record(args, coefficient=args.coefficient)
+    record = args_record(args, coefficient=args.coefficient)
     classes = split_classes_path(out, args.dataset, args.split)
     if is_main_process():
         save_output(classes, class_column(ds.labels), dict(record, num_images=len(ds)))

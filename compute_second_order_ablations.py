@@ -24,15 +24,15 @@ import numpy as np
 import torch
 
 from utils.errors import InputError
-from utils.cli import positive_int, run
+from utils.cli import add_mismatch_arg, add_model_args, load_model_from_args, positive_int, run
 from utils.neurons.ablations import ABLATIONS, ablation_logits, accuracy_over_dataset
 from utils.datasets import build_second_order_dataset, class_labels
-from utils.models import add_model_args, load_model_from_args
+
 from utils.files.readers import load_classifier, load_second_order_files
 from utils.files.atomic import atomic_write_json, make_output_dir, save_figure
 from utils.files.names import pretrained_name, second_order_ablations_path
 from utils.neurons.pca import neuron_means
-from utils.files.provenance import add_mismatch_arg, derived_record, write_provenance
+from utils.files.provenance import derived_record, write_provenance
 from utils.neurons.effects import COEFFICIENT, SecondOrderEffects
 
 

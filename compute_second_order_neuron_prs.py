@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.cli import positive_int, run
+from utils.cli import add_model_args, args_record, load_model_from_args, positive_int, run
 from utils.datasets import build_second_order_dataset
-from utils.models import add_model_args, load_model_from_args
+
 from utils.files.atomic import make_output_dir
 from utils.files.names import second_order_paths, split_labels_path
-from utils.files.provenance import make_record, save_output
+from utils.files.provenance import save_output
 from utils.neurons.effects import COEFFICIENT, SecondOrderEffects
 from utils.files.streaming import Output, init_distributed, is_main_process, stream_dataset
 
@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> Path:
     effects = SecondOrderEffects(model, args.mlp_layer, args.device, args.coefficient, model_name=args.model)
     ds = build_second_order_dataset(args.dataset, args.data_path, preprocess, args.split)
     out = make_output_dir(args.output_dir)
-    record = make_record(args, mlp_layer=args.mlp_layer, coefficient=args.coefficient)
+    record = args_record(args, mlp_layer=args.mlp_layer, coefficient=args.coefficient)
     if is_main_process():
         save_output(split_labels_path(out, args.dataset, args.split), np.asarray(ds.labels),
                     dict(record, num_images=len(ds)))

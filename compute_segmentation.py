@@ -48,15 +48,15 @@ import torch
 
 from prs_hook import hook_prs_logger
 from utils.errors import InputError
-from utils.cli import run
-from utils.models import add_model_args, load_model_from_args
+from utils.cli import add_model_args, add_segmentation_args, args_record, finish_segmentation_run, load_model_from_args, run, segmentation_options
+
 from utils.imagenet_segmentation import ImagenetSegmentation
 from utils.files.readers import load_classifier, load_layer_pcs
 from utils.files.atomic import make_output_dir
 from utils.files.names import neuron_segmentation_dir, pretrained_name
-from utils.files.provenance import check_consistent, make_record, save_output
+from utils.files.provenance import check_consistent, save_output
 from utils.neurons.segmentation import evaluate_neuron_batch, neuron_layer_pairs, select_neurons
-from utils.segmentation import add_segmentation_args, check_image_size, finish_segmentation, stream_segmentation
+from utils.segmentation import check_image_size, stream_segmentation
 from utils.files.streaming import Output, init_distributed, is_main_process
 
 
@@ -116,7 +116,7 @@ def main(args: argparse.Namespace) -> dict:
     out = make_output_dir(neuron_segmentation_dir(args.output_dir, args.train_dataset, args.model, args.pretrained,
                                                   args.mlp_layers, args.top_k_pca, args.top_neurons,
                                                   args.seed if args.random else None))
-    record = make_record(args, dataset=args.train_dataset, classifier=str(cls_file), pcas=list(map(str, pca_files)),
+    record = args_record(args, dataset=args.train_dataset, classifier=str(cls_file), pcas=list(map(str, pca_files)),
                          mlp_layers=args.mlp_layers, top_k_pca=args.top_k_pca, top_neurons=args.top_neurons,
                          random=args.random, seed=args.seed, image_size=args.image_size, thr=args.thr,
                          mask_resize=args.mask_resize)
@@ -125,13 +125,14 @@ def main(args: argparse.Namespace) -> dict:
     weights = torch.from_numpy(classifier).to(args.device)
     selection = torch.from_numpy(rows).to(args.device)
     stream_segmentation(ds, out, lambda images, targets: evaluate_neuron_batch(
-        prs, images, targets, weights, selection, args.mlp_layers, grid, patch, args.thr), preprocess, args, record,
+        prs, images, targets, weights, selection, args.mlp_layers, grid, patch, args.thr), preprocess, record=record,
+        **segmentation_options(args),
         extra={"neuron_map": Output(out / "neuron_maps.npy", tuple(grid), "float32")}, desc="neuron segmentation")
     if not is_main_process():
         return {}
     summary = {"model": args.model, "pretrained": pretrained_name(args.pretrained), "classifier": str(cls_file),
                "pcas": list(map(str, pca_files)), "neurons_per_class": "neurons_per_class.npy"}
-    return finish_segmentation(ds, out, args, record, summary)
+    return finish_segmentation_run(ds, out, args, record, summary)
 
 
 if __name__ == "__main__":

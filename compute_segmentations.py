@@ -29,14 +29,13 @@ import torch
 
 from prs_hook import hook_prs_logger
 from utils.errors import InputError
-from utils.cli import run
-from utils.models import add_model_args, load_model_from_args
+from utils.cli import add_model_args, add_segmentation_args, args_record, finish_segmentation_run, load_model_from_args, run, segmentation_options
+
 from utils.imagenet_segmentation import ImagenetSegmentation
 from utils.files.atomic import load_array, make_output_dir
 from utils.files.names import classifier_path, pretrained_name, segmentation_dir
-from utils.files.provenance import check_consistent, make_record
-from utils.segmentation import (add_segmentation_args, check_image_size, evaluate_batch, finish_segmentation,
-                                stream_segmentation)
+from utils.files.provenance import check_consistent
+from utils.segmentation import check_image_size, evaluate_batch, stream_segmentation
 from utils.files.streaming import init_distributed, is_main_process
 
 
@@ -76,14 +75,15 @@ def main(args: argparse.Namespace) -> dict:
     weights = torch.from_numpy(classifier).to(args.device)
 
     out = make_output_dir(segmentation_dir(args.output_dir, args.train_dataset, args.model, args.pretrained))
-    record = make_record(args, dataset=args.train_dataset, classifier=str(cls_file), image_size=args.image_size,
+    record = args_record(args, dataset=args.train_dataset, classifier=str(cls_file), image_size=args.image_size,
                          thr=args.thr, mask_resize=args.mask_resize)
     stream_segmentation(ds, out, lambda images, targets: evaluate_batch(prs, images, targets, weights, grid, patch,
-                                                                        args.thr), preprocess, args, record)
+                                                                        args.thr), preprocess, record=record,
+        **segmentation_options(args))
     if not is_main_process():
         return {}
     summary = {"model": args.model, "pretrained": pretrained_name(args.pretrained), "classifier": str(cls_file)}
-    return finish_segmentation(ds, out, args, record, summary)
+    return finish_segmentation_run(ds, out, args, record, summary)
 
 
 if __name__ == "__main__":

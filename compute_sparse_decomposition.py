@@ -42,15 +42,15 @@ import numpy as np
 import torch
 
 from utils.errors import InputError
-from utils.cli import positive_int, run
-from utils.models import add_model_args, load_model_from_args
+from utils.cli import add_mismatch_arg, add_model_args, load_model_from_args, positive_int, run
+
 from utils.neurons.ablations import accuracy_over_dataset
 from utils.datasets import build_second_order_dataset, class_labels
 from utils.files.readers import load_classifier
 from utils.files.atomic import atomic_write_json, load_array, make_output_dir
 from utils.files.names import find_input, find_text_set, second_order_paths, sparse_decomposition_stem
 from utils.neurons.pca import neuron_means
-from utils.files.provenance import add_mismatch_arg, check_consistent, derived_record, write_provenance
+from utils.files.provenance import check_consistent, derived_record, write_provenance
 from utils.neurons.effects import COEFFICIENT, SecondOrderEffects
 from utils.neurons.sparse import (EVALUATIONS, NORMS, SOLVERS, build_text_dictionary, cosine_rows,
                                         decompose, decomposition_json, plot_fit, reconstruction_logits,

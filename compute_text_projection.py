@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from utils.text.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames
-from utils.models import add_model_args, load_model_from_args
+
 from utils.files.atomic import make_output_dir
 from utils.files.names import classifier_path
 from utils.text.embeddings import zero_shot_classifier
-from utils.cli import positive_int, run
-from utils.files.provenance import make_record, save_output
+from utils.cli import add_model_args, args_record, load_model_from_args, positive_int, run
+from utils.files.provenance import save_output
 
 
 def get_args_parser(description: str = __doc__, model: str = "ViT-H-14",
@@ -41,7 +41,7 @@ def main(args: argparse.Namespace, output_path: Optional[Callable[[argparse.Name
     classifier = zero_shot_classifier(model, tokenizer, classnames, OPENAI_IMAGENET_TEMPLATES, args.device,
                                       args.batch_size)
     path = output_path(args) if output_path else classifier_path(args.output_dir, args.dataset, args.model)
-    save_output(path, classifier.cpu().numpy(), make_record(args, num_classes=len(classnames),
+    save_output(path, classifier.cpu().numpy(), args_record(args, num_classes=len(classnames),
                                                           classnames=args.classnames,
                                                           templates=len(OPENAI_IMAGENET_TEMPLATES)))
     print(f"wrote {path} {list(classifier.shape)} ({len(classnames)} classes x {len(OPENAI_IMAGENET_TEMPLATES)} "

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import InputError
-from utils.cli import run
+from utils.cli import add_mismatch_arg, run
 from utils.files.readers import last_layers, load_decomposition
 from utils.files.atomic import atomic_write_json, load_array, make_output_dir, save_figure
 from utils.files.names import specific_heads_stem
-from utils.files.provenance import add_mismatch_arg, derived_record, write_provenance
+from utils.files.provenance import derived_record, write_provenance
 from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
                               head_logits, parse_heads, random_head_sets)
 

@@ -30,11 +30,11 @@ import tqdm
 
 from utils.neurons import adversarial as adv
 from utils.errors import InputError
-from utils.cli import positive_int, run
-from utils.models import add_model_args, load_model_from_args
+from utils.cli import add_mismatch_arg, add_model_args, args_record, load_model_from_args, positive_int, run
+
 from utils.files.names import pretrained_name
 from utils.files.atomic import atomic_write_json, atomic_write_text
-from utils.files.provenance import add_mismatch_arg, check_consistent, make_record, write_provenance
+from utils.files.provenance import check_consistent, write_provenance
 from utils.neurons.sparse import NORMS, SOLVERS
 
 PROMPTS_FILE = "prompts.json"
@@ -204,7 +204,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"success rate {summary['success_rate']:.3f}" + (
         f" (baseline '{plain}': {summary['baseline']['success_rate']:.3f}; lift {summary['lift']:+.3f})"
         if baseline_rows else ""))
-    record = make_record(args, num_images=len(rows), num_baseline_images=len(baseline_rows),
+    record = args_record(args, num_images=len(rows), num_baseline_images=len(baseline_rows),
                          inputs=[str(s.pca_path) for s in spans] + [str(p) for p in json_paths])
     outputs = {"files.csv": adv.files_csv(rows, args.class_0, args.class_1), "summary.json": json.dumps(summary,
                                                                                                        indent=1)}

@@ -41,8 +41,7 @@ from utils.files.names import (ablations_stem, classifier_path, classifier_path_
                          neuron_segmentation_dir, prs_paths, representations_path, second_order_ablations_path,
                          second_order_paths, segmentation_dir, sparse_decomposition_stem, specific_heads_stem,
                          split_classes_path, split_labels_path, text_embeddings_path)
-from utils.files.provenance import (git_state, make_record, pretrained_identity, provenance_path, read_provenance, run_key,
-                              write_provenance)
+from utils.files.provenance import git_state, make_record, pretrained_identity, provenance_path, read_provenance, run_key, write_provenance
 from utils.reproduce.report import Row, Section, build_section, load_published, read_key_values, write_report
 
 REPO = Path(__file__).resolve().parent

@@ -12,18 +12,28 @@ full traceback. A CUDA out-of-memory error keeps its traceback and gets one adde
 
 ``run`` also sets the numerics every script shares, once: TF32 is off for matmuls and cuDNN convolutions unless
 ``--allow_tf32`` is given (PyTorch enables TF32 for cuDNN convolutions by default, which costs ~1e-3 of
-relative precision in ``conv1`` on Ampere and later GPUs).
+relative precision in ``conv1`` on Ampere and later GPUs). It shows the library's messages (the ``prsclip``
+logger) on stdout and gives the provenance records the command line.
+
+This is the only module of ``utils/`` that knows about the command line: the flag groups several scripts share
+are declared here once (``add_model_args``, ``add_mismatch_arg``, ``add_segmentation_args``, ...), and
+``args_record``/``load_model_from_args`` turn parsed flags into the library's plain arguments.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
+from utils import LOG
 from utils.errors import InputError
+from utils.models import default_device, load_model, register_model_config
 
-__all__ = ["run", "configure_torch", "add_tf32_arg", "positive_int", "layer_list"]
+__all__ = ["run", "configure_torch", "add_tf32_arg", "positive_int", "layer_list", "add_model_args",
+           "load_model_from_args", "args_record", "add_mismatch_arg", "add_segmentation_args", "say_wrote"]
 
 
 def positive_int(text: str) -> int:
@@ -76,9 +86,13 @@ def _script_name() -> str:
 def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
         argv: Sequence[str] | None = None) -> None:
     """Parse the command line, set the shared numerics, and call ``main(args)`` (see the module docstring)."""
+    from utils.files.provenance import set_invocation
+
     add_tf32_arg(parser)
     args = parser.parse_args(argv)
     configure_torch(getattr(args, "allow_tf32", False))
+    show_library_messages()
+    set_invocation(sys.argv if argv is None else [sys.argv[0], *argv])
     try:
         main(args)
     except (InputError, FileNotFoundError) as e:
@@ -124,3 +138,125 @@ def _is_cuda_oom(e: BaseException) -> bool:
 
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
     return oom is not None and isinstance(e, oom)
+
+
+class _Stdout(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stdout`` is at the time (redirections included)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _Plain(logging.Formatter):
+    """The library's messages as the scripts always printed them: INFO as is, warnings as ``warning: ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+def show_library_messages() -> None:
+    """Send the ``prsclip`` logger's INFO and above to stdout (once per process)."""
+    if not any(getattr(h, "_prsclip", False) for h in LOG.handlers):
+        handler = _Stdout()
+        handler.setFormatter(_Plain())
+        handler._prsclip = True
+        LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+
+
+def say_wrote(paths: Iterable[str | Path], what: str = "") -> None:
+    """The line every script ends with: ``wrote a.json, b.png`` (``what`` after it, e.g. shapes)."""
+    paths = [str(p) for p in paths]
+    print(f"wrote {', '.join(paths)}{' ' + what if what else ''}")
+
+
+# ----------------------------------------------------------------------------- flag groups several scripts share
+def add_model_args(parser, model: str = "ViT-H-14", pretrained: str = "laion2b_s32b_b79k") -> None:
+    """The model flags every script shares: ``--model --pretrained --force_quick_gelu --device``."""
+    parser.add_argument("--model", default=model, type=str, metavar="MODEL",
+                        help="open_clip model name (default: %(default)s)")
+    parser.add_argument("--pretrained", default=pretrained, type=str,
+                        help="open_clip pretrained tag, a local checkpoint path, or 'none' (random init) "
+                             "(default: %(default)s)")
+    parser.add_argument("--force_quick_gelu", action="store_true",
+                        help="use QuickGELU whatever the config says (OpenAI weights from a local file)")
+    parser.add_argument("--model_config", default=None, type=str,
+                        help="extra open_clip model config: a .json file or a folder of them (custom models)")
+    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if available)")
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """``utils.models.load_model`` driven by the flags of ``add_model_args``: ``(model, preprocess, tokenizer)``."""
+    register_model_config(getattr(args, "model_config", None))
+    return load_model(args.model, args.pretrained, args.device, force_quick_gelu=args.force_quick_gelu)
+
+
+RECORD_FLAGS = ("model", "pretrained", "force_quick_gelu", "dataset", "split", "data_path", "dtype")
+
+
+def args_record(args: argparse.Namespace | None = None, **fields: Any) -> dict:
+    """``utils.files.provenance.make_record`` of the flags that identify a computation (``RECORD_FLAGS``, those the
+    script has) and ``fields`` (which override them)."""
+    from utils.files.provenance import make_record
+
+    given = vars(args) if args is not None else {}
+    return make_record(**{**{k: given[k] for k in RECORD_FLAGS if k in given}, **fields})
+
+
+def add_mismatch_arg(parser) -> None:
+    """``--allow_mismatch``: use input files whose provenance records disagree (a warning instead of an error)."""
+    parser.add_argument("--allow_mismatch", action="store_true",
+                        help="use input files even when their provenance records disagree (model, pretrained "
+                             "weights, dataset); default: refuse")
+
+
+def add_segmentation_args(parser, output_help: str = "where the results go") -> None:
+    """The flags both segmentation scripts share (the originals' names and defaults)."""
+    from utils.imagenet_segmentation import MASK_RESIZE
+
+    parser.add_argument("--save_img", action="store_true", default=False,
+                        help="save input, ground-truth mask, predicted mask and heatmap overlay per image (PNG)")
+    parser.add_argument("--train_dataset", type=str, default="imagenet_seg",
+                        help="dataset name in the output folder (default imagenet_seg)")
+    parser.add_argument("--image_size", default=224, type=int, help="image size, the model's input size (default 224)")
+    parser.add_argument("--thr", type=float, default=0.0,
+                        help="lower clamp of the scores behind the precision-recall curve (default 0.0, as the "
+                             "original)")
+    parser.add_argument("--data_path", default="imagenet_seg/gtsegs_ijcv.mat", type=str,
+                        help="ImageNet-segmentation's gtsegs_ijcv.mat (default imagenet_seg/gtsegs_ijcv.mat)")
+    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int, help="DataLoader workers")
+    parser.add_argument("--classifier_dir", default="./output_dir/",
+                        help="where the classifier is (default ./output_dir/)")
+    parser.add_argument("--batch_size", default=1, type=positive_int,
+                        help="images per batch; does not change the numbers (default 1)")
+    parser.add_argument("--output_dir", default="./output_dir", help=f"{output_help} (default ./output_dir)")
+    parser.add_argument("--mask_resize", default="stretch", choices=MASK_RESIZE,
+                        help="stretch: the original's mask resize (misaligned on non-square images); "
+                             "crop: resize + centre crop like the image (default stretch)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    add_mismatch_arg(parser)
+
+
+def segmentation_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``utils.segmentation.stream_segmentation`` that ``add_segmentation_args`` sets."""
+    return {"image_size": args.image_size, "resume": args.resume, "batch_size": args.batch_size,
+            "num_workers": args.num_workers, "save_images": args.save_img}
+
+
+def finish_segmentation_run(ds, out: Path, args: argparse.Namespace, record: dict, summary: dict) -> dict:
+    """``utils.segmentation.finish_segmentation`` with the flags in the JSON, then the original's printout and the
+    ``wrote`` line."""
+    from utils.segmentation import finish_segmentation
+
+    result = finish_segmentation(ds, out, record, {**summary, "args": dict(vars(args))})
+    print(result["result_txt"], end="")
+    say_wrote([f"{out}/"], f"(segmentation.json, {result['result_file']}, precision.npy, recall.npy, heatmaps.npy"
+                           f"{', images/' if args.save_img else ''})")
+    return result

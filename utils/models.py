@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from prs_hook import UnsupportedModelError, check_supported
+from utils import LOG
 from utils.files.names import NO_WEIGHTS
 from utils.errors import InputError
 
@@ -112,7 +113,7 @@ def load_model(
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             raise InputError(f"--pretrained '{weights}': not a tag of {model_name} (known: {tags}) nor a file")
         if tag_cfg.get("quick_gelu", False) and not cfg.get("quick_gelu", False) and not force_quick_gelu:
-            print(f"[load_model] '{weights}' weights were trained with QuickGELU: enabling it for {model_name}")
+            LOG.info(f"[load_model] '{weights}' weights were trained with QuickGELU: enabling it for {model_name}")
             force_quick_gelu = True
     quiet = _DropDownloadError()  # open_clip logs the failure on the root logger, then raises it: say it once
     logging.getLogger().addFilter(quiet)
@@ -135,20 +136,6 @@ def load_model(
     return model, preprocess, tokenizer
 
 
-def add_model_args(parser, model: str = "ViT-H-14", pretrained: str = "laion2b_s32b_b79k") -> None:
-    """The model flags every script shares: ``--model --pretrained --force_quick_gelu --device``."""
-    parser.add_argument("--model", default=model, type=str, metavar="MODEL",
-                        help="open_clip model name (default: %(default)s)")
-    parser.add_argument("--pretrained", default=pretrained, type=str,
-                        help="open_clip pretrained tag, a local checkpoint path, or 'none' (random init) "
-                             "(default: %(default)s)")
-    parser.add_argument("--force_quick_gelu", action="store_true",
-                        help="use QuickGELU whatever the config says (OpenAI weights from a local file)")
-    parser.add_argument("--model_config", default=None, type=str,
-                        help="extra open_clip model config: a .json file or a folder of them (custom models)")
-    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if available)")
-
-
 def register_model_config(path: Optional[str]) -> None:
     """Register an extra open_clip config file or folder (``--model_config``)."""
     if not path:
@@ -158,9 +145,3 @@ def register_model_config(path: Optional[str]) -> None:
     if not Path(path).exists():
         raise FileNotFoundError(f"--model_config {path}: not found")
     open_clip.add_model_config(path)
-
-
-def load_model_from_args(args) -> tuple[torch.nn.Module, Callable, Callable]:
-    """``load_model`` driven by the shared flags of ``add_model_args``."""
-    register_model_config(getattr(args, "model_config", None))
-    return load_model(args.model, args.pretrained, args.device, force_quick_gelu=args.force_quick_gelu)

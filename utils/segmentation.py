@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import InputError
-from utils.cli import positive_int
 
 EPS = np.spacing(1)  # the original's guard in pixAcc and IoU
 
@@ -244,36 +243,6 @@ def evaluate_batch(prs, images: torch.Tensor, targets: torch.Tensor, classifier:
 METRIC_COLUMNS = ["correct", "labeled", "inter_bg", "inter_fg", "union_bg", "union_fg", "ap", "chosen_class"]
 
 
-def add_segmentation_args(parser, output_help: str = "where the results go") -> None:
-    """The flags both segmentation scripts share (the originals' names and defaults)."""
-    import os
-
-    from utils.imagenet_segmentation import MASK_RESIZE
-    from utils.files.provenance import add_mismatch_arg
-
-    parser.add_argument("--save_img", action="store_true", default=False,
-                        help="save input, ground-truth mask, predicted mask and heatmap overlay per image (PNG)")
-    parser.add_argument("--train_dataset", type=str, default="imagenet_seg",
-                        help="dataset name in the output folder (default imagenet_seg)")
-    parser.add_argument("--image_size", default=224, type=int, help="image size, the model's input size (default 224)")
-    parser.add_argument("--thr", type=float, default=0.0,
-                        help="lower clamp of the scores behind the precision-recall curve (default 0.0, as the "
-                             "original)")
-    parser.add_argument("--data_path", default="imagenet_seg/gtsegs_ijcv.mat", type=str,
-                        help="ImageNet-segmentation's gtsegs_ijcv.mat (default imagenet_seg/gtsegs_ijcv.mat)")
-    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int, help="DataLoader workers")
-    parser.add_argument("--classifier_dir", default="./output_dir/",
-                        help="where the classifier is (default ./output_dir/)")
-    parser.add_argument("--batch_size", default=1, type=positive_int,
-                        help="images per batch; does not change the numbers (default 1)")
-    parser.add_argument("--output_dir", default="./output_dir", help=f"{output_help} (default ./output_dir)")
-    parser.add_argument("--mask_resize", default="stretch", choices=MASK_RESIZE,
-                        help="stretch: the original's mask resize (misaligned on non-square images); "
-                             "crop: resize + centre crop like the image (default stretch)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    add_mismatch_arg(parser)
-
-
 def check_image_size(model: torch.nn.Module, image_size: int, model_name: str):
     """``(grid, patch)`` of the model; ``InputError`` unless it takes ``image_size`` × ``image_size`` inputs."""
     grid, patch = grid_and_patch(model)
@@ -289,18 +258,19 @@ def metric_rows(res: Mapping[str, np.ndarray]) -> np.ndarray:
                            res["ap"][:, None], res["chosen_class"][:, None]], 1).astype(np.float64)
 
 
-def stream_segmentation(ds, out: Path, evaluate: Callable[[torch.Tensor, torch.Tensor], dict], preprocess,
-                        args, record: dict, extra: Optional[Mapping] = None, desc: str = "segmentation") -> bool:
+def stream_segmentation(ds, out: Path, evaluate: Callable[[torch.Tensor, torch.Tensor], dict], preprocess, *,
+                        image_size: int, record: dict, resume: bool = False, batch_size: int = 1, num_workers: int = 0,
+                        save_images: bool = False, extra: Optional[Mapping] = None, desc: str = "segmentation") -> bool:
     """Run ``evaluate(images, targets)`` over ``ds`` with ``utils.files.streaming.stream_dataset``.
 
-    Streams ``heatmaps.npy`` [B, S, S] (the precision–recall scores) and ``per_image_metrics.npy`` [B, 8] into
-    ``out``, plus ``extra`` (name -> ``Output``, filled from ``evaluate``'s array of that name); writes the
-    ``--save_img`` pictures; shows the running pixAcc / mIoU / mAP. ``args`` supplies ``save_img``, ``resume``,
-    ``batch_size``, ``num_workers``, ``image_size``.
+    Streams ``heatmaps.npy`` [B, S, S] (S = ``image_size``; the precision–recall scores) and
+    ``per_image_metrics.npy`` [B, 8] into ``out``, plus ``extra`` (name -> ``Output``, filled from ``evaluate``'s
+    array of that name); with ``save_images``, the pictures of each image (``save_segmentation_images``); shows the
+    running pixAcc / mIoU / mAP on the progress bar. Returns ``stream_dataset``'s flag (``False``: already done).
     """
     from utils.files.streaming import Output, stream_dataset
 
-    S = args.image_size
+    S = image_size
     outputs = {"heatmaps": Output(out / "heatmaps.npy", (S, S), "float32"),
                "metrics": Output(out / "per_image_metrics.npy", (len(METRIC_COLUMNS),), "float64"), **(extra or {})}
     running = {"sums": np.zeros(len(METRIC_COLUMNS)), "images": 0}  # over the images of this invocation
@@ -308,7 +278,7 @@ def stream_segmentation(ds, out: Path, evaluate: Callable[[torch.Tensor, torch.T
     def compute(images, targets, start):
         res = evaluate(images, targets)
         rows = metric_rows(res)
-        if args.save_img:
+        if save_images:
             for i in range(len(images)):
                 save_segmentation_images(out / "images", start + i, unnormalize(images[i], preprocess),
                                          targets[i].numpy(), res["foreground"][i], res["heatmap"][i])
@@ -321,14 +291,15 @@ def stream_segmentation(ds, out: Path, evaluate: Callable[[torch.Tensor, torch.T
         m = aggregate_metrics(s[0], s[1], s[2:4], s[4:6], [s[6] / running["images"]])
         return "pixAcc: %.4f, mIoU: %.4f, mAP: %.4f" % (m["pixAcc"], m["mIoU"], m["mAP"])
 
-    return stream_dataset(ds, outputs, compute, record=record, resume=args.resume, batch_size=args.batch_size,
-                          num_workers=args.num_workers, desc=desc, describe=describe)
+    return stream_dataset(ds, outputs, compute, record=record, resume=resume, batch_size=batch_size,
+                          num_workers=num_workers, desc=desc, describe=describe)
 
 
-def finish_segmentation(ds, out: Path, args, record: dict, summary: dict) -> dict:
+def finish_segmentation(ds, out: Path, record: dict, summary: dict) -> dict:
     """After ``stream_segmentation``: the dataset metrics, the precision–recall curve over every pixel of every
     image (``precision.npy``, ``recall.npy``), ``result_mIoU_{mIoU:.4f}.txt`` (the original's three lines) and
-    ``segmentation.json`` (``summary`` + metrics, per-image counts, args), and the folder's provenance record."""
+    ``segmentation.json`` (``summary`` — the script's settings, say — + metrics, per-image counts), and the folder's
+    provenance record. Returns what ``segmentation.json`` holds; its ``result_txt`` is the original's printout."""
     import tqdm
     from sklearn.metrics import precision_recall_curve
 
@@ -350,19 +321,15 @@ def finish_segmentation(ds, out: Path, args, record: dict, summary: dict) -> dic
         old.unlink()
     result_file = out / ("result_mIoU_%.4f.txt" % metrics["mIoU"])
     atomic_write_text(result_file, text)
-    print(text, end="")
     summary = {
         **summary, "num_images": B, "metrics": metrics, "result_txt": text, "result_file": result_file.name,
         "per_image_columns": METRIC_COLUMNS,
         "per_image": [{"correct": int(c[0]), "labeled": int(c[1]), "inter": [int(c[2]), int(c[3])],
                        "union": [int(c[4]), int(c[5])], "ap": float(r[6]), "chosen_class": int(r[7])}
                       for c, r in zip(counts, per_image)],
-        "args": dict(vars(args)),
     }
     atomic_write_json(out / "segmentation.json", summary)
     write_provenance(out, dict(record, num_images=B))
-    print(f"wrote {out}/ (segmentation.json, {result_file.name}, precision.npy, recall.npy, heatmaps.npy"
-          f"{', images/' if args.save_img else ''})")
     return summary
 
 

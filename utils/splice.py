@@ -661,9 +661,9 @@ def splice_from_loaded(args, loaded: Loaded, cache_dir: str | Path) -> SPLICE:
 
 def splice_record(args, backbone: Backbone, concepts: Sequence[str], **fields) -> dict:
     """Provenance record of a SpLiCE output."""
-    from utils.files.provenance import make_record
+    from utils.cli import args_record  # (the SpLiCE issue moves this to the scripts)
 
-    return make_record(args, model=backbone.name, pretrained=backbone.pretrained, l1_penalty=args.l1_penalty,
+    return args_record(args, model=backbone.name, pretrained=backbone.pretrained, l1_penalty=args.l1_penalty,
                        solver=args.solver, vocab=args.vocab, vocab_size=args.vocab_size, num_concepts=len(concepts),
                        concepts_sha256=concepts_digest(concepts),
                        image_mean=str(args.image_mean) if args.image_mean else backbone.mean_file, **fields)
@@ -800,7 +800,7 @@ def load_decompositions(path: str | Path) -> Decompositions:
 
 def add_dataset_args(parser) -> None:
     """SpLiCE's dataset flags, and ours for reading a decomposition back (``--from_weights``)."""
-    from utils.files.provenance import add_mismatch_arg
+    from utils.cli import add_mismatch_arg
 
     parser.add_argument("-dataset", "--dataset", required=True,
                         help=f"SpLiCE's {', '.join(SPLICE_DATASETS)} (MSCOCO: a folder of images), or any name "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping, Optional
+from typing import BinaryIO, Callable, Optional
 
 import numpy as np
 

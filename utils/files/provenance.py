@@ -27,12 +27,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from utils import REPO_ROOT
+from utils import LOG, REPO_ROOT
 from utils.errors import InputError
 from utils.files.names import NO_WEIGHTS
 
 __all__ = ["provenance_path", "make_record", "write_provenance", "read_provenance", "pretrained_identity",
-           "run_key", "check_consistent", "add_mismatch_arg", "save_output", "derived_record"]
+           "run_key", "check_consistent", "save_output", "derived_record", "set_invocation"]
 
 RECORD_SUFFIX = ".provenance.json"
 FOLDER_RECORD = "provenance.json"
@@ -100,28 +100,30 @@ def _versions() -> dict[str, Optional[str]]:
     return out
 
 
-def make_record(args: Any = None, **fields: Any) -> dict:
-    """A provenance record for an output of this process.
+# How this process was started, as the scripts report it (``utils.cli.run`` calls ``set_invocation``); library
+# callers (a notebook) leave it unset and their records say so.
+_INVOCATION: dict[str, Optional[str]] = {"script": None, "command": None}
 
-    ``args`` (an argparse namespace) supplies ``model``, ``pretrained``, ``force_quick_gelu``, ``dataset``,
-    ``split``, ``data_path`` and ``dtype`` when it has them; ``fields`` add or override (``num_images``, ...).
-    """
-    rec: dict[str, Any] = {}
-    if args is not None:
-        a = vars(args)
-        for k in ("model", "pretrained", "force_quick_gelu", "dataset", "split", "data_path", "dtype"):
-            if k in a:
-                rec[k] = a[k]
-    rec.update(fields)
+
+def set_invocation(argv: Sequence[str]) -> None:
+    """Remember the command line of this process (``[script, *flags]``) for the records written from now on."""
+    argv = list(argv)
+    _INVOCATION["script"] = os.path.basename(argv[0]) if argv and argv[0] else None
+    _INVOCATION["command"] = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *argv])
+
+
+def make_record(**fields: Any) -> dict:
+    """A provenance record for an output of this process: ``fields`` (model, pretrained, dataset, ...,
+    ``num_images``, anything script-specific), ``pretrained`` turned into its identity (a checkpoint's hash), and
+    this process's details (command line, time, package versions, git commit)."""
+    rec: dict[str, Any] = dict(fields)
     if "pretrained" in rec:
         rec["pretrained"] = pretrained_identity(rec["pretrained"]) if not isinstance(rec["pretrained"], dict) \
             else rec["pretrained"]
     if rec.get("data_path"):
         rec["data_path"] = _comparable("data_path", rec["data_path"])
     commit, dirty = git_state()
-    rec.update({"script": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else None,
-                "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    rec.update({**_INVOCATION, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "versions": _versions(), "git_commit": commit, "git_dirty": dirty})
     return rec
 
@@ -140,7 +142,7 @@ def derived_record(inputs: Sequence[str | Path], **fields: Any) -> dict:
         if rec is not None:
             base = {k: v for k, v in rec.items() if k not in VOLATILE_FIELDS}
             break
-    return make_record(None, **{**base, **fields, "inputs": [str(p) for p in inputs]})
+    return make_record(**{**base, **fields, "inputs": [str(p) for p in inputs]})
 
 
 def run_key(record: Mapping[str, Any]) -> dict:
@@ -182,13 +184,6 @@ def read_provenance(path: str | Path) -> Optional[dict]:
         raise InputError(f"{target}: unreadable provenance record ({e})") from e
 
 
-def add_mismatch_arg(parser) -> None:
-    """``--allow_mismatch``: use input files whose provenance records disagree (a warning instead of an error)."""
-    parser.add_argument("--allow_mismatch", action="store_true",
-                        help="use input files even when their provenance records disagree (model, pretrained "
-                             "weights, dataset); default: refuse")
-
-
 def _show(value: Any) -> str:
     if isinstance(value, dict):
         return value.get("path") or json.dumps(value)
@@ -197,7 +192,7 @@ def _show(value: Any) -> str:
 
 def check_consistent(paths: Sequence[str | Path], fields: Sequence[str] = ("model", "pretrained"),
                      expected: Optional[Mapping[str, Any]] = None, allow_mismatch: bool = False,
-                     expected_from: str = "this command", log: Callable[[str], None] = print) -> None:
+                     expected_from: str = "this command", log: Callable[[str], None] = LOG.warning) -> None:
     """Check that the records of ``paths`` agree on ``fields`` (and match ``expected`` where given).
 
     ``expected`` maps field -> value for this run (``pretrained`` as given on the command line is normalised
@@ -222,6 +217,6 @@ def check_consistent(paths: Sequence[str | Path], fields: Sequence[str] = ("mode
                 msg = (f"{path} was made with {field}={_show(rec[field])} but {ref_name} has "
                        f"{field}={_show(ref_value)}")
                 if allow_mismatch:
-                    log(f"warning: {msg} (--allow_mismatch given: using it anyway)")
+                    log(f"{msg} (--allow_mismatch given: using it anyway)")
                 else:
                     raise InputError(f"{msg}; pass --allow_mismatch to use them together anyway")

@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from utils import DATA_DIR
+from utils import DATA_DIR, LOG
 from utils.files import readers
 from utils.errors import InputError
 from utils.files.readers import LayerSpan
@@ -193,7 +193,7 @@ def simple_plural(phrase: str) -> str:
     return phrase + "s"
 
 
-def blocked_words(class_0: str, table: dict[str, list[str]], warn: Callable[[str], None] = print) -> set[str]:
+def blocked_words(class_0: str, table: dict[str, list[str]], warn: Callable[[str], None] = LOG.warning) -> set[str]:
     """Lower-case words never to use for ``class_0``: the class, and its block list.
 
     A class without a list gets only its name and ``simple_plural`` of it, and a warning.
@@ -201,7 +201,7 @@ def blocked_words(class_0: str, table: dict[str, list[str]], warn: Callable[[str
     key = class_0.strip().lower()
     if key in table:
         return {key, *table[key]}
-    warn(f"warning: --class_0 '{class_0}' has no block list (known: {', '.join(sorted(table))}); blocking only "
+    warn(f"--class_0 '{class_0}' has no block list (known: {', '.join(sorted(table))}); blocking only "
          f"'{key}' and '{simple_plural(key)}'; pass --block_words FILE to block its synonyms too")
     return {key, simple_plural(key)}
 

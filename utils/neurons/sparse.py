@@ -172,10 +172,7 @@ def reconstruction_logits(effects: torch.Tensor, representation: torch.Tensor, n
 
 
 def plot_fit(cosines: np.ndarray, title: str, path: str | Path) -> None:
-    """Histogram of per-neuron cosine(reconstruction, PC), saved as PNG (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Histogram of per-neuron cosine(reconstruction, PC), saved as PNG."""
     import matplotlib.pyplot as plt
 
     from utils.files.atomic import save_figure

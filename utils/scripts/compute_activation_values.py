@@ -29,9 +29,9 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from utils.errors import InputError
-from utils.cli import layer_list, run
+from utils.cli import add_model_args, layer_list, run
 from utils.datasets import class_column
-from utils.models import add_model_args
+
 from utils.files.names import pclens_paths
 from utils.scripts import int_or_none, load_script, refuse_cache_dir, str2bool
 

@@ -8,8 +8,8 @@ another dataset pass --classnames FILE (one name per line, in label order). The 
 """
 import argparse
 
-from utils.cli import run
-from utils.models import add_model_args
+from utils.cli import add_model_args, run
+
 from utils.scripts import load_script, refuse_cache_dir
 
 

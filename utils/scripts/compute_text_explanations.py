@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.cli import run
+from utils.cli import add_mismatch_arg, run
 from utils.models import default_device
 from utils.files.readers import load_decomposition
 from utils.files.atomic import atomic_write_text, make_output_dir
 from utils.files.names import classifier_path, pclens_explanations_path, pclens_paths
-from utils.files.provenance import add_mismatch_arg, derived_record, write_provenance
+from utils.files.provenance import derived_record, write_provenance
 from utils.scripts import load_script
 from utils.text.textspan import pclens_from_stats, pclens_record, textspan_from_stats
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from utils import REPO_ROOT
+from utils import LOG, REPO_ROOT
 from utils.errors import InputError
 
 TEXT_DIR = REPO_ROOT / "text_descriptions"
@@ -135,7 +135,7 @@ def sha256_of(path: str | Path) -> str:
 def fetch_original(names: Optional[Iterable[str]] = None, dest: str | Path = TEXT_DIR / EXTERNAL,
                    allow_unpinned: bool = False, base_url: Optional[str] = None,
                    sources: Optional[dict[str, Source]] = None,
-                   opener: Callable = urllib.request.urlopen, log: Callable[[str], None] = print) -> dict[str, Path]:
+                   opener: Callable = urllib.request.urlopen, log: Callable[[str], None] = LOG.info) -> dict[str, Path]:
     """Download the authors' text sets into ``dest``, checking each file's SHA-256.
 
     Args:
