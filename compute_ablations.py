@@ -18,67 +18,64 @@ is given:
 one study only (--figures_dir, --chunk: paper 1; the rest: paper 2) together with a flag of the other is an error.
 """
 import argparse
-import copy
-from pathlib import Path
 
-import compute_second_order_ablations
 from utils.ablations import mean_ablation_study
+from utils.cli import (MISMATCH_FLAG, Flag, add_flags, run, run_second_order_ablations, say_wrote,
+                       second_order_ablation_flags)
 from utils.errors import InputError
-from utils.cli import add_mismatch_arg, run
-from utils.files.readers import load_decomposition, require_layers
-from utils.files.atomic import atomic_write_json, make_output_dir, save_figure
+from utils.files.atomic import make_output_dir
 from utils.files.names import ablations_stem
-from utils.files.provenance import derived_record, write_provenance
+from utils.files.provenance import derived_record
+from utils.files.readers import load_decomposition, require_layers
+from utils.files.results import save_result
 
 # the flags that select paper 2's study (the others of its parser are paper 2's too, but do not select it)
 PAPER2_SELECTORS = ("mlp_layer", "pretrained", "coefficient", "top_k_pca", "data_path", "split")
 
 
-def paper1_parser() -> argparse.ArgumentParser:
+def mean_ablation_flags() -> dict[str, Flag]:
     """Paper 1's flags (the original clip_text_span command line, plus --chunk)."""
-    parser = argparse.ArgumentParser("Ablations part", add_help=False)
-    parser.add_argument("--model", default="ViT-H-14", type=str, metavar="MODEL", help="model name in file names")
-    parser.add_argument("--num_workers", default=10, type=int, help="unused (kept for the original command line)")
-    parser.add_argument("--figures_dir", default="./output_dir", help="where the JSON and the plot go")
-    parser.add_argument("--input_dir", default="./output_dir", help="where the arrays are")
-    parser.add_argument("--dataset", type=str, default="imagenet", help="dataset name in file names")
-    parser.add_argument("--chunk", type=int, default=1024, help="images per chunk read from the memmaps")
-    add_mismatch_arg(parser)
-    return parser
+    return {
+        "model": (("--model",), dict(default="ViT-H-14", type=str, metavar="MODEL", help="model name in file names")),
+        "num_workers": (("--num_workers",), dict(default=10, type=int,
+                                                 help="unused (kept for the original command line)")),
+        "figures_dir": (("--figures_dir",), dict(default="./output_dir", help="where the JSON and the plot go")),
+        "input_dir": (("--input_dir",), dict(default="./output_dir", help="where the arrays are")),
+        "dataset": (("--dataset",), dict(type=str, default="imagenet", help="dataset name in file names")),
+        "chunk": (("--chunk",), dict(type=int, default=1024, help="images per chunk read from the memmaps")),
+        **MISMATCH_FLAG,
+    }
+
+
+STUDIES = {1: mean_ablation_flags, 2: second_order_ablation_flags}
+
+
+def described(kwargs: dict) -> str:
+    """A flag's help with its default written out (the combined parser suppresses defaults)."""
+    text = (kwargs.get("help") or "").replace("%(default)s", str(kwargs.get("default")))
+    return text if "default" in text else f"{text} (default: {kwargs.get('default')})"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Both studies' flags, grouped for --help; a flag not given is left out of the namespace (mode detection)."""
-    parser = argparse.ArgumentParser("Ablations part", description=__doc__, argument_default=argparse.SUPPRESS,
+    parser = argparse.ArgumentParser("compute_ablations.py", description=__doc__, argument_default=argparse.SUPPRESS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p1, p2 = paper1_parser(), compute_second_order_ablations.get_args_parser()
+    flags1, flags2 = mean_ablation_flags(), second_order_ablation_flags()
     groups = {"both": parser.add_argument_group("both studies"),
               1: parser.add_argument_group("paper 1 only (mean-ablations of the first-order decomposition)"),
               2: parser.add_argument_group("paper 2 only (second-order ablations; compute_second_order_ablations.py)")}
-    actions1 = {a.dest: a for a in p1._actions}
-    actions2 = {a.dest: a for a in p2._actions if a.dest != "help"}
-
-    def described(a: argparse.Action) -> str:  # the help with the default written out (it is suppressed below)
-        text = (a.help or "").replace("%(default)s", str(a.default))
-        return text if "default" in text else f"{text} (default: {a.default})"
-
-    for dest, action in [*actions1.items(), *((d, a) for d, a in actions2.items() if d not in actions1)]:
-        action = copy.copy(action)
-        if dest in actions1 and dest in actions2:
-            group = "both"
-            action.help = f"paper 1: {described(actions1[dest])}; paper 2: {described(actions2[dest])}"
+    for dest, (options, kwargs) in [*flags1.items(), *((d, f) for d, f in flags2.items() if d not in flags1)]:
+        if dest in flags1 and dest in flags2:
+            group, text = "both", f"paper 1: {described(flags1[dest][1])}; paper 2: {described(flags2[dest][1])}"
         else:
-            group = 1 if dest in actions1 else 2
-            action.help = described(action).lstrip()
-        action.default = argparse.SUPPRESS
-        groups[group]._add_action(action)
+            group, text = (1 if dest in flags1 else 2), described(kwargs).lstrip()
+        groups[group].add_argument(*options, **{**kwargs, "help": text, "default": argparse.SUPPRESS})
     return parser
 
 
 def choose_study(given: set[str]) -> int:
     """1 or 2 from the flags given (their dests); ``InputError`` naming the flags when they fit neither study."""
-    dests1 = {a.dest for a in paper1_parser()._actions}
-    dests2 = {a.dest for a in compute_second_order_ablations.get_args_parser()._actions} - {"help"}
+    dests1, dests2 = set(mean_ablation_flags()), set(second_order_ablation_flags())
     flags = lambda dests: ", ".join("--" + d for d in sorted(dests))  # noqa: E731
     in1, in2 = given & (dests1 - dests2), given & (dests2 - dests1)
     if in1 and in2:
@@ -93,13 +90,14 @@ def choose_study(given: set[str]) -> int:
 def main(args: argparse.Namespace) -> dict:
     given = set(vars(args)) - {"allow_tf32"}
     study = choose_study(given)
-    parser = paper1_parser() if study == 1 else compute_second_order_ablations.get_args_parser()
-    full = parser.parse_args([])  # the study's own defaults, then the flags given
+    own = argparse.ArgumentParser(add_help=False)
+    add_flags(own, STUDIES[study]())
+    full = own.parse_args([])  # the study's own defaults, then the flags given
     vars(full).update(vars(args))
-    return mean_ablations(full) if study == 1 else compute_second_order_ablations.main(full)
+    return mean_ablations(full) if study == 1 else run_second_order_ablations(full)
 
 
-def plot_layer_curve(acc: dict, num_layers: int, title: str, path: Path) -> None:
+def plot_layer_curve(acc: dict, num_layers: int, title: str):
     """Accuracy against the number of early attention layers mean-ablated, with the other ablations as lines."""
     import matplotlib
 
@@ -117,7 +115,7 @@ def plot_layer_curve(acc: dict, num_layers: int, title: str, path: Path) -> None
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, path)
+    return fig
 
 
 def mean_ablations(args: argparse.Namespace) -> dict:
@@ -137,15 +135,11 @@ def mean_ablations(args: argparse.Namespace) -> dict:
     for k, v in printed.items():
         print(f"{k}:", v)
     out = make_output_dir(args.figures_dir, "--figures_dir")
-    stem = ablations_stem(args.dataset, args.model)
     result = {"args": vars(args), "num_images": int(arrays["attn"].shape[0]), "accuracy_percent": acc,
               "printed": printed}
-    atomic_write_json(out / f"{stem}.json", result)
-    plot_layer_curve(acc, L, f"{args.model} on {args.dataset}", out / f"{stem}.png")
     record = derived_record([arrays["paths"]["attn"], arrays["paths"]["classifier"]])
-    for suffix in (".json", ".png"):
-        write_provenance(out / f"{stem}{suffix}", record)
-    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    say_wrote(save_result(out, ablations_stem(args.dataset, args.model), result, record,
+                          figure=plot_layer_curve(acc, L, f"{args.model} on {args.dataset}")))
     return result
 
 

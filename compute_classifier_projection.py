@@ -14,18 +14,19 @@ float32.
 import argparse
 from pathlib import Path
 
-import compute_text_projection
-from utils.cli import run
+from utils.cli import add_classifier_args, run, run_classifier
 from utils.files.names import classifier_path_pretrained
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return compute_text_projection.get_args_parser(__doc__, model="ViT-B-32", pretrained="openai")
+    parser = argparse.ArgumentParser("compute_classifier_projection.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_classifier_args(parser, model="ViT-B-32", pretrained="openai")
+    return parser
 
 
 def main(args: argparse.Namespace) -> Path:
-    return compute_text_projection.main(
-        args, lambda a: classifier_path_pretrained(a.output_dir, a.dataset, a.model, a.pretrained))
+    return run_classifier(args, lambda a: classifier_path_pretrained(a.output_dir, a.dataset, a.model, a.pretrained))
 
 
 if __name__ == "__main__":

@@ -178,18 +178,37 @@ def say_wrote(paths: Iterable[str | Path], what: str = "") -> None:
 
 
 # ----------------------------------------------------------------------------- flag groups several scripts share
+# A flag as data: (option strings, add_argument keywords), keyed by its dest. Scripts that combine the flags of
+# several studies (compute_ablations.py) read these tables instead of another parser's internals.
+Flag = tuple[tuple[str, ...], dict]
+
+
+def add_flags(container, flags: dict[str, Flag]) -> None:
+    """``container.add_argument`` for each flag of ``flags`` (a parser or an argument group)."""
+    for options, kwargs in flags.values():
+        container.add_argument(*options, **kwargs)
+
+
+def model_flags(model: str = "ViT-H-14", pretrained: str = "laion2b_s32b_b79k") -> dict[str, Flag]:
+    """The model flags every script shares: ``--model --pretrained --force_quick_gelu --model_config --device``."""
+    return {
+        "model": (("--model",), dict(default=model, type=str, metavar="MODEL",
+                                     help="open_clip model name (default: %(default)s)")),
+        "pretrained": (("--pretrained",), dict(
+            default=pretrained, type=str,
+            help="open_clip pretrained tag, a local checkpoint path, or 'none' (random init) (default: %(default)s)")),
+        "force_quick_gelu": (("--force_quick_gelu",), dict(
+            action="store_true", help="use QuickGELU whatever the config says (OpenAI weights from a local file)")),
+        "model_config": (("--model_config",), dict(
+            default=None, type=str, help="extra open_clip model config: a .json file or a folder of them (custom "
+                                         "models)")),
+        "device": (("--device",), dict(default=default_device(), help="torch device (default: cuda if available)")),
+    }
+
+
 def add_model_args(parser, model: str = "ViT-H-14", pretrained: str = "laion2b_s32b_b79k") -> None:
-    """The model flags every script shares: ``--model --pretrained --force_quick_gelu --device``."""
-    parser.add_argument("--model", default=model, type=str, metavar="MODEL",
-                        help="open_clip model name (default: %(default)s)")
-    parser.add_argument("--pretrained", default=pretrained, type=str,
-                        help="open_clip pretrained tag, a local checkpoint path, or 'none' (random init) "
-                             "(default: %(default)s)")
-    parser.add_argument("--force_quick_gelu", action="store_true",
-                        help="use QuickGELU whatever the config says (OpenAI weights from a local file)")
-    parser.add_argument("--model_config", default=None, type=str,
-                        help="extra open_clip model config: a .json file or a folder of them (custom models)")
-    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if available)")
+    """Add ``model_flags`` to ``parser``."""
+    add_flags(parser, model_flags(model, pretrained))
 
 
 def load_model_from_args(args: argparse.Namespace):
@@ -210,11 +229,74 @@ def args_record(args: argparse.Namespace | None = None, **fields: Any) -> dict:
     return make_record(**{**{k: given[k] for k in RECORD_FLAGS if k in given}, **fields})
 
 
+MISMATCH_FLAG: dict[str, Flag] = {"allow_mismatch": (("--allow_mismatch",), dict(
+    action="store_true", help="use input files even when their provenance records disagree (model, pretrained "
+                              "weights, dataset); default: refuse"))}
+
+
 def add_mismatch_arg(parser) -> None:
     """``--allow_mismatch``: use input files whose provenance records disagree (a warning instead of an error)."""
-    parser.add_argument("--allow_mismatch", action="store_true",
-                        help="use input files even when their provenance records disagree (model, pretrained "
-                             "weights, dataset); default: refuse")
+    add_flags(parser, MISMATCH_FLAG)
+
+
+def second_order_ablation_flags() -> dict[str, Flag]:
+    """Paper 2's second-order ablation study (compute_second_order_ablations.py; compute_ablations.py in paper 2's
+    mode): the original's flags and defaults."""
+    from utils.neurons.effects import COEFFICIENT
+
+    return {
+        **model_flags(model="ViT-B-32", pretrained="openai"),
+        "mlp_layer": (("--mlp_layer",), dict(default=9, type=int, help="the MLP layer of the neurons (0-based)")),
+        "coefficient": (("--coefficient",), dict(default=COEFFICIENT, type=float,
+                                                 help="scale on the normalised output (the paper's 100)")),
+        "top_k_pca": (("--top_k_pca",), dict(default=100, type=int, help="which PCA / norm files (their top k)")),
+        "batch_size": (("--batch_size",), dict(default=16, type=positive_int, help="images per batch")),
+        "output_dir": (("--output_dir",), dict(default="./output_dir/", help="where the JSON goes")),
+        "input_dir": (("--input_dir",), dict(default="./output_dir/", help="where the training files are")),
+        "data_path": (("--data_path",), dict(default=None, type=str, help="dataset root")),
+        "split": (("--split",), dict(default="val", type=str, help="the evaluated split")),
+        "num_workers": (("--num_workers",), dict(default=min(10, os.cpu_count() or 1), type=int,
+                                                 help="DataLoader workers")),
+        "dataset": (("--dataset",), dict(
+            type=str, default="imagenet",
+            help="evaluated dataset: imagenet (val: every 10th image), CIFAR10/100, or an ImageFolder")),
+        "train_dataset": (("--train_dataset",), dict(
+            default=None, type=str, help="dataset name of the training files and classifier (default: --dataset "
+                                         "without a trailing '_r', as the original)")),
+        "train_split": (("--train_split",), dict(default="train", type=str, help="split of the training files")),
+        **MISMATCH_FLAG,
+    }
+
+
+def run_second_order_ablations(args: argparse.Namespace) -> dict:
+    """Paper 2's study from its flags (``second_order_ablation_flags``): the library's
+    ``second_order_ablation_study``, the original's printout, then the JSON and bar chart (with their records)."""
+    from utils.files.atomic import make_output_dir
+    from utils.files.names import pretrained_name, second_order_ablations_path
+    from utils.files.results import save_result
+    from utils.neurons.ablations import plot_second_order_ablations, second_order_ablation_study
+
+    train_dataset = args.train_dataset or (args.dataset[:-2] if args.dataset.endswith("_r") else args.dataset)
+    model, preprocess, _ = load_model_from_args(args)
+    study = second_order_ablation_study(
+        model, preprocess, model_name=args.model, pretrained=args.pretrained, mlp_layer=args.mlp_layer,
+        input_dir=args.input_dir, classifier_dirs=[args.input_dir, args.output_dir], train_dataset=train_dataset,
+        train_split=args.train_split, top_k_pca=args.top_k_pca, dataset=args.dataset, data_path=args.data_path,
+        split=args.split, coefficient=args.coefficient, batch_size=args.batch_size, num_workers=args.num_workers,
+        device=args.device, allow_mismatch=args.allow_mismatch)
+    print("Please note: evaluated on", study["num_images"], "images of", args.dataset, args.split)
+    for line, value in study["printed"].items():
+        print(f"{line}:", value)
+    out = make_output_dir(args.output_dir)
+    path = second_order_ablations_path(out, args.dataset, args.split, args.model, args.pretrained, args.mlp_layer,
+                                       args.top_k_pca)
+    result = {"args": vars(args), **{k: study[k] for k in ("num_images", "classifier", "accuracy_percent",
+                                                           "printed")}}
+    title = (f"{args.model} ({pretrained_name(args.pretrained)}), MLP layer {args.mlp_layer}: "
+             f"{study['num_images']} images of {args.dataset} {args.split}")
+    say_wrote(save_result(out, path.stem, result, study["record"],
+                          figure=plot_second_order_ablations(study["accuracy_percent"], title)))
+    return result
 
 
 def add_segmentation_args(parser, output_help: str = "where the results go") -> None:
@@ -260,3 +342,31 @@ def finish_segmentation_run(ds, out: Path, args: argparse.Namespace, record: dic
     say_wrote([f"{out}/"], f"(segmentation.json, {result['result_file']}, precision.npy, recall.npy, heatmaps.npy"
                            f"{', images/' if args.save_img else ''})")
     return result
+
+
+def add_classifier_args(parser, model: str = "ViT-H-14", pretrained: str = "laion2b_s32b_b79k") -> None:
+    """The flags of the zero-shot classifier scripts (compute_text_projection.py, compute_classifier_projection.py,
+    PCLens's compute_classes_embeddings)."""
+    add_model_args(parser, model=model, pretrained=pretrained)
+    parser.add_argument("--dataset", default="imagenet", help="which class names (see above; default imagenet)")
+    parser.add_argument("--classnames", default=None, help="file with one class name per line")
+    parser.add_argument("--batch_size", default=256, type=positive_int,
+                        help="prompts per encode_text batch (default 256)")
+    parser.add_argument("--output_dir", default="./output_dir", help="where to save (default ./output_dir)")
+
+
+def run_classifier(args: argparse.Namespace, path: Callable[[argparse.Namespace], Path]) -> Path:
+    """Check the class names and the folder, load the model, write the classifier at ``path(args)``, say so."""
+    from utils.files.atomic import make_output_dir
+    from utils.text.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames
+    from utils.text.embeddings import write_classifier
+
+    classnames = get_classnames(args.dataset, args.classnames)
+    make_output_dir(args.output_dir)
+    model, _, tokenizer = load_model_from_args(args)
+    target = path(args)
+    classifier = write_classifier(model, tokenizer, classnames, target, args_record(args, classnames=args.classnames),
+                                  args.device, args.batch_size)
+    say_wrote([target], f"{list(classifier.shape)} ({len(classnames)} classes x {len(OPENAI_IMAGENET_TEMPLATES)} "
+                        f"templates)")
+    return target

@@ -35,7 +35,7 @@ from utils.files.readers import load_decomposition
 from utils.files.atomic import atomic_write_text, make_output_dir
 from utils.files.names import classifier_path, pclens_explanations_path, pclens_paths
 from utils.files.provenance import derived_record, write_provenance
-from utils.scripts import load_script
+from utils.text.completeness import CompletenessSettings, completeness
 from utils.text.textspan import pclens_from_stats, pclens_record, textspan_from_stats
 
 TEXT_SPAN_RANK = 80  # PCLens' text_span: the span of the top 80 right singular vectors
@@ -90,13 +90,13 @@ def text_span_record(res, i: int, texts: list[str], text_mean: np.ndarray) -> di
 def main(args: argparse.Namespace) -> Path:
     arrays, paths = load_arrays(args)
     svd = args.algorithm == "svd_data_approx"
-    opts = argparse.Namespace(
-        model=args.model, input_dir=args.input_dir, text_dir=args.text_dir, text_descriptions=args.text_descriptions,
+    settings = CompletenessSettings(
+        model=args.model, input_dir=args.input_dir, text_dir=args.text_dir, text_set=args.text_descriptions,
         num_of_last_layers=args.num_of_last_layers, algorithm="pclens" if svd else "text_span",
         texts_per_head=args.text_per_princ_comp if svd else args.max_text, w_ov_rank=TEXT_SPAN_RANK,
         max_text=args.max_text, device=args.device, chunk=args.chunk, stats_dtype=args.stats_dtype,
         allow_mismatch=args.allow_mismatch)
-    res = load_script("compute_complete_text_set").completeness(opts, arrays, paths, final=True)
+    res = completeness(settings, arrays, paths, final=True)
     lines, features, heads = res["lines"], res["features"], res["heads"]
     text_mean = features.mean(0, dtype=np.float64)
     if svd:

@@ -1,6 +1,7 @@
 """Text-side embeddings: zero-shot classifiers and text sets."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -31,3 +32,20 @@ def zero_shot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames
     emb = encode_texts(model, tokenizer, prompts, device, batch_size)  # [C * T, d]
     emb = emb.view(len(classnames), len(templates), -1).mean(1)
     return F.normalize(emb, dim=-1).t().contiguous()  # [d, C]
+
+
+def write_classifier(model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str], path: str | Path,
+                     record: dict, device: str | torch.device, batch_size: int = 256) -> torch.Tensor:
+    """The zero-shot classifier ``[d, C]`` of ``classnames`` under the 80 OpenAI ImageNet templates, saved
+    atomically at ``path`` with its provenance record (``record`` plus the class and template counts).
+
+    What compute_text_projection.py, compute_classifier_projection.py and PCLens's compute_classes_embeddings
+    write (each under its own name). Returns the classifier (float32, on ``device``).
+    """
+    from utils.files.provenance import save_output
+    from utils.text.classnames import OPENAI_IMAGENET_TEMPLATES
+
+    classifier = zero_shot_classifier(model, tokenizer, classnames, OPENAI_IMAGENET_TEMPLATES, device, batch_size)
+    save_output(path, classifier.cpu().numpy(),
+                dict(record, num_classes=len(classnames), templates=len(OPENAI_IMAGENET_TEMPLATES)))
+    return classifier
