@@ -53,7 +53,7 @@ from utils.cli import add_model_args, add_segmentation_args, args_record, finish
 from utils.imagenet_segmentation import ImagenetSegmentation
 from utils.files.readers import load_classifier, load_layer_pcs
 from utils.files.atomic import make_output_dir
-from utils.files.names import neuron_segmentation_dir, pretrained_name
+from utils.files.names import neuron_segmentation_dir, pretrained_name, segmentation_files
 from utils.files.provenance import check_consistent, save_output
 from utils.neurons.segmentation import evaluate_neuron_batch, neuron_layer_pairs, select_neurons
 from utils.segmentation import check_image_size, stream_segmentation
@@ -116,22 +116,23 @@ def main(args: argparse.Namespace) -> dict:
     out = make_output_dir(neuron_segmentation_dir(args.output_dir, args.train_dataset, args.model, args.pretrained,
                                                   args.mlp_layers, args.top_k_pca, args.top_neurons,
                                                   args.seed if args.random else None))
+    files = segmentation_files(out)
     record = args_record(args, dataset=args.train_dataset, classifier=str(cls_file), pcas=list(map(str, pca_files)),
                          mlp_layers=args.mlp_layers, top_k_pca=args.top_k_pca, top_neurons=args.top_neurons,
                          random=args.random, seed=args.seed, image_size=args.image_size, thr=args.thr,
                          mask_resize=args.mask_resize)
     if is_main_process():
-        save_output(out / "neurons_per_class.npy", neuron_layer_pairs(rows, args.mlp_layers, neurons), record)
+        save_output(files["neurons_per_class"], neuron_layer_pairs(rows, args.mlp_layers, neurons), record)
     weights = torch.from_numpy(classifier).to(args.device)
     selection = torch.from_numpy(rows).to(args.device)
     stream_segmentation(ds, out, lambda images, targets: evaluate_neuron_batch(
         prs, images, targets, weights, selection, args.mlp_layers, grid, patch, args.thr), preprocess, record=record,
         **segmentation_options(args),
-        extra={"neuron_map": Output(out / "neuron_maps.npy", tuple(grid), "float32")}, desc="neuron segmentation")
+        extra={"neuron_map": Output(files["neuron_maps"], tuple(grid), "float32")}, desc="neuron segmentation")
     if not is_main_process():
         return {}
     summary = {"model": args.model, "pretrained": pretrained_name(args.pretrained), "classifier": str(cls_file),
-               "pcas": list(map(str, pca_files)), "neurons_per_class": "neurons_per_class.npy"}
+               "pcas": list(map(str, pca_files)), "neurons_per_class": files["neurons_per_class"].name}
     return finish_segmentation_run(ds, out, args, record, summary)
 
 

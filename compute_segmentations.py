@@ -22,9 +22,7 @@ Writes --output_dir/{train_dataset}_segmentation_{model}_{pretrained}/:
 Several GPUs: torchrun --nproc_per_node 8 compute_segmentations.py ... (docs/torchrun.md).
 """
 import argparse
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from prs_hook import hook_prs_logger
@@ -32,9 +30,10 @@ from utils.errors import InputError
 from utils.cli import add_model_args, add_segmentation_args, args_record, finish_segmentation_run, load_model_from_args, run, segmentation_options
 
 from utils.imagenet_segmentation import ImagenetSegmentation
-from utils.files.atomic import load_array, make_output_dir
+from utils.files.atomic import make_output_dir
 from utils.files.names import classifier_path, pretrained_name, segmentation_dir
 from utils.files.provenance import check_consistent
+from utils.files.readers import read_classifier
 from utils.segmentation import check_image_size, evaluate_batch, stream_segmentation
 from utils.files.streaming import init_distributed, is_main_process
 
@@ -49,20 +48,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_classifier(args: argparse.Namespace) -> tuple[Path, np.ndarray]:
-    """The [d, C] classifier file, checked for shape (the embedding size is checked once the model is loaded)."""
-    path = classifier_path(args.classifier_dir, args.classifier_dataset, args.model)
-    classifier = np.asarray(load_array(path, "compute_text_projection.py", mmap=False), dtype=np.float32)
-    if classifier.ndim != 2:
-        raise InputError(f"{path}: classifier of shape {list(classifier.shape)}; expected [d, classes]")
-    return path, classifier
-
-
 def main(args: argparse.Namespace) -> dict:
     init_distributed(args)
     # validate the inputs before loading any weights
     ds = ImagenetSegmentation(args.data_path, image_size=args.image_size, mask_resize=args.mask_resize)
-    cls_file, classifier = load_classifier(args)
+    cls_file = classifier_path(args.classifier_dir, args.classifier_dataset, args.model)
+    classifier = read_classifier(cls_file)  # its size is checked against the model's once it is loaded
     model, preprocess, _ = load_model_from_args(args)
     ds.transform = preprocess
     grid, patch = check_image_size(model, args.image_size, args.model)

@@ -42,15 +42,17 @@ import numpy as np
 import torch
 
 from utils.errors import InputError
-from utils.cli import add_mismatch_arg, add_model_args, load_model_from_args, positive_int, run
+from utils.cli import add_mismatch_arg, add_model_args, load_model_from_args, positive_int, run, say_wrote
 
 from utils.neurons.ablations import accuracy_over_dataset
 from utils.datasets import build_second_order_dataset, class_labels
 from utils.files.readers import load_classifier
-from utils.files.atomic import atomic_write_json, load_array, make_output_dir
-from utils.files.names import find_input, find_text_set, second_order_paths, sparse_decomposition_stem
+from utils.files.atomic import load_array, make_output_dir
+from utils.files.names import (find_input, find_text_set, second_order_paths, sparse_decomposition_paths,
+                               sparse_decomposition_stem)
 from utils.neurons.pca import neuron_means
 from utils.files.provenance import check_consistent, derived_record, write_provenance
+from utils.files.results import save_result
 from utils.neurons.effects import COEFFICIENT, SecondOrderEffects
 from utils.neurons.sparse import (EVALUATIONS, NORMS, SOLVERS, build_text_dictionary, cosine_rows,
                                         decompose, decomposition_json, plot_fit, reconstruction_logits,
@@ -185,21 +187,22 @@ def main(args: argparse.Namespace) -> dict:
     penalty = args.transform_alpha if args.solver == "omp" else l1
     stem = sparse_decomposition_stem(args.dataset, args.model, args.pretrained, args.mlp_layer, args.text_descriptions,
                        args.solver, penalty, args.components, args.dictionary_norm)
-    atomic_write_json(out / f"{stem}.json", decomposition_json(top, inputs["lines"]), indent=None)
-    save_sparse_npz(out / f"{stem}.npz", codes)
+    files = sparse_decomposition_paths(out, stem)
+    save_sparse_npz(files["npz"], codes)
     reconstruction = np.asarray(truncated @ dictionary, np.float32)  # [K, d]
     cos = cosine_rows(reconstruction, pcas)
     nnz = np.diff(truncated.indptr)
     print(f"texts per neuron: mean {nnz.mean():.1f} (min {nnz.min()}, max {nnz.max()}); "
           f"cosine(reconstruction, PC): mean {cos.mean():.4f}, median {np.median(cos):.4f}, min {cos.min():.4f}")
-    plot_fit(cos, f"{stem}\n{args.solver}, {args.components} texts, {args.dictionary_norm}", out / f"{stem}_fit.png")
     record = derived_record([inputs["pca_path"], inputs["text_path"]], solver=args.solver, penalty=penalty,
                             components=args.components, dictionary_norm=args.dictionary_norm,
                             text_set=args.text_descriptions)
-    for suffix in (".json", ".npz", "_fit.png"):
-        write_provenance(out / f"{stem}{suffix}", record)
-    print(f"wrote {out / (stem + '.json')}, {stem}.npz and {stem}_fit.png")
-    result = {"json": str(out / f"{stem}.json"), "npz": str(out / f"{stem}.npz"),
+    write_provenance(files["npz"], record)
+    written = save_result(out, stem, decomposition_json(top, inputs["lines"]), record, indent=None,
+                          figure=plot_fit(cos, f"{stem}\n{args.solver}, {args.components} texts, "
+                                               f"{args.dictionary_norm}"), figure_name=files["fit"].name)
+    say_wrote([written[0], files["npz"], *written[1:]])
+    result = {"json": str(files["json"]), "npz": str(files["npz"]),
               "cosine_mean": float(cos.mean()), "texts_per_neuron_mean": float(nnz.mean())}
     if ev is None:
         return result
@@ -212,10 +215,9 @@ def main(args: argparse.Namespace) -> dict:
                   "training_mean": str(ev["merged_path"]), "accuracy_percent": accuracy,
                   "printed": {EVALUATIONS[k]: v for k, v in accuracy.items()},
                   "cosine_reconstruction_pc_mean": float(cos.mean())}
-    atomic_write_json(out / f"{stem}_evaluation.json", evaluation)
-    write_provenance(out / f"{stem}_evaluation.json", dict(record, split=args.split, data_path=args.data_path,
-                                                           num_images=len(ev["labels"])))
-    print(f"wrote {out / (stem + '_evaluation.json')}")
+    say_wrote(save_result(out, stem, evaluation, dict(record, split=args.split, data_path=args.data_path,
+                                                      num_images=len(ev["labels"])),
+                          json_name=files["evaluation"].name))
     result["accuracy_percent"] = accuracy
     return result
 

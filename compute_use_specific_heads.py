@@ -11,16 +11,16 @@ heads from the same layers (seeded), reporting the best. Writes {dataset}_specif
 bar chart {dataset}_specific_heads_{model}.png to --figures_dir.
 """
 import argparse
-from pathlib import Path
 
 import numpy as np
 
 from utils.errors import InputError
-from utils.cli import add_mismatch_arg, run
+from utils.cli import add_mismatch_arg, run, say_wrote
 from utils.files.readers import last_layers, load_decomposition
-from utils.files.atomic import atomic_write_json, load_array, make_output_dir, save_figure
+from utils.files.atomic import load_array, make_output_dir
 from utils.files.names import specific_heads_stem
-from utils.files.provenance import derived_record, write_provenance
+from utils.files.provenance import derived_record
+from utils.files.results import save_result
 from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
                               head_logits, parse_heads, random_head_sets)
 
@@ -58,7 +58,7 @@ def load(args: argparse.Namespace) -> dict:
     return arrays
 
 
-def plot_groups(results: dict, title: str, path: Path) -> None:
+def plot_groups(results: dict, title: str):
     """Grouped bars: accuracy per (class, background) group, one bar per setting."""
     import matplotlib
 
@@ -77,7 +77,7 @@ def plot_groups(results: dict, title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper center", ncol=len(results))
     fig.tight_layout()
-    save_figure(fig, path)
+    return fig
 
 
 def report(name: str, res: dict) -> None:
@@ -114,13 +114,10 @@ def main(args: argparse.Namespace) -> dict:
     stem = specific_heads_stem(args.dataset, args.model)
     summary = {"args": vars(args), "num_images": B, "heads": [f"{l}.{h}" for l, h in heads],
                "baseline": results["baseline"], "ablated": results["heads mean-ablated"], "random": random}
-    atomic_write_json(out / f"{stem}.json", summary)
-    plot_groups(results, f"{args.model} on {args.dataset}: mean-ablating {len(heads)} heads", out / f"{stem}.png")
     record = derived_record([arrays["paths"]["attn"], arrays["paths"]["classifier"]],
                             heads=[f"{l}.{h}" for l, h in heads])
-    for suffix in (".json", ".png"):
-        write_provenance(out / f"{stem}{suffix}", record)
-    print(f"wrote {out / stem}.json and .png")
+    figure = plot_groups(results, f"{args.model} on {args.dataset}: mean-ablating {len(heads)} heads")
+    say_wrote(save_result(out, stem, summary, record, figure=figure))
     return summary
 
 

@@ -213,7 +213,7 @@ def test_bad_inputs(tmp_path):
     _inputs(wrong)
     np.save(wrong / f"golden_classifier_prsclip-tiny-quickgelu_{PRETRAINED}.npy", np.ones((16, 3), np.float32))
     err = _error(wrong, "--mlp_layers", "1")
-    assert f"golden_classifier_prsclip-tiny-quickgelu_{PRETRAINED}.npy: shape (16, 3), expected [d=32" in err
+    assert f"golden_classifier_prsclip-tiny-quickgelu_{PRETRAINED}.npy: classifier of shape [16, 3]; expected [d=32" in err
     # PCs of another model (another width)
     np.save(wrong / f"golden_train_mlps_prsclip-tiny-quickgelu_{PRETRAINED}_1_3_pca.npy",
             np.ones((128, 16), np.float32))

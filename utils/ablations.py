@@ -10,6 +10,9 @@ from collections import OrderedDict
 
 import numpy as np
 
+from utils.metrics import hits, percent
+
+
 
 def _chunks(B: int, size: int):
     for s in range(0, B, size):
@@ -51,10 +54,10 @@ def mean_ablation_study(attn: np.ndarray, mlp: np.ndarray, cls_attn: np.ndarray,
             tail = rest[:, i + 1] if i + 1 < L else 0.0
             reps.append(mlp_sum + cum[i][None] + tail)
         logits = np.stack(reps) @ classifier  # [K, c, C]
-        correct += (logits.argmax(-1) == labels[s][None]).sum(1)
+        correct += hits(logits, labels[s])
         if return_logits:
             logits_all.append(logits)
-    acc = OrderedDict((n, float(c) / B * 100) for n, c in zip(names, correct))
+    acc = OrderedDict((n, float(a)) for n, a in zip(names, percent(correct, B)))
     out = {"accuracy": acc, "order": names}
     if return_logits:
         out["logits"] = np.concatenate(logits_all, 1)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import InputError
+from utils.files.names import SEGMENTATION_RESULT_GLOB, segmentation_files, segmentation_result_path
 
 EPS = np.spacing(1)  # the original's guard in pixAcc and IoU
 
@@ -271,8 +272,9 @@ def stream_segmentation(ds, out: Path, evaluate: Callable[[torch.Tensor, torch.T
     from utils.files.streaming import Output, stream_dataset
 
     S = image_size
-    outputs = {"heatmaps": Output(out / "heatmaps.npy", (S, S), "float32"),
-               "metrics": Output(out / "per_image_metrics.npy", (len(METRIC_COLUMNS),), "float64"), **(extra or {})}
+    files = segmentation_files(out)
+    outputs = {"heatmaps": Output(files["heatmaps"], (S, S), "float32"),
+               "metrics": Output(files["metrics"], (len(METRIC_COLUMNS),), "float64"), **(extra or {})}
     running = {"sums": np.zeros(len(METRIC_COLUMNS)), "images": 0}  # over the images of this invocation
 
     def compute(images, targets, start):
@@ -280,7 +282,7 @@ def stream_segmentation(ds, out: Path, evaluate: Callable[[torch.Tensor, torch.T
         rows = metric_rows(res)
         if save_images:
             for i in range(len(images)):
-                save_segmentation_images(out / "images", start + i, unnormalize(images[i], preprocess),
+                save_segmentation_images(files["images"], start + i, unnormalize(images[i], preprocess),
                                          targets[i].numpy(), res["foreground"][i], res["heatmap"][i])
         running["sums"] += rows.sum(0)
         running["images"] += len(rows)
@@ -306,20 +308,21 @@ def finish_segmentation(ds, out: Path, record: dict, summary: dict) -> dict:
     from utils.files.atomic import atomic_save, atomic_write_json, atomic_write_text
     from utils.files.provenance import write_provenance
 
-    per_image = np.load(out / "per_image_metrics.npy")
+    files = segmentation_files(out)
+    per_image = np.load(files["metrics"])
     counts = per_image[:, :6].astype(np.int64)
     metrics = aggregate_metrics(counts[:, 0], counts[:, 1], counts[:, 2:4], counts[:, 4:6], per_image[:, 6])
     B = len(per_image)
-    heatmaps = np.load(out / "heatmaps.npy", mmap_mode="r")
+    heatmaps = np.load(files["heatmaps"], mmap_mode="r")
     masks = np.stack([ds.mask(i) for i in tqdm.trange(B, desc="masks for the PR curve")])  # uint8
     precision, recall, _ = precision_recall_curve(masks.reshape(-1), np.asarray(heatmaps).reshape(-1))
-    atomic_save(out / "precision.npy", precision)
-    atomic_save(out / "recall.npy", recall)
+    atomic_save(files["precision"], precision)
+    atomic_save(files["recall"], recall)
 
     text = result_text(metrics)
-    for old in out.glob("result_mIoU_*.txt"):
+    for old in out.glob(SEGMENTATION_RESULT_GLOB):
         old.unlink()
-    result_file = out / ("result_mIoU_%.4f.txt" % metrics["mIoU"])
+    result_file = segmentation_result_path(out, metrics["mIoU"])
     atomic_write_text(result_file, text)
     summary = {
         **summary, "num_images": B, "metrics": metrics, "result_txt": text, "result_file": result_file.name,
@@ -328,7 +331,7 @@ def finish_segmentation(ds, out: Path, record: dict, summary: dict) -> dict:
                        "union": [int(c[4]), int(c[5])], "ap": float(r[6]), "chosen_class": int(r[7])}
                       for c, r in zip(counts, per_image)],
     }
-    atomic_write_json(out / "segmentation.json", summary)
+    atomic_write_json(files["summary"], summary)
     write_provenance(out, dict(record, num_images=B))
     return summary
 

@@ -94,6 +94,30 @@ def segmentation_dir(output_dir: str | Path, train_dataset: str, model: str, pre
     return Path(output_dir) / f"{train_dataset}_segmentation_{model}_{pretrained_name(pretrained)}"
 
 
+SEGMENTATION_FILES = {  # inside a segmentation folder (both papers): key -> file name
+    "heatmaps": "heatmaps.npy",  # [B, S, S] the precision-recall scores
+    "metrics": "per_image_metrics.npy",  # [B, 8] per-image counts, AP, chosen class
+    "summary": "segmentation.json",
+    "precision": "precision.npy", "recall": "recall.npy",
+    "neuron_maps": "neuron_maps.npy",  # paper 2: [B, g, g]
+    "neurons_per_class": "neurons_per_class.npy",  # paper 2: [C, k, 2]
+    "images": "images",  # --save_img pictures
+}
+
+
+def segmentation_files(folder: str | Path) -> dict[str, Path]:
+    """The files of a segmentation folder (``SEGMENTATION_FILES``), by key."""
+    return {k: Path(folder) / name for k, name in SEGMENTATION_FILES.items()}
+
+
+SEGMENTATION_RESULT_GLOB = "result_mIoU_*.txt"
+
+
+def segmentation_result_path(folder: str | Path, miou: float) -> Path:
+    """``result_mIoU_{mIoU:.4f}.txt``: the original's three-line result file (``SEGMENTATION_RESULT_GLOB``)."""
+    return Path(folder) / ("result_mIoU_%.4f.txt" % miou)
+
+
 # ----------------------------------------------------------------------------- paper 2 (second_order_lens)
 def second_order_paths(output_dir: str | Path, dataset: str, split: str, model: str, pretrained: Optional[str],
                        mlp_layer: int, top_k: Optional[int] = None) -> dict[str, Path]:
@@ -159,6 +183,14 @@ def sparse_decomposition_stem(dataset: str, model: str, pretrained: Optional[str
     stem = (f"{dataset}_mlps_{model}_{pretrained_name(pretrained)}_{mlp_layer}_{text_set}_decomposition_"
             f"{solver}_{penalty}_{components}")
     return stem + ("_per_text" if norm == "per_text" else "")
+
+
+def sparse_decomposition_paths(folder: str | Path, stem: str) -> dict[str, Path]:
+    """compute_sparse_decomposition.py's files of ``stem`` (``sparse_decomposition_stem``): ``json`` (texts and
+    coefficients per neuron), ``npz`` (the sparse codes), ``fit`` (the cosine histogram), ``evaluation``."""
+    folder = Path(folder)
+    return {"json": folder / f"{stem}.json", "npz": folder / f"{stem}.npz", "fit": folder / f"{stem}_fit.png",
+            "evaluation": folder / f"{stem}_evaluation.json"}
 
 
 # ----------------------------------------------------------------------------- SpLiCE

@@ -47,7 +47,7 @@ def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch:
     paths.setdefault("attn_rest", attn_rest_path(input_dir, dataset, model))
     names = {k: str(p) for k, p in paths.items()}
     out = {k: load_array(paths[k], written_by[0]) for k in ("attn", "mlp", "cls_attn")}
-    out["classifier"] = np.asarray(load_array(paths["classifier"], written_by[1], mmap=False), np.float32)
+    out["classifier"] = read_classifier(paths["classifier"], written_by=written_by[1])
     out["labels"] = class_column(load_array(paths["labels"], written_by[0], mmap=False))
     num_layers = out["mlp"].shape[1] - 1 if out["mlp"].ndim == 3 else out["attn"].shape[1]
     out["layers"] = stored_layers(paths["attn"], out["attn"], num_layers)
@@ -143,17 +143,26 @@ def check_decomposition(arrays: dict[str, np.ndarray], names: Optional[dict[str,
                              f"{arrays['classifier'].shape[1]} classes")
 
 
+def read_classifier(path: str | Path, dim: Optional[int] = None,
+                    written_by: str = "compute_text_projection.py") -> np.ndarray:
+    """The zero-shot classifier file ``path`` as float32 ``[d, C]``; ``InputError`` unless it is 2-D with
+    ``d == dim`` (when given). ``written_by`` is named when the file is missing."""
+    classifier = np.asarray(load_array(path, written_by, mmap=False), np.float32)
+    if classifier.ndim != 2 or (dim is not None and classifier.shape[0] != dim):
+        expected = f"[d={dim}, classes]" if dim is not None else "[d, classes]"
+        raise InputError(f"{path}: classifier of shape {list(classifier.shape)}; expected {expected}")
+    return classifier
+
+
 def load_classifier(directory: str | Path | Sequence[str | Path], dataset: str, model: str,
                     pretrained: Optional[str], dim: int, allow_mismatch: bool = False) -> tuple[np.ndarray, Path]:
-    """``find_classifier`` then load it as float32 ``[d, C]``.
+    """``find_classifier`` then ``read_classifier``: float32 ``[d, C]`` and its path.
 
     ``InputError`` unless ``d == dim`` and its provenance record says it was made with ``model`` and
     ``pretrained`` for ``dataset`` (a mismatch is a warning with ``allow_mismatch``).
     """
     path = find_classifier(directory, dataset, model, pretrained)
-    classifier = np.asarray(load_array(path, "compute_text_projection.py", mmap=False), np.float32)
-    if classifier.ndim != 2 or classifier.shape[0] != dim:
-        raise InputError(f"{path}: shape {classifier.shape}, expected [d={dim}, classes]")
+    classifier = read_classifier(path, dim)
     check_consistent([path], ("model", "pretrained", "dataset"),
                      expected={"model": model, "pretrained": pretrained, "dataset": dataset},
                      expected_from="this command", allow_mismatch=allow_mismatch)

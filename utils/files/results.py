@@ -17,7 +17,7 @@ __all__ = ["save_result"]
 
 def save_result(folder: str | Path, stem: str, result: Mapping[str, Any], record: Mapping[str, Any], *,
                 figure: Any = None, texts: Optional[Mapping[str, str]] = None, json_name: Optional[str] = None,
-                indent: Optional[int] = 1) -> list[Path]:
+                figure_name: Optional[str] = None, indent: Optional[int] = 1) -> list[Path]:
     """Write a result and its records into ``folder``.
 
     Args:
@@ -28,7 +28,8 @@ def save_result(folder: str | Path, stem: str, result: Mapping[str, Any], record
         record: the provenance record of every file written (``make_record``/``derived_record``).
         figure: a matplotlib figure saved as ``{stem}.png`` (and closed), or ``None``.
         texts: ``{suffix: text}``, e.g. ``{".txt": ...}`` for a file in the original's format.
-        json_name: the JSON's file name when it is not ``{stem}.json``.
+        json_name, figure_name: the JSON's and the figure's file names when they are not ``{stem}.json`` and
+            ``{stem}.png``.
         indent: the JSON's indentation (``None``: one line).
 
     Returns:
@@ -41,7 +42,7 @@ def save_result(folder: str | Path, stem: str, result: Mapping[str, Any], record
         written.append(folder / f"{stem}{suffix}")
         atomic_write_text(written[-1], text)
     if figure is not None:
-        written.append(folder / f"{stem}.png")
+        written.append(folder / (figure_name or f"{stem}.png"))
         save_figure(figure, written[-1])
     for path in written:
         write_provenance(path, record)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import tqdm
 
+from utils.metrics import hits, percent
 from utils import LOG
 from utils.datasets import build_second_order_dataset, class_labels
 from utils.errors import InputError
@@ -37,8 +38,8 @@ def accuracy_over_dataset(effects: SecondOrderEffects, dataset, labels: np.ndarr
         target = torch.from_numpy(np.asarray(labels[start:start + len(images)])).to(effects.device)
         start += len(images)
         for k, v in logits_fn(batch_effects, representation).items():
-            correct[k] = correct.get(k, 0) + int((v.argmax(-1) == target).sum())
-    return {k: 100.0 * c / max(1, len(labels)) for k, c in correct.items()}
+            correct[k] = correct.get(k, 0) + hits(v, target)
+    return {k: percent(c, max(1, len(labels))) for k, c in correct.items()}
 
 
 ABLATIONS = {  # JSON key: the original script's printed line

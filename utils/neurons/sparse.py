@@ -171,11 +171,9 @@ def reconstruction_logits(effects: torch.Tensor, representation: torch.Tensor, n
     return {k: v @ classifier for k, v in reps.items()}
 
 
-def plot_fit(cosines: np.ndarray, title: str, path: str | Path) -> None:
-    """Histogram of per-neuron cosine(reconstruction, PC), saved as PNG."""
+def plot_fit(cosines: np.ndarray, title: str):
+    """Histogram of per-neuron cosine(reconstruction, PC): a matplotlib figure."""
     import matplotlib.pyplot as plt
-
-    from utils.files.atomic import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(cosines, bins=min(50, max(5, len(cosines) // 4)), range=(min(0.0, float(cosines.min())), 1.0))
@@ -185,4 +183,4 @@ def plot_fit(cosines: np.ndarray, title: str, path: str | Path) -> None:
     ax.set_title(title, fontsize=8)
     ax.legend()
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    return fig

@@ -21,6 +21,7 @@ from utils.files.atomic import load_array
 from utils.files.names import text_embeddings_path
 from utils.files.provenance import check_consistent
 from utils.files.readers import MODEL_FIELDS, last_layers
+from utils.metrics import percent
 from utils.text.sets import read_text_set, resolve_text_file
 from utils.text.textspan import (HeadStats, HeadStatsAccumulator, pclens_from_stats, replacement_accuracy,
                                  scan_decomposition, textspan_from_stats)
@@ -145,6 +146,6 @@ def completeness(settings: CompletenessSettings, arrays: dict, paths: dict[str, 
     correct = replacement_accuracy(attn, mlp, classifier, labels, start, scan["early_mean"], means, basis,
                                    s.device, s.chunk, final=acc)
     return {"heads": heads, "results": results, "means": means, "basis": basis,
-            "curve": [float(c) / B * 100.0 for c in correct], "baseline": float(scan["baseline_correct"]) / B * 100.0,
+            "curve": percent(correct, B).tolist(), "baseline": percent(scan["baseline_correct"], B),
             "first": first, "num_images": B, "lines": lines, "features": features, "embeddings": emb_path,
             "final_stats": acc.finalize() if acc is not None else None}

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from utils.metrics import hits
 from utils.errors import InputError
 
 __all__ = ["HeadStats", "HeadStatsAccumulator", "TextSpanResult", "PCLensResult", "head_stats",
@@ -507,7 +508,7 @@ def scan_decomposition(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarray
         early += early_part.double().sum(0)
         acc.update(block[:, first_layer:].reshape(e - s, -1, d).transpose(0, 1))
         logits = total @ W
-        correct += int((logits.argmax(-1) == lab[s:e]).sum())
+        correct += hits(logits, lab[s:e])
     return {"stats": acc.finalize(), "early_mean": early / B, "baseline_correct": correct}
 
 
@@ -546,10 +547,10 @@ def replacement_accuracy(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarr
         base = m.sum(1) + const  # [c, d]: the MLPs, the early layers' and every replaced head's mean
         logits = base @ W  # [c, C]
         y = lab[s:e]
-        correct[0] += int((logits.argmax(-1) == y).sum())
+        correct[0] += hits(logits, y)
         for k in range(K):
             logits = logits + coefs[:, :, k].T @ qw[:, k]
-            correct[k + 1] += int((logits.argmax(-1) == y).sum())
+            correct[k + 1] += hits(logits, y)
         if final is not None:
             final.update((base + torch.einsum("hck,hkd->cd", coefs, q))[None])
     return correct
