@@ -7,6 +7,7 @@ architecture share the paper-1 names; their provenance records (utils/files/prov
 """
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -132,6 +133,15 @@ def second_order_paths(output_dir: str | Path, dataset: str, split: str, model: 
         out["pca"] = d / f"{stem}_{top_k}_pca.npy"
         out["norm"] = d / f"{stem}_{top_k}_norm.npy"
     return out
+
+
+def layers_with_pcs(folder: str | Path, dataset: str, split: str, model: str, pretrained: Optional[str],
+                    top_k: int) -> list[int]:
+    """The MLP layers that have a ``second_order_paths(...)["pca"]`` file in ``folder``, ascending."""
+    pattern = second_order_paths(folder, dataset, split, model, pretrained, 0, top_k)["pca"].name
+    head, tail = pattern.split(f"_0_{top_k}_pca.npy")[0] + "_", f"_{top_k}_pca.npy"
+    found = (p.name[len(head):-len(tail)] for p in Path(folder).glob(glob.escape(head) + "*" + tail))
+    return sorted(int(layer) for layer in found if layer.isdigit())
 
 
 def split_labels_path(output_dir: str | Path, dataset: str, split: str) -> Path:

@@ -6,19 +6,16 @@ the file at fault.
 """
 from __future__ import annotations
 
-import glob
-import re
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from utils.errors import InputError
-from utils.files.names import format_layers
 from utils.datasets import class_column
 from utils.files.atomic import load_array
-from utils.files.names import (attn_rest_path, classifier_path, find_classifier, labels_path, prs_paths,
-                         second_order_paths)
+from utils.files.names import (attn_rest_path, classifier_path, find_classifier, format_layers, labels_path,
+                               layers_with_pcs, prs_paths, second_order_paths)
 from utils.files.provenance import check_consistent, read_provenance
 
 
@@ -218,9 +215,7 @@ def load_layer_pcs(input_dir: str | Path, dataset: str, split: str, model: str, 
     for layer in layers:
         path = second_order_paths(input_dir, dataset, split, model, pretrained, layer, top_k)["pca"]
         if not path.is_file():
-            head = path.name[:-len(f"_{layer}_{top_k}_pca.npy")] + "_"
-            found = sorted(int(m.group(1)) for p in Path(input_dir).glob(f"{glob.escape(head)}*_{top_k}_pca.npy")
-                           if (m := re.fullmatch(re.escape(head) + rf"(\d+)_{top_k}_pca\.npy", p.name)))
+            found = layers_with_pcs(input_dir, dataset, split, model, pretrained, top_k)
             raise InputError(f"--mlp_layers {' '.join(map(str, layers))}: no PCA file for layer {layer} ({path}: not "
                              f"found; written by compute_pcas.py); {input_dir} has PCA files for layers "
                              f"{found or 'none'} with --top_k_pca {top_k}")
