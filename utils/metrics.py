@@ -17,10 +17,3 @@ def percent(correct, total: int):
         return np.asarray(correct, np.float64) / total * 100.0
     return float(correct) / total * 100.0
 
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy in percent of ``logits`` [B, C] against integer ``labels`` [B]."""
-    logits, labels = np.asarray(logits), np.asarray(labels)
-    if logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"accuracy: {logits.shape[0]} logits but {labels.shape[0]} labels")
-    return percent(hits(logits, labels), len(labels))
