@@ -218,4 +218,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser())
+    run(main, get_args_parser(), outputs=("dataset_path",))  # its --output_dir is where inputs are read

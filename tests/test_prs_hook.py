@@ -4,6 +4,8 @@ import warnings
 
 import numpy as np
 import open_clip
+
+import utils.models
 import pytest
 import torch
 import torch.nn.functional as F
@@ -308,11 +310,12 @@ def test_openai_tag_turns_on_quickgelu(monkeypatch):
     seen = {}
     real_create = open_clip.create_model_and_transforms
 
-    def fake_create(name, pretrained=None, force_quick_gelu=False, device="cpu"):  # no download: tiny model
+    def fake_create(name, pretrained=None, force_quick_gelu=False, device="cpu", **kwargs):  # no download: tiny
         seen["force_quick_gelu"] = force_quick_gelu
         return real_create("prsclip-tiny", pretrained=None, force_quick_gelu=force_quick_gelu)
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", fake_create)
+    monkeypatch.setattr(utils.models, "check_weights_available", lambda *args, **kwargs: None)  # as if cached
     monkeypatch.setattr(open_clip, "get_tokenizer", lambda name: None)
     model, _, _ = load_model("ViT-B-32", "openai", "cpu")
     assert seen["force_quick_gelu"] is True

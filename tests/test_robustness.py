@@ -384,3 +384,73 @@ def test_resume_refuses_another_data_path(tmp_path):
     assert run_killed("compute_prs.py", 2, *base, "--data_path", GOLDEN / "images").returncode == -signal.SIGKILL
     code, _, err = run_inprocess("compute_prs.py", *map(str, base), "--data_path", str(other), "--resume")
     assert code == 2 and "data_path" in _error_line(err)
+
+
+# ----------------------------------------------------------------------------- a newcomer's mistakes (issue 17)
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_uncached_weights_fail_fast_and_create_nothing(tmp_path, hub):
+    """A tag whose weights are not cached: one line in seconds (not a minute of retries), no folder left behind."""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               PYTHONPATH=str(REPO))
+    env.pop("HF_HUB_OFFLINE", None)
+    if hub == "offline":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:  # a hub that refuses connections (nothing listens on that port), so the test needs no network
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    out = tmp_path / "output_dir"
+    cmd = [sys.executable, "compute_prs.py", "--dataset", "sample", "--model", "ViT-B-16", "--pretrained",
+           "laion2b_s34b_b88k", "--device", "cpu", "--output_dir", str(out)]
+    import time
+
+    start = time.monotonic()
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - start
+    assert res.returncode == 2, res.stderr
+    line = _error_line(res.stderr)
+    assert "laion2b_s34b_b88k" in line and "not cached" in line and "prsclip-tiny" in line, line
+    assert ("HF_HUB_OFFLINE" in line) == (hub == "offline")
+    assert "Retrying" not in res.stderr and "Retrying" not in res.stdout
+    assert not out.exists()
+    assert seconds < 30, seconds  # python + torch start-up included; the retries took ~50 s
+
+
+def test_newcomer_mistakes_are_one_line_before_any_work(tmp_path, monkeypatch):
+    """A CUDA device without a GPU, an output folder that cannot be written, CIFAR not downloaded without network,
+    a truncated input file: one line each, exit 2, checked before any model is loaded or folder made."""
+    import utils.datasets
+
+    base = ["compute_prs.py", *TINY_ARGS[:-2], "--dataset", "sample", "--num_workers", "0"]
+    out = ["--output_dir", str(tmp_path / "out")]
+    if not torch.cuda.is_available():
+        code, _, err = run_inprocess(*base, "--device", "cuda:0", *out)
+        assert code == 2 and "--device cuda:0" in _error_line(err) and "no usable CUDA GPU" in err
+        for script in ("compute_complete_text_set.py", "compute_sparse_decomposition.py"):
+            code, _, err = run_inprocess(script, "--device", "cuda", "--input_dir", str(tmp_path), *out)
+            assert code == 2 and "--device cuda" in _error_line(err), (script, err)
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "a_file").write_text("x")
+    code, _, err = run_inprocess(*base, "--device", "cpu", "--output_dir", str(tmp_path / "a_file" / "out"))
+    assert code == 2 and "a_file is a file" in _error_line(err)
+    if not os.access("/proc/sys", os.W_OK):  # a read-only file system
+        code, _, err = run_inprocess(*base, "--device", "cpu", "--output_dir", "/proc/sys/prsclip_out")
+        assert code == 2 and "/proc/sys is not writable" in _error_line(err)
+    code, _, err = run_inprocess("compute_text_projection.py", *TINY_ARGS, "--dataset", "sample",
+                                 "--output_dir", str(tmp_path / "a_file"))
+    assert code == 2 and "a_file" in _error_line(err)  # before the classifier is computed
+    # CIFAR-10 not there, and the download fails (a URL that cannot be fetched: no network needed)
+    monkeypatch.setattr(utils.datasets._CIFAR10Files, "url", (tmp_path / "nowhere" / "cifar.tar.gz").as_uri())
+    code, _, err = run_inprocess(*base, "--device", "cpu", "--dataset", "CIFAR10", "--data_path",
+                                 str(tmp_path / "cifar"), *out)
+    line = _error_line(err)
+    assert code == 2 and "cifar-10-batches-py" in line and "tar xzf" in line, line
+    # a truncated .npy input
+    work = tmp_path / "work"
+    work.mkdir()
+    for f in (GOLDEN / "prs").iterdir():
+        (work / f.name).write_bytes(f.read_bytes())
+    attn = work / "golden_attn_prsclip-tiny.npy"
+    attn.write_bytes(attn.read_bytes()[:-100])
+    code, _, err = run_inprocess("compute_ablations.py", "--model", "prsclip-tiny", "--dataset", "golden",
+                                 "--input_dir", str(work), "--figures_dir", str(tmp_path / "figs"))
+    line = _error_line(err)
+    assert code == 2 and "golden_attn_prsclip-tiny.npy: truncated" in line and "bytes" in line, line

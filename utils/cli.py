@@ -83,9 +83,13 @@ def _script_name() -> str:
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "prsclip"
 
 
+OUTPUT_FLAGS = ("output_dir", "figures_dir")  # the folders most scripts write into
+
+
 def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
-        argv: Sequence[str] | None = None) -> None:
-    """Parse the command line, set the shared numerics, and call ``main(args)`` (see the module docstring)."""
+        argv: Sequence[str] | None = None, outputs: Sequence[str] = OUTPUT_FLAGS) -> None:
+    """Parse the command line, set the shared numerics, check what every script shares (``preflight``: the
+    ``outputs`` flags name folders written into), and call ``main(args)`` (see the module docstring)."""
     from utils.files.provenance import set_invocation
 
     add_tf32_arg(parser)
@@ -94,6 +98,7 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
     show_library_messages()
     set_invocation(sys.argv if argv is None else [sys.argv[0], *argv])
     try:
+        preflight(args, outputs)
         main(args)
     except (InputError, FileNotFoundError) as e:
         if os.environ.get("PRSCLIP_TRACEBACK"):
@@ -112,6 +117,40 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
         raise
     finally:
         _end_distributed()
+
+
+def preflight(args: argparse.Namespace, outputs: Sequence[str] = OUTPUT_FLAGS) -> None:
+    """The checks every script shares, before any work and before anything is written, each one line: the
+    ``--device`` is usable here, the weights ``--pretrained`` names are cached or can be downloaded (seconds, not
+    a minute of retries, when offline), and the folders of ``outputs`` can be created and written."""
+    from utils.models import check_device, check_weights_available
+
+    if getattr(args, "device", None):
+        check_device(args.device)
+    model, pretrained = getattr(args, "model", None), getattr(args, "pretrained", None)
+    if isinstance(model, str) and ":" in model and not model.startswith(("hf-hub:", "local-dir:")):
+        from utils.splice import resolve_backbone  # SpLiCE's library:name backbones
+
+        backbone = resolve_backbone(model, pretrained)
+        model, pretrained = backbone.name, backbone.pretrained
+    if model and pretrained:
+        register_model_config(getattr(args, "model_config", None))
+        check_weights_available(model, pretrained, getattr(args, "cache_dir", None))
+    for flag in outputs:
+        if getattr(args, flag, None):
+            check_writable_folder(getattr(args, flag), f"--{flag}")
+
+
+def check_writable_folder(path: str | Path, flag: str) -> None:
+    """``InputError`` naming ``flag`` unless ``path`` is a folder this process can write, or can be created (its
+    nearest existing parent is a writable folder). Creates nothing."""
+    path = Path(path).absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise InputError(f"{flag} {path}: {what} (read-only file system or no permission)")
 
 
 def _one_line(e: BaseException) -> str:

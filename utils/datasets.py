@@ -19,6 +19,7 @@ image that cannot be decoded stops the run with an ``InputError`` naming the fil
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -187,10 +188,8 @@ def __getattr__(name: str):
 
 def _cifar(name: str, root: Path, transform, split: str):
     """torchvision's CIFAR ``split`` (train / test); a present copy is trusted without its md5 check."""
-    import sys
-
     cls = getattr(sys.modules[__name__], f"_{name}Files")
-    ds = cls(root=str(root), train=split == "train", download=True, transform=transform)
+    ds = cls(root=str(root), train=split == "train", download=False, transform=transform)
     ds.labels = np.asarray(ds.targets, dtype=np.int64)
     return ds
 
@@ -206,11 +205,20 @@ def build_dataset(name: str, data_path: Optional[str], transform: Optional[Calla
         root = Path(data_path or ".")
         if root.exists() and not root.is_dir():
             raise InputError(f"--data_path {root}: not a directory (dataset '{name}')")
-        root.mkdir(parents=True, exist_ok=True)
+        cls = getattr(sys.modules[__name__], f"_{name}Files")
+        folder = root / cls.base_folder
+        if not folder.is_dir():  # torchvision downloads it: say where it goes, and how to do it by hand offline
+            how = (f"{name} is not in {folder}; downloading {cls.url} into {root} failed")
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                cls(root=str(root), train=split == "train", download=True)
+            except (OSError, RuntimeError) as e:  # URLError is an OSError
+                raise InputError(f"--data_path {root}: {how} ({type(e).__name__}: {e}); download it on a machine "
+                                 f"with network and extract it there (tar xzf {Path(cls.url).name} -C {root})") from e
         try:
             return _cifar(name, root, transform, split)
-        except RuntimeError as e:  # torchvision: files missing and the download failed / is not possible
-            raise InputError(f"--data_path {root}: no usable {name} files ({e})") from e
+        except RuntimeError as e:  # torchvision: the files are there but unusable
+            raise InputError(f"--data_path {root}: no usable {name} files in {folder} ({e})") from e
     root = _require_dir(data_path, name)
     if name in FLAT_FOLDER_DATASETS:
         return ImageFiles.flat_folder(root, transform)

@@ -9,6 +9,7 @@ QuickGELU weights pass ``--force_quick_gelu``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -39,6 +40,130 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | torch.device, flag: str = "--device") -> torch.device:
+    """``device`` parsed, and usable on this machine; ``InputError`` naming ``flag`` otherwise (a CUDA device
+    without a usable GPU, an index past the last GPU, a name torch does not know)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"{flag} {device}: not a torch device ({e})") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{flag} {device}: no usable CUDA GPU on this machine (torch {torch.__version__}, "
+                             f"torch.cuda.is_available() is False); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"{flag} {device}: no usable Apple GPU (MPS) on this machine; use --device cpu")
+    return parsed
+
+
+# ----------------------------------------------------------------------------- weights: cached, or reachable
+HF_WEIGHTS, HF_SAFE_WEIGHTS = "open_clip_pytorch_model.bin", "open_clip_model.safetensors"  # open_clip's defaults
+
+
+def _hub_files(hf_hub: str) -> tuple[str, list[str]]:
+    """The repository of an open_clip ``hf_hub`` entry (``org/repo/[file]``) and the files open_clip tries there, in
+    its order: the safetensors alternative first."""
+    repo, filename = os.path.split(hf_hub)
+    filename = filename or HF_WEIGHTS
+    if filename == HF_WEIGHTS:
+        return repo, [HF_SAFE_WEIGHTS, filename]
+    if filename.endswith((".bin", ".pth")):
+        return repo, [filename[:-4] + ".safetensors", filename]
+    return repo, [filename]
+
+
+def cached_weights(model_name: str, tag: str, cache_dir: Optional[str] = None) -> Optional[str]:
+    """The local file of open_clip's ``tag`` weights of ``model_name`` when they are already downloaded (the
+    Hugging Face cache, or open_clip's ``~/.cache/clip`` for URL downloads), else ``None``."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    if cfg.get("file"):
+        return cfg["file"] if os.path.isfile(cfg["file"]) else None
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, files = _hub_files(cfg["hf_hub"])
+        for name in files:
+            found = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+            if isinstance(found, str):
+                return found
+        return None
+    if cfg.get("url"):
+        path = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg["url"])
+        return str(path) if path.is_file() else None
+    return None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_weights_available(model_name: str, pretrained: Optional[str], cache_dir: Optional[str] = None,
+                            timeout: float = 10.0) -> Optional[str]:
+    """Fail fast, before any work, when the weights ``pretrained`` names cannot be had: a tag that is neither cached
+    nor downloadable (offline, or ``HF_HUB_OFFLINE=1``), or a checkpoint file that does not exist.
+
+    One request with a short ``timeout`` and no retries decides whether a download can work, instead of the
+    minute of retries a download makes offline. Returns the cached file when there is one. Random init
+    (``none``) and local files return ``None``.
+    """
+    import open_clip
+
+    if pretrained is None or pretrained in NO_WEIGHTS or os.path.isfile(pretrained):
+        return None
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        return None  # not a tag: load_model names the problem
+    found = cached_weights(model_name, pretrained, cache_dir)
+    if found:
+        return found
+    where = cfg.get("hf_hub") or cfg.get("url") or "?"
+    advice = ("download them once on a machine with network (they go to the Hugging Face cache, HF_HOME, or "
+              "--cache_dir), or pass --pretrained /path/to/checkpoint; without any weights, try the tiny test "
+              "model: --model_config tests/configs --model prsclip-tiny --pretrained "
+              "tests/golden/prsclip-tiny_seed0.safetensors")
+    if _offline():
+        raise InputError(f"--pretrained {pretrained}: the {model_name} weights ({where}) are not cached and "
+                         f"HF_HUB_OFFLINE is set; {advice}")
+    try:
+        if cfg.get("hf_hub"):
+            from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+            repo, files = _hub_files(cfg["hf_hub"])
+            get_hf_file_metadata(hf_hub_url(repo, files[-1]), timeout=timeout)
+        else:
+            import urllib.request
+
+            urllib.request.urlopen(urllib.request.Request(cfg["url"], method="HEAD"), timeout=timeout).close()
+    except Exception as e:  # no network, DNS, proxy, HTTP error: the download would fail too
+        raise InputError(f"--pretrained {pretrained}: the {model_name} weights ({where}) are not cached and cannot "
+                         f"be downloaded ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                         f"{advice}") from None
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline(enabled: bool):
+    """Within: the Hugging Face hub makes no request (the weights are cached; offline, each request would be
+    retried for about a minute before the cache is used)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        constants = None
+    before = getattr(constants, "HF_HUB_OFFLINE", None)
+    if enabled and constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if enabled and constants is not None:
+            constants.HF_HUB_OFFLINE = before
+
+
 def _check_config(model_name: str) -> dict:
     """Fail fast, before any download, on an unknown name or an image tower we cannot decompose."""
     import open_clip
@@ -51,7 +176,8 @@ def _check_config(model_name: str) -> dict:
 
         close = difflib.get_close_matches(model_name, open_clip.list_models(), n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else " See open_clip.list_models()."
-        raise InputError(f"--model '{model_name}': unknown open_clip model.{hint}")
+        raise InputError(f"--model '{model_name}': unknown open_clip model.{hint} A model of your own (such as the "
+                         f"tests' prsclip-tiny) needs its config: --model_config FILE_OR_FOLDER")
     vcfg = cfg.get("vision_cfg", {})
     if "timm_model_name" in vcfg:
         raise UnsupportedModelError(f"model '{model_name}': timm image towers are not supported")
@@ -94,15 +220,27 @@ def load_model(
         device: str | torch.device = "cpu",
         force_quick_gelu: bool = False,
         check_vision: bool = True,
+        model_config: Optional[str | Path] = None,
+        cache_dir: Optional[str] = None,
 ) -> tuple[torch.nn.Module, Callable, Callable]:
     """Build an open_clip model in eval mode on ``device``.
 
+    Args:
+        model_name: an open_clip name (``ViT-B-16``), ``hf-hub:org/repo``, or a model of ``model_config``.
+        pretrained: an open_clip tag (``laion2b_s34b_b88k``, ``openai``), a checkpoint file, or ``none``.
+        force_quick_gelu: QuickGELU whatever the config says (turned on by itself for tags trained with it).
+        check_vision: refuse image towers the decomposition does not support.
+        model_config: an extra open_clip config, a ``.json`` file or a folder of them (``register_model_config``),
+            e.g. ``tests/configs`` for the tiny test model ``prsclip-tiny``.
+        cache_dir: where downloaded weights go (open_clip's ``cache_dir``; default: the Hugging Face cache).
+
     Returns ``(model, preprocess, tokenizer)``: ``preprocess`` is the eval transform for that tag or config.
-    Raises ``InputError`` (unknown model or tag, missing or unusable checkpoint, weights that cannot be
-    downloaded) or ``UnsupportedModelError``.
+    Raises ``InputError`` (unknown model or tag, missing or unusable checkpoint, weights neither cached nor
+    downloadable: in seconds, see ``check_weights_available``) or ``UnsupportedModelError``.
     """
     import open_clip
 
+    register_model_config(model_config)
     cfg = _check_config(model_name) if check_vision else {}
     weights = None if pretrained is None or pretrained in NO_WEIGHTS else pretrained
     if weights is not None and not os.path.isfile(weights):
@@ -115,11 +253,14 @@ def load_model(
         if tag_cfg.get("quick_gelu", False) and not cfg.get("quick_gelu", False) and not force_quick_gelu:
             LOG.info(f"[load_model] '{weights}' weights were trained with QuickGELU: enabling it for {model_name}")
             force_quick_gelu = True
+    cached = check_weights_available(model_name, weights, cache_dir) if weights is not None else None
     quiet = _DropDownloadError()  # open_clip logs the failure on the root logger, then raises it: say it once
     logging.getLogger().addFilter(quiet)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=weights, force_quick_gelu=force_quick_gelu, device=device)
+        with _hub_offline(cached is not None):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=weights, force_quick_gelu=force_quick_gelu, device=device,
+                cache_dir=cache_dir)
     except RuntimeError as e:
         if str(e).startswith(_DOWNLOAD_FAILED):  # open_clip wraps a failed download (offline, no cache)
             raise InputError(f"--pretrained {weights}: the {model_name} weights are not cached and could not be "

@@ -511,7 +511,7 @@ def concept_dictionary(model, tokenizer, concepts: Sequence[str], backbone: Back
            "pretrained": pretrained_identity(backbone.pretrained), "quick_gelu": backbone.quick_gelu,
            "concepts_sha256": concepts_digest(concepts), "num_concepts": len(concepts)}
     key = {k: (v.get("sha256") if isinstance(v, dict) else v) for k, v in key.items()}
-    record = make_record(None, model=backbone.name, pretrained=backbone.pretrained, vocab=vocabulary,
+    record = make_record(model=backbone.name, pretrained=backbone.pretrained, vocab=vocabulary,
                          vocab_size=vocabulary_size, num_concepts=len(concepts))
     path = concept_cache_path(cache_dir, backbone, vocabulary, vocabulary_size)
     return cached_dictionary(path, key, build, record, log)

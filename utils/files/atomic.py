@@ -26,7 +26,32 @@ def load_array(path: str | Path, what: str, mmap: bool = True) -> np.ndarray:
         partial = " A .partial file is there: that run did not finish; rerun it with --resume." \
             if path.with_name(path.name + PARTIAL).exists() else ""
         raise FileNotFoundError(f"{path}: not found{hint}.{partial}")
+    if path.suffix == ".npy":
+        check_npy(path, what)
     return np.load(path, mmap_mode="r" if mmap else None)
+
+
+def check_npy(path: str | Path, what: str = "") -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype in the header of the ``.npy`` file ``path``; ``InputError`` naming the file, its size and
+    the size its header promises when it is not a readable ``.npy`` file or is cut short (a copy or a run that
+    did not finish)."""
+    path = Path(path)
+    size = path.stat().st_size
+    hint = f" (written by {what})" if what else ""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            offset = f.tell()
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npy file ({size} bytes: {e}){hint}") from e
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if not dtype.hasobject and size < expected:
+        raise InputError(f"{path}: truncated: {size} bytes, but its header promises {dtype} {list(shape)} "
+                         f"({expected} bytes){hint}; copy it again or rerun the step that writes it")
+    return shape, dtype
 
 
 def make_output_dir(path: str | Path, flag: str = "--output_dir") -> Path:
