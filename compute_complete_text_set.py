@@ -96,7 +96,7 @@ def plot_curve(curve: list[float], baseline: float, title: str, xlabel: str):
 
 def main(args: argparse.Namespace) -> dict:
     args.algorithm = ALGORITHMS[args.algorithm]  # svd_data_approx -> pclens
-    arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch)
+    arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch, cls_attn=False)
     settings = CompletenessSettings(
         model=args.model, input_dir=args.input_dir, text_dir=args.text_dir, text_set=args.text_descriptions,
         algorithm=args.algorithm, num_of_last_layers=args.num_of_last_layers, texts_per_head=args.texts_per_head,

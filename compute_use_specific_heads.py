@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load(args: argparse.Namespace) -> dict:
     """The memmapped arrays (``utils.files.readers.load_decomposition``) with the [B, 2] labels as ``groups``."""
-    arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch)
+    arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch, cls_attn=False)
     lpath = arrays["paths"]["labels"]
     labels = np.asarray(load_array(lpath, "compute_prs.py", mmap=False))
     if labels.ndim != 2 or labels.shape[1] != 2:

@@ -296,3 +296,23 @@ def test_use_specific_heads_bad_inputs(workdir):
     res = run_script("compute_use_specific_heads.py", "--model", MODEL, "--input_dir", flat, "--heads", "3.1",
                      "--figures_dir", workdir / "figs", check=False)
     assert res.returncode == 2 and "need [B, 2]" in res.stderr
+
+
+def test_cls_attn_file_is_not_needed(workdir, tmp_path):
+    """compute_use_specific_heads.py and compute_complete_text_set.py do not read {dataset}_cls_attn_{model}.npy
+    (nor does the original): without it they run, with the same numbers."""
+    out = tmp_path / "out"
+    shutil.copytree(workdir / "out", out)
+    (out / f"{DATASET}_cls_attn_{MODEL}.npy").unlink()
+    heads = ["--model", MODEL, "--heads", "3.1,2.0", "--num_of_last_layers", 2, "--random_trials", 0]
+    for folder, figs in ((workdir / "out", tmp_path / "with"), (out, tmp_path / "without")):
+        code, _, err = run_inprocess("compute_use_specific_heads.py", *heads, "--input_dir", folder,
+                                     "--figures_dir", figs)
+        assert code == 0, err
+    name = f"{DATASET}_specific_heads_{MODEL}.json"
+    with_, without = (json.loads((tmp_path / d / name).read_text()) for d in ("with", "without"))
+    assert with_["ablated"] == without["ablated"] and with_["baseline"] == without["baseline"]
+    code, _, err = run_inprocess("compute_complete_text_set.py", *_complete_args(
+        workdir, "--input_dir", out, "--output_dir", tmp_path / "ts", "--num_of_last_layers", 2, "--texts_per_head", 4,
+        "--w_ov_rank", 5))
+    assert code == 0, err

@@ -25,14 +25,15 @@ DATA_FIELDS = ("dataset", "split", "data_path", "num_images")  # ... and per-ima
 
 def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch: bool = False,
                        paths: Optional[dict[str, Path]] = None,
-                       written_by: tuple[str, str] = ("compute_prs.py", "compute_text_projection.py")) -> dict:
+                       written_by: tuple[str, str] = ("compute_prs.py", "compute_text_projection.py"),
+                       cls_attn: bool = True) -> dict:
     """Memory-map the arrays of compute_prs.py and compute_text_projection.py and check they agree.
 
     Returns ``attn`` [B, K, H, d] (K = L, or the K layers kept by ``compute_prs.py --layers``), ``layers`` (the
     model layer of each of the K entries, ascending), ``num_layers`` (L), ``attn_rest`` ([B, d], the attention
     layers not kept summed over heads; ``None`` when every layer is kept), ``mlp`` [B, L+1, d], ``cls_attn``
     [B, L, d], ``classifier`` [d, C], ``labels`` [B] (the class column for Waterbirds' [B, 2]) and ``paths``
-    (name -> file). Shapes must agree with each other and with the attn file's provenance record (its
+    (name -> file); with ``cls_attn=False`` that file is neither read nor required (``cls_attn`` is ``None``). Shapes must agree with each other and with the attn file's provenance record (its
     ``layers``), and so must the files' records: the same model and weights everywhere, the same images in the
     per-image files, and a classifier made for ``dataset`` (``InputError`` unless ``allow_mismatch``).
     ``paths`` (attn, mlp, cls_attn, labels, classifier and optionally attn_rest -> file) overrides the file
@@ -43,7 +44,9 @@ def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch:
                            "classifier": classifier_path(input_dir, dataset, model)})
     paths.setdefault("attn_rest", attn_rest_path(input_dir, dataset, model))
     names = {k: str(p) for k, p in paths.items()}
-    out = {k: load_array(paths[k], written_by[0]) for k in ("attn", "mlp", "cls_attn")}
+    kinds = ("attn", "mlp", "cls_attn") if cls_attn else ("attn", "mlp")
+    out = {k: load_array(paths[k], written_by[0]) for k in kinds}
+    out.setdefault("cls_attn", None)
     out["classifier"] = read_classifier(paths["classifier"], written_by=written_by[1])
     out["labels"] = class_column(load_array(paths["labels"], written_by[0], mmap=False))
     num_layers = out["mlp"].shape[1] - 1 if out["mlp"].ndim == 3 else out["attn"].shape[1]
@@ -57,7 +60,7 @@ def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch:
             raise InputError(f"{paths['attn_rest']} was made with --layers {format_layers(rest_layers)} but "
                              f"{paths['attn']} with --layers {format_layers(out['layers'])}; rerun compute_prs.py")
     check_decomposition(out, names)
-    per_image = [paths[k] for k in ("attn", "mlp", "cls_attn", "labels")]
+    per_image = [paths[k] for k in (*kinds, "labels")]
     per_image += [paths["attn_rest"]] if out["attn_rest"] is not None else []
     check_consistent([*per_image, paths["classifier"]], MODEL_FIELDS, allow_mismatch=allow_mismatch)
     check_consistent(per_image, DATA_FIELDS, allow_mismatch=allow_mismatch)

@@ -77,7 +77,7 @@ def load_arrays(args: argparse.Namespace) -> tuple[dict, dict]:
              "classifier": classifier_path(args.input_dir, args.dataset, args.model)}
     arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch, paths=paths,
                                 written_by=("python -m utils.scripts.compute_activation_values",
-                                            "python -m utils.scripts.compute_classes_embeddings"))
+                                            "python -m utils.scripts.compute_classes_embeddings"), cls_attn=False)
     return arrays, arrays["paths"]
 
 
