@@ -20,7 +20,7 @@ one study only (--figures_dir, --chunk: paper 1; the rest: paper 2) together wit
 import argparse
 
 from utils.ablations import mean_ablation_study
-from utils.cli import (MISMATCH_FLAG, Flag, add_flags, run, run_second_order_ablations, say_wrote,
+from utils.cli import (MISMATCH_FLAG, Flag, add_flags, num_workers_flag, run, run_second_order_ablations, say_wrote,
                        second_order_ablation_flags)
 from utils.errors import InputError
 from utils.files.atomic import make_output_dir
@@ -37,8 +37,7 @@ def mean_ablation_flags() -> dict[str, Flag]:
     """Paper 1's flags (the original clip_text_span command line, plus --chunk)."""
     return {
         "model": (("--model",), dict(default="ViT-H-14", type=str, metavar="MODEL", help="model name in file names")),
-        "num_workers": (("--num_workers",), dict(default=10, type=int,
-                                                 help="unused (kept for the original command line)")),
+        "num_workers": num_workers_flag(used=False),
         "figures_dir": (("--figures_dir",), dict(default="./output_dir", help="where the JSON and the plot go")),
         "input_dir": (("--input_dir",), dict(default="./output_dir", help="where the arrays are")),
         "dataset": (("--dataset",), dict(type=str, default="imagenet", help="dataset name in file names")),

@@ -28,7 +28,7 @@ file names: python -m utils.scripts.compute_text_explanations (docs/pclens.md).
 """
 import argparse
 
-from utils.cli import add_mismatch_arg, run, say_wrote
+from utils.cli import DEVICE_HELP, add_mismatch_arg, add_num_workers_arg, run, say_wrote
 from utils.files.atomic import make_output_dir
 from utils.files.names import completeness_stem
 from utils.files.provenance import derived_record
@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Completeness part", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-H-14", type=str, metavar="MODEL", help="model name in file names")
-    parser.add_argument("--num_workers", default=10, type=int, help="unused; kept for the original command line")
+    add_num_workers_arg(parser, used=False)
     parser.add_argument("--output_dir", default="./output_dir", help="where the results go")
     parser.add_argument("--input_dir", default="./output_dir", help="where the arrays are")
     parser.add_argument("--text_descriptions", default="image_descriptions_general", type=str,
@@ -65,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_text", type=int, default=80,
                         help="pclens: at most this many principal components per head (PCLens' cap, default "
                              "%(default)s)")
-    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if available)")
+    parser.add_argument("--device", default=default_device(), help=DEVICE_HELP)
     parser.add_argument("--chunk", type=int, default=None, help="images per read from the memmaps (default: ~256 MB)")
     parser.add_argument("--stats_dtype", default="float64", choices=["float64", "float32"],
                         help="precision of the per-head scatter products (float32: faster on GPUs with slow "

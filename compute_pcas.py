@@ -24,7 +24,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="ViT-B-32", type=str, metavar="MODEL", help="model name in file names")
     parser.add_argument("--pretrained", default="openai", type=str,
                         help="pretrained tag (or checkpoint path: its file stem) in file names")
-    parser.add_argument("--mlp_layer", default=9, type=int)
+    parser.add_argument("--mlp_layer", default=9, type=int, help="the MLP layer of the neurons (0-based)")
     parser.add_argument("--top_k_pca", default=100, type=int, help="images per neuron for its PCA")
     parser.add_argument("--dataset", type=str, default="imagenet", help="dataset name in file names")
     parser.add_argument("--split", type=str, default="train", help="split in file names")

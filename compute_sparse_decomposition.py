@@ -34,7 +34,6 @@ from {dataset}_{train_split}_..._merged.npy and the classifier from {dataset}_cl
                  the per_dimension one, so --l1_penalty means about the same under both.
 """
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from utils.errors import InputError
-from utils.cli import add_mismatch_arg, add_model_args, load_model_from_args, positive_int, run, say_wrote
+from utils.cli import add_mismatch_arg, add_model_args, add_num_workers_arg, load_model_from_args, positive_int, run, say_wrote
 
 from utils.neurons.ablations import accuracy_over_dataset
 from utils.datasets import build_second_order_dataset, class_labels
@@ -73,7 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlp_layer", default=9, type=int, help="the MLP layer of the neurons (0-based)")
     parser.add_argument("--components", default=32, type=int, help="texts per neuron")
     parser.add_argument("--top_k_pca", default=100, type=int, help="which PCA file (its top k)")
-    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    add_num_workers_arg(parser)
     parser.add_argument("--batch_size", default=16, type=positive_int, help="images per batch for --evaluate")
     parser.add_argument("--output_dir", default="./output_dir", help="where the decomposition is written")
     parser.add_argument("--descriptions_dir", default="./text_descriptions",
@@ -223,4 +222,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser())
+    run(main, get_args_parser(), weights=lambda args: args.evaluate)  # the model runs only to evaluate

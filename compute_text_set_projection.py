@@ -12,7 +12,7 @@ autocast (float16); this runs it in float32 (differences ~1e-3 on GPU).
 import argparse
 from pathlib import Path
 
-from utils.cli import add_model_args, args_record, load_model_from_args, positive_int, run
+from utils.cli import add_model_args, add_num_workers_arg, args_record, load_model_from_args, positive_int, run
 
 from utils.files.atomic import make_output_dir
 from utils.files.names import text_embeddings_path
@@ -29,7 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default="text_descriptions/image_descriptions_3500.txt", type=str,
                         help="the text set, one description per line (the original default, "
                              "text_descriptions/image_descriptions_general.txt, is the authors' set: fetch it)")
-    parser.add_argument("--num_workers", default=10, type=int, help="unused; kept for the original command line")
+    add_num_workers_arg(parser, used=False)
     parser.add_argument("--output_dir", default="./output_dir", help="where to save")
     return parser
 

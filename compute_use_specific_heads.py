@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 
 from utils.errors import InputError
-from utils.cli import add_mismatch_arg, run, say_wrote
+from utils.cli import add_mismatch_arg, add_num_workers_arg, run, say_wrote
 from utils.files.readers import last_layers, load_decomposition
 from utils.files.atomic import load_array, make_output_dir
 from utils.files.names import specific_heads_stem
@@ -29,12 +29,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Ablations part", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-H-14", type=str, metavar="MODEL", help="model name in file names")
-    parser.add_argument("--num_workers", default=10, type=int, help="unused; kept for the original command line")
+    add_num_workers_arg(parser, used=False)
     parser.add_argument("--figures_dir", default="./output_dir", help="where the JSON and the chart go")
     parser.add_argument("--input_dir", default="./output_dir", help="where the arrays are")
     parser.add_argument("--dataset", type=str, default="binary_waterbirds",
-                        help="dataset name in file names (the original default 'waterbirds_binary' is not what "
-                             "its compute_prs.py writes)")
+                        help="dataset name in file names (default: %(default)s; the original default "
+                             "'waterbirds_binary' is not what its compute_prs.py writes)")
     parser.add_argument("--heads", default=None, help="heads to mean-ablate, LAYER.HEAD,... "
                         "(default: the paper's list for --model)")
     parser.add_argument("--num_of_last_layers", type=int, default=4,

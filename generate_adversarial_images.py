@@ -30,7 +30,7 @@ import tqdm
 
 from utils.neurons import adversarial as adv
 from utils.errors import InputError
-from utils.cli import add_mismatch_arg, add_model_args, args_record, load_model_from_args, positive_int, run
+from utils.cli import add_mismatch_arg, add_model_args, add_num_workers_arg, args_record, load_model_from_args, positive_int, run
 
 from utils.files.names import pretrained_name
 from utils.files.atomic import atomic_write_json, atomic_write_text
@@ -64,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--class_0", default="dog", type=str,
                         help="the wrong class the images are pushed toward (never named in a description)")
     parser.add_argument("--class_1", default="cat", type=str, help="the true class (named in every description)")
-    parser.add_argument("--num_workers", default=10, type=int, help="accepted for compatibility; not used")
+    add_num_workers_arg(parser, used=False)
     parser.add_argument("--seed", default=0, type=int,
                         help="seeds the LLM's sampling; description i's images use generator seed --seed + i")
     parser.add_argument("--dataset_path", default="dataset", type=str, help="where images and results go")

@@ -119,6 +119,7 @@ def run_inprocess(script: str, *args: str) -> tuple[int, str, str]:
 
     spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
     out, err, code = io.StringIO(), io.StringIO(), 0
     old_argv = sys.argv

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -86,19 +87,43 @@ def _script_name() -> str:
 OUTPUT_FLAGS = ("output_dir", "figures_dir")  # the folders most scripts write into
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every script's ``--help``: the description as written, and each flag's default shown (``(default: X)``) where
+    its help does not already say it. Switches (``store_true``) and flags without a default show none."""
+
+    STATED = re.compile(r"%\(default\)|\(default[ :]|[;,] default[ :]|^default[ :]|Default: ", re.I)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (self.STATED.search(text) or default is None or default is argparse.SUPPRESS or isinstance(default, bool)
+                or not action.option_strings or action.nargs == 0):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def loads_weights(args: argparse.Namespace) -> bool:
+    """Whether a script loads the model's weights: those with the model flags (``model_flags``) do."""
+    return hasattr(args, "force_quick_gelu")
+
+
 def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
-        argv: Sequence[str] | None = None, outputs: Sequence[str] = OUTPUT_FLAGS) -> None:
+        argv: Sequence[str] | None = None, outputs: Sequence[str] = OUTPUT_FLAGS,
+        weights: Callable[[argparse.Namespace], bool] = loads_weights) -> None:
     """Parse the command line, set the shared numerics, check what every script shares (``preflight``: the
-    ``outputs`` flags name folders written into), and call ``main(args)`` (see the module docstring)."""
+    ``outputs`` flags name folders written into; ``weights(args)`` says whether this run loads weights), and call
+    ``main(args)`` (see the module docstring)."""
     from utils.files.provenance import set_invocation
 
     add_tf32_arg(parser)
+    parser.prog = _script_name()  # usage and argparse's errors name the script: "compute_prs.py: error: ..."
+    parser.formatter_class = HelpFormatter
     args = parser.parse_args(argv)
     configure_torch(getattr(args, "allow_tf32", False))
     show_library_messages()
     set_invocation(sys.argv if argv is None else [sys.argv[0], *argv])
     try:
-        preflight(args, outputs)
+        preflight(args, outputs, weights(args))
         main(args)
     except (InputError, FileNotFoundError) as e:
         if os.environ.get("PRSCLIP_TRACEBACK"):
@@ -119,10 +144,11 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
         _end_distributed()
 
 
-def preflight(args: argparse.Namespace, outputs: Sequence[str] = OUTPUT_FLAGS) -> None:
+def preflight(args: argparse.Namespace, outputs: Sequence[str] = OUTPUT_FLAGS, weights: bool = True) -> None:
     """The checks every script shares, before any work and before anything is written, each one line: the
     ``--device`` is usable here, the weights ``--pretrained`` names are cached or can be downloaded (seconds, not
-    a minute of retries, when offline), and the folders of ``outputs`` can be created and written."""
+    a minute of retries, when offline; only when ``weights``), and the folders of ``outputs`` can be created and
+    written."""
     from utils.models import check_device, check_weights_available
 
     if getattr(args, "device", None):
@@ -133,7 +159,7 @@ def preflight(args: argparse.Namespace, outputs: Sequence[str] = OUTPUT_FLAGS) -
 
         backbone = resolve_backbone(model, pretrained)
         model, pretrained = backbone.name, backbone.pretrained
-    if model and pretrained:
+    if weights and model and pretrained:
         register_model_config(getattr(args, "model_config", None))
         check_weights_available(model, pretrained, getattr(args, "cache_dir", None))
     for flag in outputs:
@@ -217,6 +243,25 @@ def say_wrote(paths: Iterable[str | Path], what: str = "") -> None:
 
 
 # ----------------------------------------------------------------------------- flag groups several scripts share
+DEVICE_HELP = "torch device (default: %(default)s here: cuda when a GPU is usable, else cpu)"
+# The one --num_workers rule: DataLoader workers, up to 8 and never more than this machine's cores. Scripts that keep
+# the flag only for an original command line take it too (and say that they do not use it).
+NUM_WORKERS = min(8, os.cpu_count() or 1)
+
+
+def num_workers_flag(used: bool = True) -> "Flag":
+    """``--num_workers`` (``NUM_WORKERS``); ``used=False`` for a script that accepts it for an original command line
+    but loads no images."""
+    return (("--num_workers",), dict(default=NUM_WORKERS, type=int, help="DataLoader worker processes" if used else
+                                     "accepted for the original command line; this script loads no images"))
+
+
+def add_num_workers_arg(parser, used: bool = True) -> None:
+    """Add ``num_workers_flag`` to ``parser``."""
+    options, kwargs = num_workers_flag(used)
+    parser.add_argument(*options, **kwargs)
+
+
 # A flag as data: (option strings, add_argument keywords), keyed by its dest. Scripts that combine the flags of
 # several studies (compute_ablations.py) read these tables instead of another parser's internals.
 Flag = tuple[tuple[str, ...], dict]
@@ -241,7 +286,7 @@ def model_flags(model: str = "ViT-H-14", pretrained: str = "laion2b_s32b_b79k") 
         "model_config": (("--model_config",), dict(
             default=None, type=str, help="extra open_clip model config: a .json file or a folder of them (custom "
                                          "models)")),
-        "device": (("--device",), dict(default=default_device(), help="torch device (default: cuda if available)")),
+        "device": (("--device",), dict(default=default_device(), help=DEVICE_HELP)),
     }
 
 
@@ -294,8 +339,7 @@ def second_order_ablation_flags() -> dict[str, Flag]:
         "input_dir": (("--input_dir",), dict(default="./output_dir/", help="where the training files are")),
         "data_path": (("--data_path",), dict(default=None, type=str, help="dataset root")),
         "split": (("--split",), dict(default="val", type=str, help="the evaluated split")),
-        "num_workers": (("--num_workers",), dict(default=min(10, os.cpu_count() or 1), type=int,
-                                                 help="DataLoader workers")),
+        "num_workers": num_workers_flag(),
         "dataset": (("--dataset",), dict(
             type=str, default="imagenet",
             help="evaluated dataset: imagenet (val: every 10th image), CIFAR10/100, or an ImageFolder")),
@@ -352,7 +396,7 @@ def add_segmentation_args(parser, output_help: str = "where the results go") -> 
                              "original)")
     parser.add_argument("--data_path", default="imagenet_seg/gtsegs_ijcv.mat", type=str,
                         help="ImageNet-segmentation's gtsegs_ijcv.mat (default imagenet_seg/gtsegs_ijcv.mat)")
-    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int, help="DataLoader workers")
+    add_num_workers_arg(parser)
     parser.add_argument("--classifier_dir", default="./output_dir/",
                         help="where the classifier is (default ./output_dir/)")
     parser.add_argument("--batch_size", default=1, type=positive_int,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.cli import add_mismatch_arg, run
+from utils.cli import DEVICE_HELP, add_mismatch_arg, add_num_workers_arg, run
 from utils.models import default_device
 from utils.files.readers import load_decomposition
 from utils.files.atomic import atomic_write_text, make_output_dir
@@ -45,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Completeness part", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-H-14", type=str, metavar="MODEL", help="model name in file names")
-    parser.add_argument("--num_workers", default=10, type=int, help="unused; kept for PCLens' command line")
+    add_num_workers_arg(parser, used=False)
     parser.add_argument("--output_dir", default="./output_dir", help="where the JSONL goes (default %(default)s)")
     parser.add_argument("--input_dir", default="./output_dir", help="where the arrays are (default %(default)s)")
     parser.add_argument("--text_descriptions", default="image_descriptions_per_class", type=str,
@@ -57,13 +57,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_of_last_layers", type=int, default=4, help="attention layers to replace (default 4)")
     parser.add_argument("--text_per_princ_comp", type=int, default=5,
                         help="texts listed per pole of each principal component (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="the seed in the input and output names")
+    parser.add_argument("--seed", type=int, default=0, help="the seed in the input and output names (default: %(default)s)")
     parser.add_argument("--max_text", type=int, default=80,
                         help="svd_data_approx: at most this many components per head; text_span: texts per head "
                              "(default %(default)s)")
     parser.add_argument("--algorithm", default="svd_data_approx", choices=["svd_data_approx", "text_span"],
                         help="see above (default %(default)s)")
-    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if available)")
+    parser.add_argument("--device", default=default_device(), help=DEVICE_HELP)
     parser.add_argument("--chunk", type=int, default=None, help="images per read from the memmaps (default: ~256 MB)")
     parser.add_argument("--stats_dtype", default="float64", choices=["float64", "float32"],
                         help="precision of the per-head scatter products (see compute_complete_text_set.py)")
