@@ -102,8 +102,10 @@ def plot_layer_curve(acc: dict, num_layers: int, title: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a count of layers: whole ticks only
     curve = [acc["baseline"]] + [acc[f"attn_layers_0_to_{i}_mean_ablated"] for i in range(num_layers)]
     ax.plot(range(num_layers + 1), curve, marker="o", label="attention layers 0..k-1 mean-ablated")
     for key, style in [("mlps_mean_ablated", "--"), ("cls_to_cls_mean_ablated", ":"),

@@ -1,5 +1,8 @@
 """Zero-shot segmentation from neurons (paper 2, second-order effects of neurons), on ImageNet-segmentation.
 
+Not to be confused with compute_segmentations.py (with an s): paper 1's segmentation from the attention heads'
+spatial decomposition. This one is paper 2's, from neurons.
+
 Per class c, the --top_neurons (neuron, layer) pairs over all --mlp_layers whose first principal component r_n is
 most aligned with the class's classifier column w_c: the largest |<r_n, w_c>| (--random: a random choice per
 class, seeded by --seed). Per image:

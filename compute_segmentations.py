@@ -1,5 +1,8 @@
 """Zero-shot segmentation on ImageNet-segmentation from the spatial decomposition (paper 1, section 5).
 
+Not to be confused with compute_segmentation.py (no s): paper 2's segmentation from neurons. This one is
+paper 1's, from the attention heads' spatial decomposition.
+
 Per image: the spatial attention terms (image tokens, summed over layers and heads) times the zero-shot
 classifier; the predicted class's map minus the mean over classes, upsampled, clipped at 0, min-max
 normalised and thresholded at its mean (utils/segmentation.py). Reports pixel accuracy, mIoU (2 classes)

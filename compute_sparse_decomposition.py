@@ -47,8 +47,8 @@ from utils.neurons.ablations import accuracy_over_dataset
 from utils.datasets import build_second_order_dataset, class_labels
 from utils.files.readers import load_classifier
 from utils.files.atomic import load_array, make_output_dir
-from utils.files.names import (find_input, find_text_set, second_order_paths, sparse_decomposition_paths,
-                               sparse_decomposition_stem)
+from utils.files.names import (find_input, find_text_set, pretrained_name, second_order_paths,
+                               sparse_decomposition_paths, sparse_decomposition_stem)
 from utils.neurons.pca import neuron_means
 from utils.files.provenance import check_consistent, derived_record, write_provenance
 from utils.files.results import save_result
@@ -198,8 +198,10 @@ def main(args: argparse.Namespace) -> dict:
                             text_set=args.text_descriptions)
     write_provenance(files["npz"], record)
     written = save_result(out, stem, decomposition_json(top, inputs["lines"]), record, indent=None,
-                          figure=plot_fit(cos, f"{stem}\n{args.solver}, {args.components} texts, "
-                                               f"{args.dictionary_norm}"), figure_name=files["fit"].name)
+                          figure=plot_fit(cos, f"{args.model} ({pretrained_name(args.pretrained)}), MLP layer "
+                                               f"{args.mlp_layer}: {K} neurons' first PCs as {args.components} texts of "
+                                               f"{args.text_descriptions}\n({args.solver}, {args.dictionary_norm})"),
+                          figure_name=files["fit"].name)
     say_wrote([written[0], files["npz"], *written[1:]])
     result = {"json": str(files["json"]), "npz": str(files["npz"]),
               "cosine_mean": float(cos.mean()), "texts_per_neuron_mean": float(nnz.mean())}

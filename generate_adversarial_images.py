@@ -30,7 +30,7 @@ import tqdm
 
 from utils.neurons import adversarial as adv
 from utils.errors import InputError
-from utils.cli import add_mismatch_arg, add_model_args, add_num_workers_arg, args_record, load_model_from_args, positive_int, run
+from utils.cli import HelpFormatter, add_mismatch_arg, add_model_args, add_num_workers_arg, args_record, load_model_from_args, positive_int, run
 
 from utils.files.names import pretrained_name
 from utils.files.atomic import atomic_write_json, atomic_write_text
@@ -46,19 +46,8 @@ RUN_SETTINGS = ("model", "pretrained", "class_0", "class_1", "dataset", "train_s
                 "if_stage_2", "batch_size")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The description as written; each flag's default shown unless its help already names one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default is None or action.default is False \
-                or action.default == argparse.SUPPRESS:
-            return text
-        return text + " (default: %(default)s)"
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Generate semantic adversarial images", description=__doc__,
+    parser = argparse.ArgumentParser("generate_adversarial_images.py", description=__doc__,
                                      formatter_class=HelpFormatter)
     add_model_args(parser, model="ViT-B-32", pretrained="openai")
     parser.add_argument("--class_0", default="dog", type=str,
@@ -67,7 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_num_workers_arg(parser, used=False)
     parser.add_argument("--seed", default=0, type=int,
                         help="seeds the LLM's sampling; description i's images use generator seed --seed + i")
-    parser.add_argument("--dataset_path", default="dataset", type=str, help="where images and results go")
+    parser.add_argument("--dataset_path", default="dataset", type=str,
+                        help="OUTPUT folder: where the images and results go (the original's name, kept)")
     parser.add_argument("--image_model", default="FLUX", choices=adv.IMAGE_MODELS, help="text-to-image model")
     parser.add_argument("--dataset", type=str, default="imagenet", help="dataset name in the input file names")
     parser.add_argument("--train_split", default="train", type=str,
@@ -78,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="accepted for compatibility; no effect (the original only used it on a text-embedding "
                              "file that nothing read afterwards)")
     parser.add_argument("--output_dir", "--input_dir", dest="output_dir", default="./output_dir",
-                        help="where the PCA and decomposition files are (--output_dir in the original)")
+                        help="INPUT folder: where the PCA and decomposition files are read from (the original's "
+                             "name, kept: despite it, nothing is written there; results go to --dataset_path)")
     parser.add_argument("--descriptions_dir", default="./text_descriptions",
                         help="accepted for compatibility; not used (the decompositions hold the texts)")
     parser.add_argument("--text_descriptions", default="30k",

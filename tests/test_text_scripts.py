@@ -226,6 +226,10 @@ def test_use_specific_heads(workdir):
     assert list(summary["ablated"]["groups"].values()) == pytest.approx(expect)
     assert summary["ablated"]["worst_group"] == pytest.approx(min(expect))
     assert len(summary["random"]["worst_group_per_trial"]) == 3
+    # the random sets as the report and the chart show them: the mean over the sets
+    assert summary["random"]["mean"]["worst_group"] == pytest.approx(np.mean(summary["random"]["worst_group_per_trial"]))
+    assert summary["random"]["mean_worst_group"] == summary["random"]["mean"]["worst_group"]
+    assert max(summary["random"]["worst_group_per_trial"]) == summary["random"]["best"]["worst_group"]
 
 
 def test_use_specific_heads_chunk(workdir, tmp_path, monkeypatch):
