@@ -374,7 +374,7 @@ def record_outputs(step: Step, argv: Sequence[str]) -> None:
     for path in step.outputs:
         own = provenance_path(path)
         if not own.is_file() or own.stat().st_mtime < path.stat().st_mtime:
-            record = make_record(None, recorded_by="reproduce.py")
+            record = make_record(recorded_by="reproduce.py")
             record.update(script=step.script, command=shlex.join(["python", *argv]))
             write_provenance(path, record)
 
