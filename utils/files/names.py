@@ -234,3 +234,42 @@ def format_layers(layers) -> str:
         parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
         i = j + 1
     return ",".join(parts)
+
+
+# ----------------------------------------------------------------------------- results read by reproduce.py
+def result_files(output_dir: str | Path, stem: str, suffixes: Sequence[str] = (".json", ".png")) -> dict[str, Path]:
+    """``{stem}{suffix}`` in ``output_dir`` for each suffix, keyed by the suffix without its dot (``json``,
+    ``png``, ``txt``): the files ``utils.files.results.save_result`` (or a script like it) writes for ``stem``."""
+    return {s.lstrip("."): Path(output_dir) / f"{stem}{s}" for s in suffixes}
+
+
+def segmentation_files(folder: str | Path) -> dict[str, Path]:
+    """What both segmentation scripts write into their folder (``segmentation_dir``, ``neuron_segmentation_dir``):
+    ``heatmaps`` [B, S, S], ``metrics`` (per_image_metrics.npy [B, 8]), ``json`` (segmentation.json) and the
+    ``images`` folder of --save_img."""
+    d = Path(folder)
+    return {"heatmaps": d / "heatmaps.npy", "metrics": d / "per_image_metrics.npy", "json": d / "segmentation.json",
+            "images": d / "images"}
+
+
+def sparse_decomposition_files(output_dir: str | Path, stem: str) -> dict[str, Path]:
+    """compute_sparse_decomposition.py's files for ``sparse_decomposition_stem``: the texts per neuron (``json``),
+    the codes (``npz``), the fit figure (``fit``) and, with --evaluate, the accuracies (``evaluation``)."""
+    d = Path(output_dir)
+    return {"json": d / f"{stem}.json", "npz": d / f"{stem}.npz", "fit": d / f"{stem}_fit.png",
+            "evaluation": d / f"{stem}_evaluation.json"}
+
+
+def splice_decomposition_path(output_dir: str | Path, dataset: str, class_label: Optional[int] = None) -> Path:
+    """``{dataset}_decomp.txt`` (SpLiCE README's ``cifar10_decomp.txt``), or ``{dataset}_class_{label}_decomp.txt``:
+    decompose_data.py's -out_path as reproduce.py names it (the dataset lower-cased)."""
+    tail = "" if class_label is None else f"_class_{class_label}"
+    return Path(output_dir) / f"{dataset.lower()}{tail}_decomp.txt"
+
+
+def reproduce_paths(output_dir: str | Path) -> dict[str, Path]:
+    """reproduce.py's own files in its --output_dir: ``report`` (REPORT.md), ``report_json`` (report.json, the same
+    content), ``logs`` (one ``{step}.log`` per step run) and ``smoke_data`` (--smoke's synthetic data sets)."""
+    d = Path(output_dir)
+    return {"report": d / "REPORT.md", "report_json": d / "report.json", "logs": d / "logs",
+            "smoke_data": d / "smoke_data"}
