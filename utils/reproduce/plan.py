@@ -20,6 +20,7 @@ from utils.files.names import (ablations_stem, classifier_path, classifier_path_
                                specific_heads_stem, splice_decomposition_path, splice_weights_path, split_classes_path,
                                text_embeddings_path)
 from utils.reproduce.report import Row, Section, read_key_values
+from utils.text.sets import EXTERNAL, TEXT_DIR
 from utils.reproduce.smoke import SMOKE_DATA_NAMES, SMOKE_IMAGE_MEAN, SMOKE_MODEL, SMOKE_VOCABULARY, smoke_data
 
 __all__ = ["DATA_FLAGS", "DEFAULT_MODELS", "Sizes", "PAPER", "SMOKE", "Settings", "Step", "Plan", "paper1", "paper2",
@@ -196,8 +197,8 @@ def fetch_texts(name: str, folder: str = TEXTS) -> list[Step]:
     """The authors' text set ``name`` (hash-pinned download), unless ``folder`` holds it."""
     if (REPO_ROOT / folder / f"{name}.txt").is_file():
         return []
-    return [Step("texts", f"{TEXTS}/fetch_original.py", [f"{name}.txt"],
-                 [REPO_ROOT / TEXTS / "external" / f"{name}.txt"], records=False)]
+    return [Step("texts", f"{TEXTS}/fetch_original.py", [f"{name}.txt"], [TEXT_DIR / EXTERNAL / f"{name}.txt"],
+                 records=False)]
 
 
 def segmentation_rows(quantity_prefix: str) -> list[Row]:
@@ -323,14 +324,14 @@ def paper2(p: Plan) -> tuple[list[Step], list[Section]]:
         ]
         if only_for_segmentation:
             continue
-        abl = second_order_ablations_path(o, ds, "val", m, pre, layer, top_k)
+        abl = result_files(o, second_order_ablations_path(o, ds, "val", m, pre, layer, top_k).stem)
         sparse = sparse_decomposition_files(o, sparse_decomposition_stem(ds, m, pre, layer, text_set, "omp",
                                                                          s.transform_alpha, s.components))
         steps += [
             Step(f"ablations_L{layer}", "compute_ablations.py",
                  [*model, "--mlp_layer", layer, "--top_k_pca", top_k, *images, "--split", "val", *loader,
                   "--input_dir", o, "--output_dir", o],
-                 [abl, abl.with_suffix(".png")], needs=(f"pcas_L{layer}", "classifier"), data="imagenet",
+                 [abl["json"], abl["png"]], needs=(f"pcas_L{layer}", "classifier"), data="imagenet",
                  group="ablations"),
             Step(f"sparse_L{layer}", "compute_sparse_decomposition.py",
                  [*model, "--mlp_layer", layer, "--top_k_pca", top_k, "--components", s.components,
@@ -345,11 +346,11 @@ def paper2(p: Plan) -> tuple[list[Step], list[Section]]:
                           "second_order_all_neurons_mean_ablated_accuracy")
         sections += [
             Section(f"Second-order ablations on {val}, MLP layer {layer} (paper 2, section 3.3)", f"ablations_L{layer}",
-                    abl, [baseline, all_ablated,
+                    abl["json"], [baseline, all_ablated,
                           Row("only the non-significant neurons kept (%)", "accuracy_percent.only_non_significant_kept"),
                           Row("only the significant neurons kept (%)", "accuracy_percent.only_significant_kept"),
                           Row("each neuron projected on its first PC (%)", "accuracy_percent.projected_to_first_pc")],
-                    figures=[abl.with_suffix(".png")], context=layer_ctx,
+                    figures=[abl["png"]], context=layer_ctx,
                     note="Paper 2 gives layer 9's 'every neuron mean-ablated' in Table 1; the other rows are only "
                          "plotted (Figure 3)."),
             Section(f"Sparse text decomposition of the PCs on {val}, MLP layer {layer}, {s.components} texts per "
