@@ -27,7 +27,7 @@ import sys
 from functools import partial
 
 from utils import REPO_ROOT
-from utils.cli import layer_list, run, say_wrote
+from utils.cli import run, say_wrote
 from utils.reproduce.plan import DATA_FLAGS, PIPELINES, Settings
 from utils.reproduce.runner import Launcher, run_pipeline, run_subprocess
 
@@ -54,10 +54,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlp_layers", type=int, nargs="+", default=None,
                         help="paper2: the MLP layers of the ablations and sparse decompositions (default 9, as "
                              "Table 1; --smoke: 1)")
-    parser.add_argument("--segmentation_layers", type=layer_list, default=None,
-                        help="paper2: the MLP layers whose neurons segment, e.g. 8-10 (default 8-10, as Table 4; "
-                             "--smoke: 0,1); layers not in --mlp_layers get only neuron_prs and pcas, and only "
-                             "with --imagenet_seg")
+    parser.add_argument("--segmentation_layers", type=int, nargs="+", default=None,
+                        help="paper2: the MLP layers whose neurons segment (default 8 9 10, as Table 4; --smoke: 0 "
+                             "1); layers not in --mlp_layers get only neuron_prs and pcas, and only with "
+                             "--imagenet_seg")
     parser.add_argument("--steps", default=None, help="comma-separated steps to run (default: all)")
     parser.add_argument("--dry_run", action="store_true", help="print the plan and what would run; run nothing")
     parser.add_argument("--preview", action="store_true", help="print the REPORT.md this run would write (the "

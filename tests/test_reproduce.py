@@ -378,6 +378,12 @@ def test_plan_reports_steps_without_data_as_skipped(tmp_path):
     assert p["neuron_prs_L9"] == "skipped: no --imagenet, --imagenet_seg given" and "ablations_L9" not in p
     assert p["segmentation"] == "skipped: no --imagenet_seg, --imagenet given"
     assert p["textspan_segmentation"] == "skipped: no --imagenet_seg given"
+    code, out, err = run_inprocess("reproduce.py", "paper2", "--output_dir", str(tmp_path / "run"), "--dry_run",
+                                   "--imagenet", str(tmp_path), "--imagenet_seg", str(tmp_path),
+                                   "--segmentation_layers", "9")
+    p = plan_lines(out)
+    assert code == 0 and not any(k.endswith(("L8", "L10")) for k in p), out + err
+    assert "--mlp_layers 9 --top_k_pca 100" in p["segmentation"] and "--top_neurons 200" in p["segmentation"]
 
 
 def test_a_skip_is_carried_downstream_and_said(tmp_path):
