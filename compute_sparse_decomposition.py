@@ -48,7 +48,7 @@ from utils.datasets import build_second_order_dataset, class_labels
 from utils.files.readers import load_classifier
 from utils.files.atomic import load_array, make_output_dir
 from utils.files.names import (find_input, find_text_set, pretrained_name, second_order_paths,
-                               sparse_decomposition_paths, sparse_decomposition_stem)
+                               sparse_decomposition_files, sparse_decomposition_stem)
 from utils.neurons.pca import neuron_means
 from utils.files.provenance import check_consistent, derived_record, write_provenance
 from utils.files.results import save_result
@@ -186,7 +186,7 @@ def main(args: argparse.Namespace) -> dict:
     penalty = args.transform_alpha if args.solver == "omp" else l1
     stem = sparse_decomposition_stem(args.dataset, args.model, args.pretrained, args.mlp_layer, args.text_descriptions,
                        args.solver, penalty, args.components, args.dictionary_norm)
-    files = sparse_decomposition_paths(out, stem)
+    files = sparse_decomposition_files(out, stem)
     save_sparse_npz(files["npz"], codes)
     reconstruction = np.asarray(truncated @ dictionary, np.float32)  # [K, d]
     cos = cosine_rows(reconstruction, pcas)

@@ -331,7 +331,7 @@ def finish_segmentation(ds, out: Path, record: dict, summary: dict) -> dict:
                        "union": [int(c[4]), int(c[5])], "ap": float(r[6]), "chosen_class": int(r[7])}
                       for c, r in zip(counts, per_image)],
     }
-    atomic_write_json(files["summary"], summary)
+    atomic_write_json(files["json"], summary)
     write_provenance(out, dict(record, num_images=B))
     return summary
 

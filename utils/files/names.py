@@ -98,7 +98,7 @@ def segmentation_dir(output_dir: str | Path, train_dataset: str, model: str, pre
 SEGMENTATION_FILES = {  # inside a segmentation folder (both papers): key -> file name
     "heatmaps": "heatmaps.npy",  # [B, S, S] the precision-recall scores
     "metrics": "per_image_metrics.npy",  # [B, 8] per-image counts, AP, chosen class
-    "summary": "segmentation.json",
+    "json": "segmentation.json",
     "precision": "precision.npy", "recall": "recall.npy",
     "neuron_maps": "neuron_maps.npy",  # paper 2: [B, g, g]
     "neurons_per_class": "neurons_per_class.npy",  # paper 2: [C, k, 2]
@@ -107,7 +107,7 @@ SEGMENTATION_FILES = {  # inside a segmentation folder (both papers): key -> fil
 
 
 def segmentation_files(folder: str | Path) -> dict[str, Path]:
-    """The files of a segmentation folder (``SEGMENTATION_FILES``), by key."""
+    """The files of a segmentation folder (both papers' segmentation scripts; ``SEGMENTATION_FILES``), by key."""
     return {k: Path(folder) / name for k, name in SEGMENTATION_FILES.items()}
 
 
@@ -195,14 +195,6 @@ def sparse_decomposition_stem(dataset: str, model: str, pretrained: Optional[str
     return stem + ("_per_text" if norm == "per_text" else "")
 
 
-def sparse_decomposition_paths(folder: str | Path, stem: str) -> dict[str, Path]:
-    """compute_sparse_decomposition.py's files of ``stem`` (``sparse_decomposition_stem``): ``json`` (texts and
-    coefficients per neuron), ``npz`` (the sparse codes), ``fit`` (the cosine histogram), ``evaluation``."""
-    folder = Path(folder)
-    return {"json": folder / f"{stem}.json", "npz": folder / f"{stem}.npz", "fit": folder / f"{stem}_fit.png",
-            "evaluation": folder / f"{stem}_evaluation.json"}
-
-
 # ----------------------------------------------------------------------------- SpLiCE
 def splice_concepts_path(folder: str | Path, backbone_label: str, vocabulary: str, vocabulary_size: int) -> Path:
     """``splice_concepts_{model}_{weights}_{vocab}_{size|full}.npy``: a cached concept dictionary [T, d]."""
@@ -276,3 +268,33 @@ def format_layers(layers) -> str:
         parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
         i = j + 1
     return ",".join(parts)
+
+
+# ----------------------------------------------------------------------------- results read by reproduce.py
+def result_files(output_dir: str | Path, stem: str, suffixes: Sequence[str] = (".json", ".png")) -> dict[str, Path]:
+    """``{stem}{suffix}`` in ``output_dir`` for each suffix, keyed by the suffix without its dot (``json``,
+    ``png``, ``txt``): the files ``utils.files.results.save_result`` (or a script like it) writes for ``stem``."""
+    return {s.lstrip("."): Path(output_dir) / f"{stem}{s}" for s in suffixes}
+
+
+def sparse_decomposition_files(output_dir: str | Path, stem: str) -> dict[str, Path]:
+    """compute_sparse_decomposition.py's files for ``sparse_decomposition_stem``: the texts per neuron (``json``),
+    the codes (``npz``), the fit figure (``fit``) and, with --evaluate, the accuracies (``evaluation``)."""
+    d = Path(output_dir)
+    return {"json": d / f"{stem}.json", "npz": d / f"{stem}.npz", "fit": d / f"{stem}_fit.png",
+            "evaluation": d / f"{stem}_evaluation.json"}
+
+
+def splice_decomposition_path(output_dir: str | Path, dataset: str, class_label: Optional[int] = None) -> Path:
+    """``{dataset}_decomp.txt`` (SpLiCE README's ``cifar10_decomp.txt``), or ``{dataset}_class_{label}_decomp.txt``:
+    decompose_data.py's -out_path as reproduce.py names it (the dataset lower-cased)."""
+    tail = "" if class_label is None else f"_class_{class_label}"
+    return Path(output_dir) / f"{dataset.lower()}{tail}_decomp.txt"
+
+
+def reproduce_paths(output_dir: str | Path) -> dict[str, Path]:
+    """reproduce.py's own files in its --output_dir: ``report`` (REPORT.md), ``report_json`` (report.json, the same
+    content), ``logs`` (one ``{step}.log`` per step run) and ``smoke_data`` (--smoke's synthetic data sets)."""
+    d = Path(output_dir)
+    return {"report": d / "REPORT.md", "report_json": d / "report.json", "logs": d / "logs",
+            "smoke_data": d / "smoke_data"}

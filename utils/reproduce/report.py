@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from utils import DATA_DIR
 from utils.files.atomic import atomic_write_json, atomic_write_text
+from utils.files.names import reproduce_paths
 
 __all__ = ["PUBLISHED_NUMBERS", "Row", "Section", "load_published", "find_published", "build_section",
            "render_markdown", "write_report", "read_key_values"]
@@ -104,7 +105,7 @@ def build_section(section: Section, table: Mapping, step_status: str, report_dir
         ours = None if ours is None else ours * row.scale
         pub = find_published(table, row.quantity, section.context)
         published = None if pub is None else pub["value"]
-        rows.append({"quantity": row.label, "ours": ours, "published": published,
+        rows.append({"quantity": row.label, "published_quantity": row.quantity, "ours": ours, "published": published,
                      "difference": None if ours is None or published is None else ours - published,
                      "decimals": row.decimals,
                      "source": None if pub is None else f"{table['sources'][pub['source']]['title']}: {pub['where']}",
@@ -128,6 +129,11 @@ def render_markdown(report: Mapping) -> str:
     """REPORT.md from the report dict (the content of report.json)."""
     lines = [f"# {report['title']}", ""]
     lines += [f"- {k}: `{report[k]}`" for k in ("command", "output_dir", "created", "git_commit") if report.get(k)]
+    if report.get("data"):
+        lines.append("- data: " + ", ".join(f"`--{k} {v}`" for k, v in report["data"].items()))
+    skipped = [s for s in report["steps"] if s["status"].startswith("skipped")]
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(f"{s['name']} ({s['status'].removeprefix('skipped: ')})" for s in skipped) + "."]
     lines += ["", "## Steps", "", "| step | status | seconds | log |", "| --- | --- | --- | --- |"]
     for s in report["steps"]:
         seconds = DASH if s.get("seconds") is None else f"{s['seconds']:.1f}"
@@ -157,7 +163,7 @@ def render_markdown(report: Mapping) -> str:
 
 def write_report(output_dir: str | Path, report: Mapping) -> tuple[Path, Path]:
     """Write ``REPORT.md`` and ``report.json`` (the same content) into ``output_dir``, atomically."""
-    out = Path(output_dir)
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "REPORT.md", render_markdown(report))
-    return out / "REPORT.md", out / "report.json"
+    paths = reproduce_paths(output_dir)
+    atomic_write_json(paths["report_json"], report)
+    atomic_write_text(paths["report"], render_markdown(report))
+    return paths["report"], paths["report_json"]
