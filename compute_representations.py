@@ -47,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    init_distributed(args)
+    args.device = init_distributed(args.device)
     model, preprocess, _ = load_model_from_args(args)
     ds = build_second_order_dataset(args.dataset, args.data_path, preprocess, args.split)
     out = make_output_dir(args.output_dir)

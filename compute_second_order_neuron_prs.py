@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> Path:
-    init_distributed(args)
+    args.device = init_distributed(args.device)
     model, preprocess, _ = load_model_from_args(args)
     effects = SecondOrderEffects(model, args.mlp_layer, args.device, args.coefficient, model_name=args.model)
     ds = build_second_order_dataset(args.dataset, args.data_path, preprocess, args.split)

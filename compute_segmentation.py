@@ -89,7 +89,7 @@ def load_pcas(args: argparse.Namespace) -> tuple[list[Path], np.ndarray]:
 
 
 def main(args: argparse.Namespace) -> dict:
-    init_distributed(args)
+    args.device = init_distributed(args.device)
     # validate the inputs before loading any weights
     ds = ImagenetSegmentation(args.data_path, image_size=args.image_size, mask_resize=args.mask_resize)
     pca_files, pcs = load_pcas(args)

@@ -60,7 +60,7 @@ def load_classifier(args: argparse.Namespace) -> tuple[Path, np.ndarray]:
 
 
 def main(args: argparse.Namespace) -> dict:
-    init_distributed(args)
+    args.device = init_distributed(args.device)
     # validate the inputs before loading any weights
     ds = ImagenetSegmentation(args.data_path, image_size=args.image_size, mask_resize=args.mask_resize)
     cls_file, classifier = load_classifier(args)
