@@ -1,6 +1,6 @@
 """PCLens' command lines, ``python -m utils.scripts.<name>``, as thin modules over this project's scripts.
 
-  compute_activation_values   -> compute_prs.py                (PCLens' file names, its image subsets)
+  compute_activation_values   -> utils.decomposition (compute_prs.py's body; PCLens' file names, its image subsets)
   compute_classes_embeddings  -> compute_text_projection.py
   compute_text_explanations   -> compute_complete_text_set.py  (PCLens' JSONL output)
 
