@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prs_hook import hook_prs_logger
+from prs_hook import Decomposer
 from utils.errors import InputError
 from utils.cli import run
 from utils.models import add_model_args, load_model_from_args
@@ -67,10 +67,11 @@ def main(args: argparse.Namespace) -> dict:
     model, preprocess, _ = load_model_from_args(args)
     ds.transform = preprocess
     grid, patch = check_image_size(model, args.image_size, args.model)
-    prs = hook_prs_logger(model, args.device, spatial="sum", model_name=args.model)
-    if classifier.shape[0] != prs.out_dim:
+    engine = Decomposer(model, args.device, model_name=args.model)
+    if classifier.shape[0] != engine.out_dim:
         raise InputError(f"{cls_file}: classifier of shape {list(classifier.shape)}, but {args.model} embeds into "
-                         f"{prs.out_dim} dimensions; expected [{prs.out_dim}, classes] (written for another model?)")
+                         f"{engine.out_dim} dimensions; expected [{engine.out_dim}, classes] (written for another "
+                         f"model?)")
     check_consistent([cls_file], ("model", "pretrained"), expected={"model": args.model, "pretrained": args.pretrained},
                      allow_mismatch=args.allow_mismatch)
     weights = torch.from_numpy(classifier).to(args.device)
@@ -78,8 +79,8 @@ def main(args: argparse.Namespace) -> dict:
     out = make_output_dir(segmentation_dir(args.output_dir, args.train_dataset, args.model, args.pretrained))
     record = make_record(args, dataset=args.train_dataset, classifier=str(cls_file), image_size=args.image_size,
                          thr=args.thr, mask_resize=args.mask_resize)
-    stream_segmentation(ds, out, lambda images, targets: evaluate_batch(prs, images, targets, weights, grid, patch,
-                                                                        args.thr), preprocess, args, record)
+    stream_segmentation(ds, out, lambda images, targets: evaluate_batch(engine, images, targets, weights, grid,
+                                                                        patch, args.thr), preprocess, args, record)
     if not is_main_process():
         return {}
     summary = {"model": args.model, "pretrained": pretrained_name(args.pretrained), "classifier": str(cls_file)}
