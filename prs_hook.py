@@ -20,7 +20,7 @@ The Python API (docs/api.md)::
     d.attn, d.mlp, d.cls_attn                   # [b, L, H, d], [b, L+1, d], [b, L, d]
     d.total()                                   # [b, d] = d.representation / d.norm, the sum rule
     d.head_logits(classifier)                   # [b, L, H, C]
-    d.top_heads(text, k=5)                      # [("L11.H3", 0.021), ...]
+    d.top_heads(text, k=5)                      # [HeadScore(label="L11.H3", layer=11, head=3, score=0.021), ...]
     d = engine(images, layers=[10, 11])         # attn [b, 2, H, d]; the other layers in d.attn_rest [b, d]
     d = engine(images, spatial=True)            # attn [b, L, N, H, d]
     d = engine(images, spatial="sum")           # attn [b, N, d]: summed over layers and heads (segmentation)
@@ -45,7 +45,7 @@ import contextlib
 import copy
 import dataclasses
 import warnings
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -54,8 +54,9 @@ import torch.nn.functional as F
 
 from utils.errors import InputError, UnsupportedModelError
 
-__all__ = ["Decomposer", "Decomposition", "PRSLogger", "TOWERS", "Tower", "UnsupportedModelError", "ViTTower",
-           "autocast_off", "check_supported", "decompose", "float32_tower", "hook_prs_logger"]
+__all__ = ["Decomposer", "Decomposition", "HeadScore", "PRSLogger", "RawTerms", "Request", "TOWERS", "Tower",
+           "UnsupportedModelError", "ViTTower", "autocast_off", "check_supported", "decompose", "float32_tower",
+           "hook_prs_logger"]
 
 Spatial = Union[bool, str]  # False, True or "sum"
 
@@ -113,6 +114,15 @@ def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the record
+class HeadScore(NamedTuple):
+    """One head's score (``Decomposition.top_heads``): its label ``"L{layer}.H{head}"``, layer, head, score."""
+
+    label: str
+    layer: int
+    head: int
+    score: float
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Decomposition:
     """The direct contributions of a batch of images to their normalised embeddings (docs/design.md section 2).
@@ -176,25 +186,26 @@ class Decomposition:
         ``total() @ classifier``.
         """
         heads = self.head_terms()
-        w = torch.as_tensor(classifier, dtype=torch.float32, device=heads.device)
+        w = torch.as_tensor(classifier).detach().to(heads.device, torch.float32)
         d = heads.shape[-1]
         if w.dim() != 2 or w.shape[0] != d:
             raise InputError(f"head_logits: classifier of shape {list(w.shape)}; expected [d={d}, classes]")
         return heads @ w
 
     def top_heads(self, text: torch.Tensor | np.ndarray, k: int = 5, image: Optional[int] = None
-                  ) -> list[tuple[str, float]]:
+                  ) -> list[HeadScore]:
         """The ``k`` heads whose terms score highest on ``text`` ``[d]`` (e.g. a unit text embedding), strongest
-        first, as ``(label, score)``. The score is ``head term · text``, each head's direct share of the
-        image-text similarity; for ``image`` ``i`` of the batch, or (``None``) their mean over the batch."""
-        w = torch.as_tensor(text, dtype=torch.float32, device=self.attn.device)
+        first, as ``HeadScore(label, layer, head, score)``. The score is ``head term · text``, each head's direct
+        share of the image-text similarity; for ``image`` ``i`` of the batch, or (``None``) their mean over the
+        batch."""
+        w = torch.as_tensor(text).detach()
         if w.dim() != 1:
             raise InputError(f"top_heads: text of shape {list(w.shape)}; expected [d]")
         scores = self.head_logits(w[:, None])[..., 0]  # [b, L', H]
         scores = scores.mean(0) if image is None else scores[image]
         values, index = scores.flatten().topk(min(k, scores.numel()))
-        labels = self.labels
-        return [(labels[i], v) for i, v in zip(index.tolist(), values.tolist())]
+        H, labels = self.num_heads, self.labels
+        return [HeadScore(labels[i], self.layers[i // H], i % H, v) for i, v in zip(index.tolist(), values.tolist())]
 
     def total(self) -> torch.Tensor:
         """The sum of every term, ``[b, d]``: equal to ``representation / norm`` (the sum rule)."""
