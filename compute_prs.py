@@ -21,18 +21,17 @@ with --layers 28-31 13.1 GB, plus attn_rest 0.2 GB; mlp (6.8 GB) and cls_attn (6
 Several GPUs: torchrun --nproc_per_node 8 compute_prs.py ... (docs/torchrun.md).
 """
 import argparse
-import os
 
-from prs_hook import hook_prs_logger
-from utils.errors import InputError
-from utils.cli import add_model_args, args_record, layer_list, load_model_from_args, positive_int, run
-from utils.files.names import format_layers
+import numpy as np
+
+from prs_hook import Decomposer
+from utils.cli import (add_model_args, add_num_workers_arg, args_record, layer_list, load_model_from_args,
+                       positive_int, run)
 from utils.datasets import build_dataset
-
+from utils.decomposition import decompose_dataset, kept_layers
 from utils.files.atomic import make_output_dir
-from utils.files.names import attn_rest_path, labels_path, prs_paths
-from utils.files.provenance import save_output
-from utils.files.streaming import Output, init_distributed, is_main_process, stream_dataset
+from utils.files.names import attn_rest_path, format_layers, labels_path, prs_paths
+from utils.files.streaming import init_distributed, is_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -43,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default=None, type=str, help="dataset root (not needed for 'sample')")
     parser.add_argument("--dataset", type=str, default="imagenet",
                         help="imagenet, binary_waterbirds, CIFAR10, CIFAR100, sample, or any ImageFolder name")
-    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    add_num_workers_arg(parser)
     parser.add_argument("--output_dir", default="./output_dir", help="where to save")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
     parser.add_argument("--layers", default=None, type=layer_list, metavar="LAYERS",
@@ -53,58 +52,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def kept_layers(layers, num_layers: int, model: str):
-    """The layers to store (``None``: all); ``InputError`` naming --layers when one is out of range."""
-    if layers is None:
-        return None
-    bad = [l for l in layers if l >= num_layers]
-    if bad:
-        raise InputError(f"--layers {format_layers(layers)}: {format_layers(bad)} out of range; {model} has "
-                         f"{num_layers} layers (0-{num_layers - 1})")
-    if len(layers) == num_layers:
-        print(f"--layers {format_layers(layers)}: every layer of {model}; writing the full files")
-        return None
-    return list(layers)
-
-
 def main(args: argparse.Namespace) -> dict:
-    init_distributed(args)
+    args.device = init_distributed(args.device)
     ds = build_dataset(args.dataset, args.data_path)  # validate the data before loading any weights
     out = make_output_dir(args.output_dir)
     model, preprocess, _ = load_model_from_args(args)
-    layers = kept_layers(getattr(args, "layers", None), len(model.visual.transformer.resblocks), args.model)
+    engine = Decomposer(model, args.device, model_name=args.model)
+    layers = kept_layers(args.layers, engine.num_layers, args.model)
+    if args.layers is not None and layers is None:
+        print(f"--layers {format_layers(args.layers)}: every layer of {args.model}; writing the full files")
     ds.transform = preprocess
-    # hooks for `python -m utils.scripts.compute_activation_values` (PCLens): a subset of the images, other names
-    ds = args.select_images(ds) if getattr(args, "select_images", None) else ds
-    names = getattr(args, "output_names", None) or {**prs_paths(out, args.dataset, args.model),
-                                                    "labels": labels_path(out, args.dataset)}
-    record = args_record(args) if layers is None else args_record(args, layers=layers)
+    paths = {**prs_paths(out, args.dataset, args.model), "attn_rest": attn_rest_path(out, args.dataset, args.model),
+             "labels": labels_path(out, args.dataset)}
+    written = decompose_dataset(engine, ds, paths, record=args_record(args), layers=layers, dtype=args.dtype,
+                                batch_size=args.batch_size, num_workers=args.num_workers, resume=args.resume,
+                                model_name=args.model, desc=f"compute_prs {args.model} {args.dataset}")
     if is_main_process():
-        save_output(names["labels"], ds.labels, dict(record, num_images=len(ds)))
-
-    prs = hook_prs_logger(model, args.device, model_name=args.model, layers=layers)
-    L, H, d = prs.num_layers, prs.num_heads, prs.out_dim
-    outputs = {"attn": Output(names["attn"], (L if layers is None else len(layers), H, d), args.dtype),
-               "mlp": Output(names["mlp"], (L + 1, d), args.dtype),
-               "cls_attn": Output(names["cls_attn"], (L, d), args.dtype)}
-    if layers is not None:
-        rest = names.get("attn_rest") or attn_rest_path(out, args.dataset, args.model)
-        outputs["attn_rest"] = Output(rest, (d,), args.dtype)
-
-    def compute(images, labels, start):
-        attentions, mlps = prs.finalize(prs.encode_image(images))
-        batch = {"attn": attentions.cpu().numpy(), "mlp": mlps.cpu().numpy(),
-                 "cls_attn": prs.cls_attentions.cpu().numpy()}
-        if prs.attn_rest is not None:
-            batch["attn_rest"] = prs.attn_rest.cpu().numpy()
-        return batch
-
-    stream_dataset(ds, outputs, compute, record=record, resume=args.resume, batch_size=args.batch_size,
-                   num_workers=args.num_workers, desc=f"compute_prs {args.model} {args.dataset}")
-    if is_main_process():
-        for k, o in outputs.items():
-            print(f"wrote {o.path} {[len(ds), *o.shape]} {args.dtype}")
-    return {"labels": str(names["labels"]), **{k: str(o.path) for k, o in outputs.items()}}
+        for k, path in written.items():
+            if k != "labels":
+                print(f"wrote {path} {list(np.load(path, mmap_mode='r').shape)} {args.dtype}")
+    return {k: str(p) for k, p in written.items()}
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ comes from open_clip's own encode_image (the original's per-head attention path 
 Several GPUs: torchrun --nproc_per_node 8 compute_representations.py ... (docs/torchrun.md).
 """
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 
-from utils.cli import add_model_args, args_record, load_model_from_args, positive_int, run
+from utils.cli import add_model_args, add_num_workers_arg, args_record, load_model_from_args, positive_int, run
 from utils.datasets import build_second_order_dataset, class_column
 
 from utils.files.atomic import make_output_dir
@@ -37,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coefficient", default=COEFFICIENT, type=float,
                         help="scale on the unit-norm embeddings (default %(default)s, as the original)")
     parser.add_argument("--split", default="train", type=str, help="train (default), val (imagenet), test (CIFAR)")
-    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    add_num_workers_arg(parser)
     parser.add_argument("--output_dir", default="./output_dir", help="where to save")
     parser.add_argument("--dataset", type=str, default="imagenet",
                         help="imagenet (subsampled), CIFAR10, CIFAR100, sample, or any ImageFolder name")
@@ -47,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    init_distributed(args)
+    args.device = init_distributed(args.device)
     model, preprocess, _ = load_model_from_args(args)
     ds = build_second_order_dataset(args.dataset, args.data_path, preprocess, args.split)
     out = make_output_dir(args.output_dir)

@@ -16,12 +16,11 @@ OpenAI weights run with QuickGELU (set automatically for the 'openai' tag; --for
 Several GPUs: torchrun --nproc_per_node 8 compute_second_order_neuron_prs.py ... (docs/torchrun.md).
 """
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 
-from utils.cli import add_model_args, args_record, load_model_from_args, positive_int, run
+from utils.cli import add_model_args, add_num_workers_arg, args_record, load_model_from_args, positive_int, run
 from utils.datasets import build_second_order_dataset
 
 from utils.files.atomic import make_output_dir
@@ -43,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", type=str, default="imagenet",
                         help="imagenet (subsampled), CIFAR10, CIFAR100, sample, or any ImageFolder name")
     parser.add_argument("--split", type=str, default="train", help="val or train")
-    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    add_num_workers_arg(parser)
     parser.add_argument("--output_dir", default="./output_dir", help="where to save")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -51,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> Path:
-    init_distributed(args)
+    args.device = init_distributed(args.device)
     model, preprocess, _ = load_model_from_args(args)
     effects = SecondOrderEffects(model, args.mlp_layer, args.device, args.coefficient, model_name=args.model)
     ds = build_second_order_dataset(args.dataset, args.data_path, preprocess, args.split)

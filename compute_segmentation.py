@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prs_hook import hook_prs_logger
+from prs_hook import Decomposer
 from utils.errors import InputError
 from utils.cli import add_model_args, add_segmentation_args, args_record, finish_segmentation_run, load_model_from_args, run, segmentation_options
 
@@ -92,7 +92,7 @@ def load_pcas(args: argparse.Namespace) -> tuple[list[Path], np.ndarray]:
 
 
 def main(args: argparse.Namespace) -> dict:
-    init_distributed(args)
+    args.device = init_distributed(args.device)
     # validate the inputs before loading any weights
     ds = ImagenetSegmentation(args.data_path, image_size=args.image_size, mask_resize=args.mask_resize)
     pca_files, pcs = load_pcas(args)
@@ -105,10 +105,10 @@ def main(args: argparse.Namespace) -> dict:
     outside = [layer for layer in args.mlp_layers if not 0 <= layer < len(blocks)]
     if outside:
         raise InputError(f"--mlp_layers: layer {outside[0]} out of range for {args.model} (0..{len(blocks) - 1})")
-    prs = hook_prs_logger(model, args.device, post_gelu_layers=args.mlp_layers, model_name=args.model)
+    engine = Decomposer(model, args.device, model_name=args.model)
     neurons = len(pcs) // len(args.mlp_layers)
     for layer, f in zip(args.mlp_layers, pca_files):
-        expected = [blocks[layer].mlp.c_proj.in_features, prs.out_dim]
+        expected = [blocks[layer].mlp.c_proj.in_features, engine.out_dim]
         if [neurons, pcs.shape[1]] != expected:
             raise InputError(f"{f}: PCs of shape {[neurons, pcs.shape[1]]}, but {args.model} layer {layer} has "
                              f"[neurons, d] = {expected} (written for another model?)")
@@ -129,7 +129,7 @@ def main(args: argparse.Namespace) -> dict:
     weights = torch.from_numpy(classifier).to(args.device)
     selection = torch.from_numpy(rows).to(args.device)
     stream_segmentation(ds, out, lambda images, targets: evaluate_neuron_batch(
-        prs, images, targets, weights, selection, args.mlp_layers, grid, patch, args.thr), preprocess, record=record,
+        engine, images, targets, weights, selection, args.mlp_layers, grid, patch, args.thr), preprocess, record=record,
         **segmentation_options(args),
         extra={"neuron_map": Output(files["neuron_maps"], tuple(grid), "float32")}, desc="neuron segmentation")
     if not is_main_process():

@@ -28,7 +28,7 @@ import argparse
 
 import torch
 
-from prs_hook import hook_prs_logger
+from prs_hook import Decomposer
 from utils.errors import InputError
 from utils.cli import add_model_args, add_segmentation_args, args_record, finish_segmentation_run, load_model_from_args, run, segmentation_options
 
@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    init_distributed(args)
+    args.device = init_distributed(args.device)
     # validate the inputs before loading any weights
     ds = ImagenetSegmentation(args.data_path, image_size=args.image_size, mask_resize=args.mask_resize)
     cls_file = classifier_path(args.classifier_dir, args.classifier_dataset, args.model)
@@ -60,10 +60,11 @@ def main(args: argparse.Namespace) -> dict:
     model, preprocess, _ = load_model_from_args(args)
     ds.transform = preprocess
     grid, patch = check_image_size(model, args.image_size, args.model)
-    prs = hook_prs_logger(model, args.device, spatial="sum", model_name=args.model)
-    if classifier.shape[0] != prs.out_dim:
+    engine = Decomposer(model, args.device, model_name=args.model)
+    if classifier.shape[0] != engine.out_dim:
         raise InputError(f"{cls_file}: classifier of shape {list(classifier.shape)}, but {args.model} embeds into "
-                         f"{prs.out_dim} dimensions; expected [{prs.out_dim}, classes] (written for another model?)")
+                         f"{engine.out_dim} dimensions; expected [{engine.out_dim}, classes] (written for another "
+                         f"model?)")
     check_consistent([cls_file], ("model", "pretrained"), expected={"model": args.model, "pretrained": args.pretrained},
                      allow_mismatch=args.allow_mismatch)
     weights = torch.from_numpy(classifier).to(args.device)
@@ -71,7 +72,7 @@ def main(args: argparse.Namespace) -> dict:
     out = make_output_dir(segmentation_dir(args.output_dir, args.train_dataset, args.model, args.pretrained))
     record = args_record(args, dataset=args.train_dataset, classifier=str(cls_file), image_size=args.image_size,
                          thr=args.thr, mask_resize=args.mask_resize)
-    stream_segmentation(ds, out, lambda images, targets: evaluate_batch(prs, images, targets, weights, grid, patch,
+    stream_segmentation(ds, out, lambda images, targets: evaluate_batch(engine, images, targets, weights, grid, patch,
                                                                         args.thr), preprocess, record=record,
         **segmentation_options(args))
     if not is_main_process():

@@ -1,84 +1,67 @@
-"""The hooked open_clip ViT: an explicit image-tower forward that records every direct contribution.
+"""The decomposition engine: an explicit image-tower forward that records every direct contribution.
 
 The CLS residual stream after the last block is a sum of ``2L + 1`` terms: the embedding term, L attention
 outputs and L MLP outputs (docs/design.md section 1). Each attention output splits per head and per source token.
-``PRSLogger`` runs the image tower of an unmodified ``open_clip`` model block by block, reading its weights
-by name, and records those terms already multiplied into the output space, so that ``finalize`` only has to
-apply the frozen ``ln_post`` statistics (docs/design.md section 2)::
+The engine runs the image tower of an unmodified ``open_clip`` model block by block, reading its weights by
+name, records those terms already multiplied into the output space, and applies the frozen ``ln_post``
+statistics at the end (docs/design.md section 2)::
 
     P(c) = (gamma * (c - mu / T) / sigma + beta / T) @ proj / ||r||
 
 Nothing of size ``[batch, tokens, tokens, heads, width]`` is ever built: only the CLS query row of each
 attention map is computed, and without ``spatial=True`` the source-token axis is reduced inside the forward.
 
-Port from the original ``hook_prs_logger`` API::
+The Python API (docs/api.md)::
+
+    from prs_hook import Decomposer, decompose
+
+    engine = Decomposer(model, "cuda")          # the fixed maps, built once per model
+    d = engine(images)                          # a Decomposition, a new frozen record per call
+    d.attn, d.mlp, d.cls_attn                   # [b, L, H, d], [b, L+1, d], [b, L, d]
+    d.total()                                   # [b, d] = d.representation / d.norm, the sum rule
+    d.head_logits(classifier)                   # [b, L, H, C]
+    d.top_heads(text, k=5)                      # [HeadScore(label="L11.H3", layer=11, head=3, score=0.021), ...]
+    d = engine(images, layers=[10, 11])         # attn [b, 2, H, d]; the other layers in d.attn_rest [b, d]
+    d = engine(images, spatial=True)            # attn [b, L, N, H, d]
+    d = engine(images, spatial="sum")           # attn [b, N, d]: summed over layers and heads (segmentation)
+    d = decompose(model, images)                # one call: builds a Decomposer, then decomposes
+
+Towers: ``Decomposer`` dispatches on the type of ``model.visual`` to a ``Tower`` implementation (``TOWERS``); a
+tower holds the fixed maps of its architecture and runs the forward that records the raw terms, and the
+``Decomposer`` projects them through the frozen final LayerNorm into a ``Decomposition``. ``ViTTower`` handles
+open_clip's ``VisionTransformer`` with CLS-token pooling; every other tower raises ``UnsupportedModelError``.
+
+The original ``hook_prs_logger`` API stays, as a thin adapter over a ``Decomposer`` (``PRSLogger``)::
 
     prs = hook_prs_logger(model, device, spatial=False)
     prs.reinit()
     representation = prs.encode_image(images)             # was: model.encode_image(..., attn_method='head')
     attentions, mlps = prs.finalize(representation)      # [b, L, H, d] (spatial: [b, L, N, H, d]), [b, L+1, d]
     cls_attn = prs.cls_attentions                        # [b, L, d]
-
-``hook_prs_logger(model, device, layers=[28, 29, 30, 31])`` keeps the attention terms of those layers only
-(``[b, 4, H, d]``) and sums the others over heads inside the forward into ``prs.attn_rest`` ``[b, d]``.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.errors import InputError, UnsupportedModelError
 
-__all__ = ["PRSLogger", "UnsupportedModelError", "autocast_off", "check_supported", "float32_tower", "hook_prs_logger"]
+__all__ = ["Decomposer", "Decomposition", "HeadScore", "PRSLogger", "RawTerms", "Request", "TOWERS", "Tower",
+           "UnsupportedModelError", "ViTTower", "autocast_off", "check_supported", "decompose", "float32_tower",
+           "hook_prs_logger"]
+
+Spatial = Union[bool, str]  # False, True or "sum"
 
 
-def check_supported(model: nn.Module, model_name: Optional[str] = None) -> None:
-    """Raise ``UnsupportedModelError`` unless ``model.visual`` is an open_clip ViT we can decompose exactly.
-
-    Supported: ``open_clip.transformer.VisionTransformer`` with CLS-token pooling, standard residual blocks
-    (``nn.MultiheadAttention``), any MLP activation (GELU, QuickGELU, ...), with or without layer scale.
-    """
-    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
-
-    name = model_name or type(model).__name__
-    visual = getattr(model, "visual", None)
-    if visual is None:
-        raise UnsupportedModelError(f"model '{name}': has no image tower (`model.visual`)")
-    if not isinstance(visual, VisionTransformer):
-        kind = type(visual).__name__
-        hint = {"ModifiedResNet": "ResNet image towers", "TimmModel": "timm image towers"}.get(kind, kind)
-        raise UnsupportedModelError(
-            f"model '{name}': unsupported image tower {kind} ({hint}); only open_clip VisionTransformer is supported")
-    if getattr(visual, "attn_pool", None) is not None:
-        raise UnsupportedModelError(f"model '{name}': attention pooling (attentional_pool) is not supported")
-    if visual.pool_type != "tok":
-        raise UnsupportedModelError(
-            f"model '{name}': pool_type='{visual.pool_type}' (average pooling) is not supported; needs CLS-token pooling")
-    for i, block in enumerate(visual.transformer.resblocks):
-        if type(block) is not ResidualAttentionBlock:
-            raise UnsupportedModelError(
-                f"model '{name}': block {i} is {type(block).__name__} (qk-norm / scaled-cosine / head-scaling "
-                f"attention); only the standard ResidualAttentionBlock is supported")
-        if hasattr(block, "ln_1_kv"):
-            raise UnsupportedModelError(f"model '{name}': cross-attention blocks are not supported")
-        if block.attn.in_proj_weight is None or block.attn.in_proj_bias is None:
-            raise UnsupportedModelError(f"model '{name}': attention without packed in_proj weights/bias")
-
-
-def _layer_scale(module: nn.Module, width: int, ref: torch.Tensor) -> torch.Tensor:
-    """The LayerScale vector of ``ls_1``/``ls_2`` (ones for ``nn.Identity``), float32, [width]."""
-    gamma = getattr(module, "gamma", None)
-    if gamma is None:
-        return torch.ones(width, dtype=torch.float32, device=ref.device)
-    return gamma.detach().float()
-
-
+# ----------------------------------------------------------------------------- helpers
 def _resolve_device(device: torch.device | str) -> torch.device:
     """``device`` with an explicit index for CUDA (``cuda`` -> ``cuda:<current>``), comparable to a tensor's."""
     device = torch.device(device)
@@ -117,145 +100,262 @@ def _ln_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-class PRSLogger:
-    """Explicit forward of ``model.visual`` that logs the projected residual stream (PRS).
+def _layer_scale(module: nn.Module, width: int, device: torch.device) -> torch.Tensor:
+    """The LayerScale vector of ``ls_1``/``ls_2`` (ones for ``nn.Identity``), float32, [width]."""
+    gamma = getattr(module, "gamma", None)
+    if gamma is None:
+        return torch.ones(width, dtype=torch.float32, device=device)
+    return gamma.detach().float()
 
-    Numerics: the decomposition always runs in float32.
 
-    - Autocast (CPU or CUDA) is disabled inside the constructor, ``encode_image`` and ``finalize``, so an
-      enclosing ``torch.autocast`` changes nothing.
-    - A float16 or bfloat16 model is **upcast**: the logger decomposes a float32 copy of ``model.visual`` (made
-      once, here; the model passed in is not modified). Half-precision weights are exactly representable in
-      float32, so this is the decomposition of the model's own weights, computed exactly: its terms sum to
-      ``model.float().encode_image``. They do not sum to the half-precision forward, which differs from it by
-      half-precision rounding (~1e-3). A warning gives the size of the copy; to avoid it, pass a float32 model.
-    - Every logged attention term (``attentions`` in all modes, ``cls_attentions``, ``attention_maps``) comes
-      from one explicit float32 softmax of the CLS query row, and the CLS row of the residual stream is
-      computed from the same softmax, so the terms sum to the logged representation up to float32 rounding.
-      The other query rows use ``F.scaled_dot_product_attention`` (the fused kernel, as open_clip does).
-    - ``device``: if the image tower is elsewhere (or spread over devices), a float32 copy is made on ``device``.
+def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``v`` [b] viewed as ``[b, 1, ..., 1]`` to broadcast against ``like``."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
 
-    Args:
-        model: an open_clip CLIP model (unmodified, from ``open_clip.create_model_and_transforms``).
-        device: where the computation runs and the results live (default: the model's device).
-        spatial: keep the per-source-token axis of the attention terms (``[b, L, N, H, d]``). ``"sum"``: the
-            memory-light spatial mode, the same terms summed over layers and heads inside the forward,
-            ``[b, N, d]`` (each entry takes the share ``L·H / ((2L+1)·N·H)``, so everything still sums to r/||r||).
-        attention_maps: also keep the CLS-query attention rows, ``self.attention_maps`` ``[b, L, H, N]``.
-        ln_stats: also keep every block's ``ln_1`` statistics per token, ``self.ln_1_mean/std`` ``[b, L, N]``.
-        post_gelu_layers: MLP layers whose post-activation values to keep, ``self.post_gelu[l]`` ``[b, N, K]``.
-        layers: keep the attention terms of these layers only (sorted, distinct; not with ``spatial``):
-            ``attentions`` becomes ``[b, len(layers), H, d]`` and ``self.attn_rest`` ``[b, d]`` holds the other
-            layers summed over heads, reduced inside the forward, so that everything still sums to r/||r||.
-            ``cls_attentions`` and ``mlps`` keep every layer. ``None``: every layer, no rest term.
-        model_name: used in error messages.
+
+# ----------------------------------------------------------------------------- the record
+class HeadScore(NamedTuple):
+    """One head's score (``Decomposition.top_heads``): its label ``"L{layer}.H{head}"``, layer, head, score."""
+
+    label: str
+    layer: int
+    head: int
+    score: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Decomposition:
+    """The direct contributions of a batch of images to their normalised embeddings (docs/design.md section 2).
+
+    Every tensor is float32 on the engine's device. b images, L layers, H heads, N tokens (CLS first), d the
+    embedding dimension, L' = ``len(layers)``. The sum rule: ``total()`` = attn summed over every axis but d
+    + attn_rest + mlp summed over its layers = ``representation / norm`` (up to float32 rounding).
 
     Attributes:
-        visual: the float32 image tower the logger runs (``model.visual`` itself when it already is float32 on
-            ``device``, else the copy).
+        attn: per-head terms of the kept layers, summed over source tokens, ``[b, L', H, d]``; with
+            ``spatial=True`` per source token, ``[b, L, N, H, d]``; with ``spatial="sum"`` summed over layers
+            and heads instead, ``[b, N, d]``.
+        mlp: ``[b, L+1, d]``: index 0 is the embedding term, then one per MLP.
+        cls_attn: ``[b, L, d]``: the CLS->CLS attention term of each layer, summed over heads (part of attn).
+        attn_rest: ``[b, d]``: the attention layers not kept, summed over layers and heads; ``None`` when every
+            layer is kept.
+        representation: the unnormalised image embedding of the same forward, ``[b, d]``.
+        norm: ``||representation||``, ``[b]``.
+        layers: the layers on attn's layer axis, ascending (every layer unless ``layers=`` was given).
+        num_layers, num_heads: L and H of the tower.
+        spatial: ``False``, ``True`` or ``"sum"``: the mode that gave attn its shape.
+        ln_post_mean, ln_post_std: the final LayerNorm's statistics of the CLS token, ``[b]``.
+        attention_maps: with ``attention_maps=True``: the CLS query's attention rows, ``[b, L, H, N]``.
+        ln_1_mean, ln_1_std: with ``ln_stats=True``: every block's ``ln_1`` statistics per token, ``[b, L, N]``.
+        post_activations: with ``post_activations=[...]``: ``{layer: [b, N, K]}``, the MLP's values after its
+            activation (K neurons).
     """
 
-    def __init__(
-            self,
-            model: nn.Module,
-            device: Optional[torch.device | str] = None,
-            spatial: bool = False,
-            attention_maps: bool = False,
-            ln_stats: bool = False,
-            post_gelu_layers: Iterable[int] = (),
-            layers: Optional[Iterable[int]] = None,
-            model_name: Optional[str] = None,
-    ):
-        check_supported(model, model_name)
-        self.model = model
-        self.device = _resolve_device(device if device is not None else next(model.visual.parameters()).device)
-        self.visual = float32_tower(model.visual, self.device)
-        if self.visual is not model.visual:
-            dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.visual.parameters()})
-            devices = sorted({str(p.device) for p in model.visual.parameters()})
-            gib = sum(p.numel() for p in self.visual.parameters()) * 4 / 2 ** 30
-            warnings.warn(f"PRSLogger: the image tower is {'/'.join(dtypes)} on {'/'.join(devices)}; decomposing a "
-                          f"float32 copy on {self.device} ({gib:.2f} GiB)", stacklevel=2)
-        self.spatial = spatial
-        self.keep_attention_maps = attention_maps
-        self.keep_ln_stats = ln_stats
-        self.post_gelu_layers = sorted(set(int(l) for l in post_gelu_layers))
-        blocks = self.visual.transformer.resblocks
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    cls_attn: torch.Tensor
+    attn_rest: Optional[torch.Tensor]
+    representation: torch.Tensor
+    norm: torch.Tensor
+    layers: tuple[int, ...]
+    num_layers: int
+    num_heads: int
+    spatial: Spatial
+    ln_post_mean: torch.Tensor
+    ln_post_std: torch.Tensor
+    attention_maps: Optional[torch.Tensor] = None
+    ln_1_mean: Optional[torch.Tensor] = None
+    ln_1_std: Optional[torch.Tensor] = None
+    post_activations: Mapping[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """``"L{layer}.H{head}"`` for each kept head, in the order of attn's flattened ``[L', H]`` axes."""
+        return tuple(f"L{l}.H{h}" for l in self.layers for h in range(self.num_heads))
+
+    def head_terms(self) -> torch.Tensor:
+        """The per-head terms summed over source tokens, ``[b, L', H, d]`` (attn itself unless spatial)."""
+        if self.spatial == "sum":
+            raise InputError('Decomposition: spatial="sum" has no head axis (decompose with spatial=False or True)')
+        return self.attn.sum(2) if self.spatial else self.attn
+
+    def head_logits(self, classifier: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Each head's direct share of the logits of ``classifier`` ``[d, C]``: ``[b, L', H, C]``.
+
+        Summed over heads and layers, plus ``attn_rest`` and ``mlp`` times the classifier, it gives
+        ``total() @ classifier``.
+        """
+        heads = self.head_terms()
+        w = torch.as_tensor(classifier).detach().to(heads.device, torch.float32)
+        d = heads.shape[-1]
+        if w.dim() != 2 or w.shape[0] != d:
+            raise InputError(f"head_logits: classifier of shape {list(w.shape)}; expected [d={d}, classes]")
+        return heads @ w
+
+    def top_heads(self, text: torch.Tensor | np.ndarray, k: int = 5, image: Optional[int] = None
+                  ) -> list[HeadScore]:
+        """The ``k`` heads whose terms score highest on ``text`` ``[d]`` (e.g. a unit text embedding), strongest
+        first, as ``HeadScore(label, layer, head, score)``. The score is ``head term · text``, each head's direct
+        share of the image-text similarity; for ``image`` ``i`` of the batch, or (``None``) their mean over the
+        batch."""
+        w = torch.as_tensor(text).detach()
+        if w.dim() != 1:
+            raise InputError(f"top_heads: text of shape {list(w.shape)}; expected [d]")
+        scores = self.head_logits(w[:, None])[..., 0]  # [b, L', H]
+        scores = scores.mean(0) if image is None else scores[image]
+        values, index = scores.flatten().topk(min(k, scores.numel()))
+        H, labels = self.num_heads, self.labels
+        return [HeadScore(labels[i], self.layers[i // H], i % H, v) for i, v in zip(index.tolist(), values.tolist())]
+
+    def total(self) -> torch.Tensor:
+        """The sum of every term, ``[b, d]``: equal to ``representation / norm`` (the sum rule)."""
+        out = self.attn.flatten(1, -2).sum(1) + self.mlp.sum(1)
+        return out if self.attn_rest is None else out + self.attn_rest
+
+    def numpy(self, *fields: str) -> dict[str, np.ndarray]:
+        """The named tensor fields (default: attn, mlp, cls_attn, attn_rest when set, representation, norm) as
+        NumPy arrays on the host, for storage."""
+        names = fields or [f for f in ("attn", "mlp", "cls_attn", "attn_rest", "representation", "norm")
+                           if getattr(self, f) is not None]
+        return {f: getattr(self, f).cpu().numpy() for f in names}
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What one call asks for (validated by ``Decomposer.request``)."""
+
+    spatial: Spatial = False
+    layers: Optional[tuple[int, ...]] = None  # None: every layer, no rest term
+    attention_maps: bool = False
+    ln_stats: bool = False
+    post_activations: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class RawTerms:
+    """What a tower's forward records: name -> (terms in the output space before the frozen final LayerNorm,
+    the share of its mean and bias each entry carries), the unnormalised ``representation`` [b, d], the final
+    LayerNorm's statistics ``ln_mean``/``ln_std`` [b], and the extras asked for (``Decomposition`` fields)."""
+
+    terms: dict[str, tuple[torch.Tensor, float]]
+    representation: torch.Tensor
+    ln_mean: torch.Tensor
+    ln_std: torch.Tensor
+    extras: dict
+
+
+# ----------------------------------------------------------------------------- towers
+class Tower:
+    """One kind of image tower: its fixed maps, and the forward that records its raw terms.
+
+    A subclass sets ``num_layers``, ``num_heads``, ``width``, ``head_dim``, ``out_dim``, ``ln_post_gain`` [d]
+    and ``ln_post_bias`` [d] (the final LayerNorm's gain and bias folded with the output projection), and
+    implements ``handles``, ``check`` and ``forward``. Register it in ``TOWERS``.
+    """
+
+    num_layers: int
+    num_heads: int
+    width: int
+    head_dim: int
+    out_dim: int
+    ln_post_gain: torch.Tensor
+    ln_post_bias: torch.Tensor
+
+    @classmethod
+    def handles(cls, visual: nn.Module) -> bool:
+        """Whether this implementation is the one for ``visual`` (by type)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, visual: nn.Module, name: str) -> None:
+        """Raise ``UnsupportedModelError`` naming ``name`` and the feature unless ``visual`` decomposes exactly."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, request: Request) -> RawTerms:
+        """Run the tower on ``x`` [b, 3, H, W] (float32, on the tower's device) and record the raw terms."""
+        raise NotImplementedError
+
+    def project_(self, terms: torch.Tensor, share: float, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """In place: the frozen final LayerNorm on ``terms`` already multiplied into the output space; ``share``
+        = (number of terms summed in one entry) / T, ``mean``/``std`` [b]."""
+        mean, std = _expand(mean, terms), _expand(std, terms)
+        return terms.sub_(share * mean * self.ln_post_gain).div_(std).add_(share * self.ln_post_bias)
+
+
+class ViTTower(Tower):
+    """open_clip's ``VisionTransformer`` with CLS-token pooling: standard residual blocks
+    (``nn.MultiheadAttention`` with packed ``in_proj``), any MLP activation, with or without layer scale.
+
+    The fixed maps (float32, on the device; documented for code that builds on the decomposition, e.g.
+    ``utils.neurons.effects``). "Output space" is the residual stream multiplied by ``ln_post_proj``:
+
+    Attributes:
+        visual: the float32 image tower.
+        ln_post_proj: ``[W, d]``, ``ln_post``'s gain times ``proj`` (row i scaled by gamma_i).
+        ln_post_gain: ``[d]``, ``gamma @ proj``; ln_post_bias: ``[d]``, ``beta @ proj``; ln_post_eps.
+        ls_1, ls_2: per layer, the layer scale of the attention and MLP branches, ``[W]`` (ones without).
+        head_out: per layer, ``[H, dh, d]``: head h's block of ``out_proj``, times ls_1, into the output space.
+        head_bias: per layer, ``[d]``: ``out_proj``'s bias times ls_1, in the output space.
+        mlp_out: per layer, ``[W, d]``: ls_2 times ``ln_post_proj`` (an MLP output into the output space).
+    """
+
+    @classmethod
+    def handles(cls, visual: nn.Module) -> bool:
+        from open_clip.transformer import VisionTransformer
+
+        return isinstance(visual, VisionTransformer)
+
+    @classmethod
+    def check(cls, visual: nn.Module, name: str) -> None:
+        from open_clip.transformer import ResidualAttentionBlock
+
+        if getattr(visual, "attn_pool", None) is not None:
+            raise UnsupportedModelError(f"model '{name}': attention pooling (attentional_pool) is not supported")
+        if visual.pool_type != "tok":
+            raise UnsupportedModelError(f"model '{name}': pool_type='{visual.pool_type}' (average pooling) is not "
+                                        f"supported; needs CLS-token pooling")
+        for i, block in enumerate(visual.transformer.resblocks):
+            if type(block) is not ResidualAttentionBlock:
+                raise UnsupportedModelError(
+                    f"model '{name}': block {i} is {type(block).__name__} (qk-norm / scaled-cosine / head-scaling "
+                    f"attention); only the standard ResidualAttentionBlock is supported")
+            if hasattr(block, "ln_1_kv"):
+                raise UnsupportedModelError(f"model '{name}': cross-attention blocks are not supported")
+            if block.attn.in_proj_weight is None or block.attn.in_proj_bias is None:
+                raise UnsupportedModelError(f"model '{name}': attention without packed in_proj weights/bias")
+
+    @torch.no_grad()
+    def __init__(self, visual: nn.Module, device: torch.device):
+        """Fold ``ln_post``'s gain, ``proj``, layer scale and each head's ``out_proj`` block into [., d] maps."""
+        self.visual, self.device = visual, device  # float32, on device
+        blocks = visual.transformer.resblocks
         self.num_layers = len(blocks)
         self.num_heads = blocks[0].attn.num_heads
-        self.width = blocks[0].attn.embed_dim
-        self.head_dim = self.width // self.num_heads
-        for l in self.post_gelu_layers:
-            if not 0 <= l < self.num_layers:
-                raise ValueError(f"post_gelu_layers: layer {l} out of range for a {self.num_layers}-layer model")
-        self.layers = None if layers is None else [int(l) for l in layers]
-        if self.layers is not None:
-            if spatial:
-                raise ValueError("layers: only without spatial (the spatial modes keep or sum every layer)")
-            if self.layers != sorted(set(self.layers)) or not all(0 <= l < self.num_layers for l in self.layers):
-                raise ValueError(f"layers {self.layers}: must be distinct, ascending and in 0..{self.num_layers - 1}")
-        # slot of each layer in the attention output; -1: summed into attn_rest
-        keep = range(self.num_layers) if self.layers is None else self.layers
-        self._slot = [-1] * self.num_layers
-        for i, l in enumerate(keep):
-            self._slot[l] = i
-        with autocast_off(self.device):
-            self._build_projections()
-        self.reinit()
-
-    # ------------------------------------------------------------------ setup
-    @torch.no_grad()
-    def _build_projections(self) -> None:
-        """Fold ``ln_post``'s gain, ``proj``, layer scale and each head's ``out_proj`` block into [., d] maps."""
-        v, W, H, dh, dev = self.visual, self.width, self.num_heads, self.head_dim, self.device  # float32, on dev
-        ref = v.ln_post.weight
-        proj = v.proj.detach() if v.proj is not None else torch.eye(W, device=dev)
-        gamma = v.ln_post.weight.detach() if v.ln_post.weight is not None else torch.ones(W, device=dev)
-        beta = v.ln_post.bias.detach() if v.ln_post.bias is not None else torch.zeros(W, device=dev)
-        self.post_eps = v.ln_post.eps
-        self.G = gamma[:, None] * proj  # [W, d]
-        self.g = self.G.sum(0)  # [d]  = gamma @ proj
-        self.beta_proj = beta @ proj  # [d]
-        self.out_dim = self.G.shape[1]
-        self.head_out, self.head_bias, self.mlp_G = [], [], []
-        for block in v.transformer.resblocks:
-            ls1 = _layer_scale(block.ls_1, W, ref)
-            ls2 = _layer_scale(block.ls_2, W, ref)
+        self.width = W = blocks[0].attn.embed_dim
+        self.head_dim = dh = W // self.num_heads
+        H, dev = self.num_heads, device
+        proj = visual.proj.detach() if visual.proj is not None else torch.eye(W, device=dev)
+        ln = visual.ln_post
+        gamma = ln.weight.detach() if ln.weight is not None else torch.ones(W, device=dev)
+        beta = ln.bias.detach() if ln.bias is not None else torch.zeros(W, device=dev)
+        self.ln_post_eps = ln.eps
+        self.ln_post_proj = G = gamma[:, None] * proj  # [W, d]
+        self.ln_post_gain = G.sum(0)  # [d]  = gamma @ proj
+        self.ln_post_bias = beta @ proj  # [d]
+        self.out_dim = d = G.shape[1]
+        self.ls_1 = [_layer_scale(b.ls_1, W, dev) for b in blocks]
+        self.ls_2 = [_layer_scale(b.ls_2, W, dev) for b in blocks]
+        self.head_out, self.head_bias, self.mlp_out = [], [], []
+        for block, ls1, ls2 in zip(blocks, self.ls_1, self.ls_2):
             w_o = block.attn.out_proj.weight.detach()  # [W_out, W_in]
             b_o = block.attn.out_proj.bias
             b_o = b_o.detach() if b_o is not None else torch.zeros(W, device=dev)
             # head h's value dims are columns h*dh:(h+1)*dh of out_proj.weight
-            w_og = (w_o.t() * ls1) @ self.G  # [W_in, d]
-            self.head_out.append(w_og.view(H, dh, self.out_dim))  # [H, dh, d]
-            self.head_bias.append((b_o * ls1) @ self.G)  # [d], split over (token, head) entries
-            self.mlp_G.append(ls2[:, None] * self.G)  # [W, d]
+            self.head_out.append(((w_o.t() * ls1) @ G).view(H, dh, d))  # [H, dh, d]
+            self.head_bias.append((b_o * ls1) @ G)  # [d], split over (token, head) entries
+            self.mlp_out.append(ls2[:, None] * G)  # [W, d]
 
-    def reinit(self) -> None:
-        """Forget the last batch (kept for API compatibility with the original logger)."""
-        self.attentions = None
-        self.attn_rest = None
-        self.mlps = None
-        self.cls_attentions = None
-        self.attention_maps = None
-        self.ln_1_mean = self.ln_1_std = None
-        self.post_gelu: dict[int, torch.Tensor] = {}
-        self.post_ln_mean = self.post_ln_std = None
-        self.representation = None
-        self._finalized, self._norm = False, None
-
-    # ---------------------------------------------------------------- forward
-    @torch.no_grad()
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Run the image tower on ``images`` [b, 3, H, W]; log the terms; return the unnormalised embedding [b, d].
-
-        The logged terms are multiplied into the output space but not yet normalised: call ``finalize``.
-        Runs in float32 on ``self.device`` with autocast off, whatever the dtype and device of ``images``.
-        """
-        with autocast_off(self.device):
-            return self._encode_image(images.to(self.device, torch.float32))
-
-    def _encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        self.reinit()
+    def forward(self, x: torch.Tensor, request: Request) -> RawTerms:
         v = self.visual
         # --- embeddings: x0 = ln_pre(patch_embed + cls + pos)                                   [b, N, W]
         x = v.conv1(x).flatten(2).transpose(1, 2)
@@ -263,36 +363,42 @@ class PRSLogger:
         x = torch.cat([cls, x], dim=1) + v.positional_embedding
         x = v.ln_pre(x)
         b, N, W = x.shape
-        L, H, dh, d = self.num_layers, self.num_heads, self.head_dim, self.out_dim
+        L, H, dh, d, dev = self.num_layers, self.num_heads, self.head_dim, self.out_dim, self.device
+        spatial, layers = request.spatial, request.layers
+        spatial_sum = spatial == "sum"
+        kept = L if layers is None else len(layers)
+        slot = list(range(L)) if layers is None else [-1] * L  # slot of each layer in attn; -1: into attn_rest
+        for i, l in enumerate(layers or ()):
+            slot[l] = i
 
-        spatial_sum = isinstance(self.spatial, str) and self.spatial == "sum"
-        kept = L if self.layers is None else len(self.layers)
-        attn_shape = (b, N, d) if spatial_sum else (b, L, N, H, d) if self.spatial else (b, kept, H, d)
-        attentions = (torch.zeros if spatial_sum else torch.empty)(attn_shape, dtype=torch.float32, device=self.device)
-        attn_rest = torch.zeros((b, d), dtype=torch.float32, device=self.device) if kept < L else None
-        cls_attentions = torch.empty((b, L, d), dtype=torch.float32, device=self.device)
-        mlps = torch.empty((b, L + 1, d), dtype=torch.float32, device=self.device)
-        if self.keep_attention_maps:
-            self.attention_maps = torch.empty((b, L, H, N), dtype=torch.float32, device=self.device)
-        if self.keep_ln_stats:
-            self.ln_1_mean = torch.empty((b, L, N), dtype=torch.float32, device=self.device)
-            self.ln_1_std = torch.empty((b, L, N), dtype=torch.float32, device=self.device)
-        mlps[:, 0] = x[:, 0] @ self.G
+        def empty(*shape):
+            return torch.empty(shape, dtype=torch.float32, device=dev)
+
+        attn_shape = (b, N, d) if spatial_sum else (b, L, N, H, d) if spatial else (b, kept, H, d)
+        attentions = torch.zeros(attn_shape, dtype=torch.float32, device=dev) if spatial_sum else empty(*attn_shape)
+        attn_rest = torch.zeros((b, d), dtype=torch.float32, device=dev) if kept < L else None
+        cls_attentions, mlps = empty(b, L, d), empty(b, L + 1, d)
+        extras: dict = {"post_activations": {}}
+        if request.attention_maps:
+            extras["attention_maps"] = empty(b, L, H, N)
+        if request.ln_stats:
+            extras["ln_1_mean"], extras["ln_1_std"] = empty(b, L, N), empty(b, L, N)
+        mlps[:, 0] = x[:, 0] @ self.ln_post_proj
 
         for l, block in enumerate(v.transformer.resblocks):
-            if self.keep_ln_stats:
-                self.ln_1_mean[:, l], self.ln_1_std[:, l] = _ln_stats(x, block.ln_1.eps)
+            if request.ln_stats:
+                extras["ln_1_mean"][:, l], extras["ln_1_std"][:, l] = _ln_stats(x, block.ln_1.eps)
             h = block.ln_1(x)
             qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
             q, k, val = qkv.view(b, N, 3, H, dh).permute(2, 0, 3, 1, 4)  # each [b, H, N, dh]
             out = F.scaled_dot_product_attention(q, k, val)  # every query row, fused kernel      [b, H, N, dh]
-            # the CLS query row again, with an explicit float32 softmax, A[b, h, n]: every logged attention term
-            # and the CLS row of the residual stream come from it, so the terms sum exactly to what is logged
+            # the CLS query row again, with an explicit float32 softmax, A[b, h, n]: every recorded attention term
+            # and the CLS row of the residual stream come from it, so the terms sum exactly to the representation
             attn_cls = ((q[:, :, :1] @ k.transpose(-1, -2)).squeeze(2) * dh ** -0.5).softmax(-1)  # [b, H, N]
             out_cls = (attn_cls.unsqueeze(2) @ val).squeeze(2)  # [b, H, dh]
             out[:, :, 0] = out_cls
-            if self.keep_attention_maps:
-                self.attention_maps[:, l] = attn_cls
+            if request.attention_maps:
+                extras["attention_maps"][:, l] = attn_cls
             w_og, b_og = self.head_out[l], self.head_bias[l]
             if spatial_sum:
                 # sum_h A[b,h,n] v[b,h,n] W_O,h + b_O / N: one [b, N, H*dh] @ [H*dh, d] product       [b, N, d]
@@ -300,15 +406,15 @@ class PRSLogger:
                 terms = weighted @ w_og.reshape(H * dh, d) + b_og / N
                 attentions += terms
                 cls_attentions[:, l] = terms[:, 0]
-            elif self.spatial:
+            elif spatial:
                 # A[b,h,n] * v[b,h,n] W_O,h  + b_O / (N H)                                          [b, N, H, d]
                 terms = torch.einsum("bhn,bhnk,hkd->bnhd", attn_cls, val, w_og) + b_og / (N * H)
                 attentions[:, l] = terms
                 cls_attentions[:, l] = terms[:, 0].sum(1)
             else:
                 # sum over source tokens is the CLS row of the attention output
-                if self._slot[l] >= 0:
-                    attentions[:, self._slot[l]] = torch.einsum("bhk,hkd->bhd", out_cls, w_og) + b_og / H
+                if slot[l] >= 0:
+                    attentions[:, slot[l]] = torch.einsum("bhk,hkd->bhd", out_cls, w_og) + b_og / H
                 else:  # a layer not kept: summed over heads as well, one [b, H*dh] @ [H*dh, d] product
                     attn_rest += out_cls.reshape(b, H * dh) @ w_og.reshape(H * dh, d) + b_og
                 cls_term = torch.einsum("bh,bhk,hkd->bd", attn_cls[:, :, 0], val[:, :, 0], w_og)
@@ -319,84 +425,244 @@ class PRSLogger:
 
             mlp = block.mlp
             act = mlp.gelu(mlp.c_fc(block.ln_2(x)))  # [b, N, K]
-            if l in self.post_gelu_layers:
-                self.post_gelu[l] = act
+            if l in request.post_activations:
+                extras["post_activations"][l] = act
             mlp_out = mlp.c_proj(act)
-            mlps[:, l + 1] = mlp_out[:, 0] @ self.mlp_G[l]
+            mlps[:, l + 1] = mlp_out[:, 0] @ self.mlp_out[l]
             x = x + block.ls_2(mlp_out)
 
         x_cls = x[:, 0]
-        self.post_ln_mean, self.post_ln_std = _ln_stats(x_cls, self.post_eps)  # [b], [b]
+        ln_mean, ln_std = _ln_stats(x_cls, self.ln_post_eps)  # [b], [b]
         pooled = v.ln_post(x_cls)
         representation = pooled @ v.proj if v.proj is not None else pooled
-        self.attentions, self.attn_rest, self.cls_attentions, self.mlps = attentions, attn_rest, cls_attentions, mlps
-        self.representation, self.num_tokens = representation, N
-        return representation
+        # the share of ln_post's mean and bias in one entry: T = 2L + 1 terms, each split as recorded
+        T = 2 * L + 1
+        share = L / (T * N) if spatial_sum else 1.0 / (T * N * H) if spatial else 1.0 / (T * H)
+        terms = {"attn": (attentions, share), "cls_attn": (cls_attentions, 1.0 / (T * N)), "mlp": (mlps, 1.0 / T)}
+        if attn_rest is not None:  # (L - kept) * H head terms of share 1/(T*H) each
+            terms["attn_rest"] = (attn_rest, (L - kept) / T)
+        return RawTerms(terms, representation, ln_mean, ln_std, extras)
+
+
+# the tower implementations, tried in order; add a Tower subclass here to support another image tower
+TOWERS: list[type[Tower]] = [ViTTower]
+_HINTS = {"ModifiedResNet": "ResNet image towers", "TimmModel": "timm image towers"}
+
+
+def _tower_class(model: nn.Module, name: str) -> type[Tower]:
+    """The ``Tower`` implementation of ``model.visual``, checked; ``UnsupportedModelError`` otherwise."""
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        raise UnsupportedModelError(f"model '{name}': has no image tower (`model.visual`)")
+    for tower in TOWERS:
+        if tower.handles(visual):
+            tower.check(visual, name)
+            return tower
+    kind = type(visual).__name__
+    raise UnsupportedModelError(f"model '{name}': unsupported image tower {kind} ({_HINTS.get(kind, kind)}); only "
+                                f"open_clip VisionTransformer is supported")
+
+
+def check_supported(model: nn.Module, model_name: Optional[str] = None) -> None:
+    """Raise ``UnsupportedModelError`` unless ``model.visual`` is an image tower we can decompose exactly.
+
+    Supported (``TOWERS``): ``open_clip.transformer.VisionTransformer`` with CLS-token pooling, standard
+    residual blocks (``nn.MultiheadAttention``), any MLP activation (GELU, QuickGELU, ...), with or without
+    layer scale.
+    """
+    _tower_class(model, model_name or type(model).__name__)
+
+
+# ----------------------------------------------------------------------------- the engine
+class Decomposer:
+    """The decomposition engine of one model: its fixed maps are built once; each call returns a new record.
+
+    ``Decomposer(model, device)(images, ...)`` -> ``Decomposition``. Nothing of a call is kept on the engine.
+
+    Numerics: the decomposition always runs in float32.
+
+    - Autocast (CPU or CUDA) is disabled inside the constructor and the call, so an enclosing
+      ``torch.autocast`` changes nothing.
+    - A float16 or bfloat16 model is **upcast**: the engine decomposes a float32 copy of ``model.visual`` (made
+      once, here; the model passed in is not modified). Half-precision weights are exactly representable in
+      float32, so this is the decomposition of the model's own weights, computed exactly: its terms sum to
+      ``model.float().encode_image``. They do not sum to the half-precision forward, which differs from it by
+      half-precision rounding (~1e-3). A warning gives the size of the copy; to avoid it, pass a float32 model.
+    - Every attention term (``attn`` in all modes, ``cls_attn``, ``attention_maps``) comes from one explicit
+      float32 softmax of the CLS query row, and the CLS row of the residual stream is computed from the same
+      softmax, so the terms sum to the representation up to float32 rounding. The other query rows use
+      ``F.scaled_dot_product_attention`` (the fused kernel, as open_clip does).
+    - ``device``: if the image tower is elsewhere (or spread over devices), a float32 copy is made on ``device``.
+
+    Args:
+        model: an open_clip CLIP model (unmodified, from ``open_clip.create_model_and_transforms``).
+        device: where the computation runs and the results live (default: the model's device).
+        model_name: used in error messages.
+
+    Attributes:
+        tower: the ``Tower`` implementation for ``model.visual`` (a ``ViTTower``: its fixed maps are public).
+        visual: the float32 image tower it runs (``model.visual`` itself when that is float32 on ``device``).
+        device, num_layers (L), num_heads (H), width (W), head_dim, out_dim (d).
+    """
+
+    def __init__(self, model: nn.Module, device: Optional[torch.device | str] = None,
+                 model_name: Optional[str] = None):
+        tower_class = _tower_class(model, model_name or type(model).__name__)
+        self.device = _resolve_device(device if device is not None else next(model.visual.parameters()).device)
+        self.visual = float32_tower(model.visual, self.device)
+        if self.visual is not model.visual:
+            dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.visual.parameters()})
+            devices = sorted({str(p.device) for p in model.visual.parameters()})
+            gib = sum(p.numel() for p in self.visual.parameters()) * 4 / 2 ** 30
+            warnings.warn(f"Decomposer: the image tower is {'/'.join(dtypes)} on {'/'.join(devices)}; decomposing a "
+                          f"float32 copy on {self.device} ({gib:.2f} GiB)", stacklevel=3)
+        with autocast_off(self.device):
+            self.tower = tower_class(self.visual, self.device)
+        t = self.tower
+        self.num_layers, self.num_heads, self.width, self.head_dim, self.out_dim = \
+            t.num_layers, t.num_heads, t.width, t.head_dim, t.out_dim
+
+    def request(self, spatial: Spatial = False, layers: Optional[Iterable[int]] = None, attention_maps: bool = False,
+                ln_stats: bool = False, post_activations: Iterable[int] = ()) -> Request:
+        """Check the options of a call (see ``__call__``); ``InputError`` naming the bad one."""
+        L = self.num_layers
+        if not (spatial is False or spatial is True or spatial == "sum"):
+            raise InputError(f"spatial={spatial!r}: expected False, True or 'sum'")
+        post = tuple(sorted(set(int(l) for l in post_activations)))
+        for l in post:
+            if not 0 <= l < L:
+                raise InputError(f"post_activations: layer {l} out of range for a {L}-layer model")
+        if layers is not None:
+            layers = tuple(int(l) for l in layers)
+            if spatial:
+                raise InputError("layers: only without spatial (the spatial modes keep or sum every layer)")
+            if list(layers) != sorted(set(layers)) or not all(0 <= l < L for l in layers):
+                raise InputError(f"layers {list(layers)}: must be distinct, ascending and in 0..{L - 1}")
+        return Request(spatial, layers, bool(attention_maps), bool(ln_stats), post)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, *, spatial: Spatial = False, layers: Optional[Iterable[int]] = None,
+                 attention_maps: bool = False, ln_stats: bool = False, post_activations: Iterable[int] = ()
+                 ) -> Decomposition:
+        """Decompose ``images`` [b, 3, H, W] (any dtype and device; run in float32 on ``self.device``).
+
+        Args:
+            spatial: ``False``: attn ``[b, L', H, d]``, summed over source tokens (the fast mode). ``True``: per
+                source token, ``[b, L, N, H, d]``. ``"sum"``: the memory-light spatial mode, the per-token terms
+                summed over layers and heads inside the forward, ``[b, N, d]`` (segmentation; each entry takes
+                the share ``L·H / ((2L+1)·N·H)``, so everything still sums to r/||r||).
+            layers: keep the attention terms of these layers only (ascending, distinct; not with ``spatial``):
+                attn becomes ``[b, len(layers), H, d]`` and the other layers, summed over heads inside the
+                forward, go to ``attn_rest`` ``[b, d]``. cls_attn and mlp keep every layer. ``None``: every layer.
+            attention_maps, ln_stats, post_activations: the extras (``Decomposition``'s fields of those names).
+        """
+        req = self.request(spatial, layers, attention_maps, ln_stats, post_activations)
+        with autocast_off(self.device):
+            raw = self.tower.forward(images.to(self.device, torch.float32), req)
+            norm = raw.representation.norm(dim=-1)  # [b]
+            out = {name: self.tower.project_(t, share, raw.ln_mean, raw.ln_std).div_(_expand(norm, t))
+                   for name, (t, share) in raw.terms.items()}
+        kept = tuple(range(self.num_layers)) if req.layers is None else req.layers
+        return Decomposition(attn=out["attn"], mlp=out["mlp"], cls_attn=out["cls_attn"], attn_rest=out.get("attn_rest"),
+                             representation=raw.representation, norm=norm, layers=kept, num_layers=self.num_layers,
+                             num_heads=self.num_heads, spatial=req.spatial, ln_post_mean=raw.ln_mean,
+                             ln_post_std=raw.ln_std, **raw.extras)
+
+
+def decompose(model: nn.Module | Decomposer, images: torch.Tensor, *, spatial: Spatial = False,
+              layers: Optional[Iterable[int]] = None, attention_maps: bool = False, ln_stats: bool = False,
+              post_activations: Iterable[int] = (), device: Optional[torch.device | str] = None,
+              model_name: Optional[str] = None) -> Decomposition:
+    """Decompose ``images`` [b, 3, H, W] with ``model`` (an open_clip model, or a ``Decomposer`` to reuse its
+    fixed maps); the options are ``Decomposer.__call__``'s, ``device`` and ``model_name`` the constructor's."""
+    engine = model if isinstance(model, Decomposer) else Decomposer(model, device, model_name)
+    return engine(images, spatial=spatial, layers=layers, attention_maps=attention_maps, ln_stats=ln_stats,
+                  post_activations=post_activations)
+
+
+# ----------------------------------------------------------------------------- the original API
+class PRSLogger:
+    """The original ``hook_prs_logger`` API (``reinit`` -> ``encode_image`` -> ``finalize``) over a ``Decomposer``,
+    for code written against it; new code calls the ``Decomposer`` (or ``decompose``) directly.
+
+    ``encode_image`` decomposes the batch and returns its unnormalised representation [b, d]; ``finalize``
+    returns ``(attentions, mlps)``, the ``Decomposition``'s attn and mlp, and sets ``cls_attentions`` (and with
+    ``layers``, ``attn_rest``). Given another representation, ``finalize`` divides by its norm instead (new
+    tensors; the earlier results are left as they were). After ``encode_image`` the extras asked for are on the
+    logger: ``attention_maps``, ``ln_1_mean``/``ln_1_std``, ``post_gelu`` ``{layer: [b, N, K]}``,
+    ``post_ln_mean``/``post_ln_std``; ``decomposition`` holds the whole record.
+
+    Args: ``model``, ``device`` and ``model_name`` as ``Decomposer``; ``spatial``, ``layers`` and the extras
+    (``attention_maps``, ``ln_stats``, ``post_gelu_layers`` = ``post_activations``) as ``Decomposer.__call__``.
+    """
+
+    def __init__(self, model: nn.Module, device: Optional[torch.device | str] = None, spatial: Spatial = False,
+                 attention_maps: bool = False, ln_stats: bool = False, post_gelu_layers: Iterable[int] = (),
+                 layers: Optional[Iterable[int]] = None, model_name: Optional[str] = None):
+        self.engine = Decomposer(model, device, model_name)
+        req = self.engine.request(spatial, layers, attention_maps, ln_stats, post_gelu_layers)
+        self.spatial, self.keep_attention_maps, self.keep_ln_stats = req.spatial, req.attention_maps, req.ln_stats
+        self.layers = None if req.layers is None else list(req.layers)
+        self.post_gelu_layers = list(req.post_activations)
+        self.reinit()
+
+    def __getattr__(self, name: str):  # visual, device, num_layers, num_heads, width, head_dim, out_dim
+        if name in ("visual", "device", "num_layers", "num_heads", "width", "head_dim", "out_dim"):
+            return getattr(self.engine, name)
+        raise AttributeError(name)
+
+    def reinit(self) -> None:
+        """Forget the last batch."""
+        self.decomposition: Optional[Decomposition] = None
+        self.attentions = self.mlps = self.cls_attentions = self.attn_rest = self.representation = None
+        self.attention_maps = self.ln_1_mean = self.ln_1_std = self.post_ln_mean = self.post_ln_std = None
+        self.post_gelu: dict[int, torch.Tensor] = {}
+        self._norm = None
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Decompose ``images`` [b, 3, H, W]; return the unnormalised embedding [b, d] (then call ``finalize``)."""
+        self.reinit()
+        d = self.engine(images, spatial=self.spatial, layers=self.layers, attention_maps=self.keep_attention_maps,
+                        ln_stats=self.keep_ln_stats, post_activations=self.post_gelu_layers)
+        self.decomposition, self.representation = d, d.representation
+        self.attention_maps, self.ln_1_mean, self.ln_1_std = d.attention_maps, d.ln_1_mean, d.ln_1_std
+        self.post_gelu, self.post_ln_mean, self.post_ln_std = dict(d.post_activations), d.ln_post_mean, d.ln_post_std
+        return d.representation
 
     __call__ = encode_image
 
-    # --------------------------------------------------------------- finalize
-    def _project_(self, terms: torch.Tensor, share: float) -> torch.Tensor:
-        """In place: the frozen ``ln_post`` on terms already multiplied by ``G``; ``share`` = (#terms summed) / T."""
-        view = (-1,) + (1,) * (terms.dim() - 1)
-        mean = self.post_ln_mean.view(view)
-        std = self.post_ln_std.view(view)
-        return terms.sub_(share * mean * self.g).div_(std).add_(share * self.beta_proj)
-
-    @torch.no_grad()
     def finalize(self, representation: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Project the logged terms to the output space and divide by ``||representation||``.
-
-        ``representation`` [b, d] defaults to the one ``encode_image`` returned. Returns ``(attentions, mlps)``:
-        ``[b, L, H, d]`` (spatial: ``[b, L, N, H, d]``; spatial="sum": ``[b, N, d]``) and ``[b, L+1, d]``,
-        float32, on ``self.device``. ``self.cls_attentions`` becomes ``[b, L, d]``, and with ``layers``
-        ``self.attn_rest`` ``[b, d]``. Summing everything (attentions, attn_rest, mlps) gives
-        ``representation / ||representation||``.
-
-        The first call works in place on the logged buffers. Calling it again returns the same tensors if the
-        norms are the same, and otherwise new tensors rescaled to the new ``representation`` (earlier results
-        are left as they were).
-        """
-        if self.attentions is None:
+        """``(attentions, mlps)`` divided by ``||representation||`` (default: the one ``encode_image`` returned):
+        ``[b, L, H, d]`` (spatial: ``[b, L, N, H, d]``; spatial="sum": ``[b, N, d]``) and ``[b, L+1, d]``."""
+        d = self.decomposition
+        if d is None:
             raise RuntimeError("PRSLogger.finalize: call encode_image(images) first")
         if representation is None:
-            representation = self.representation
-        b = self.attentions.shape[0]
+            representation = d.representation
+        b = d.attn.shape[0]
         if representation.dim() != 2 or representation.shape[0] != b:
             raise InputError(f"PRSLogger.finalize: representation has shape {list(representation.shape)}, "
                              f"expected [{b}, d] for the logged batch of {b} images")
-        with autocast_off(self.device):
-            norm = representation.detach().to(self.device, torch.float32).norm(dim=-1)  # [b]
-            if self._finalized:
-                if not torch.equal(norm, self._norm):
-                    scale = self._norm / norm  # results are divided by the new norm instead of the old one
-                    self.attentions = self.attentions * scale.view(-1, *([1] * (self.attentions.dim() - 1)))
-                    self.cls_attentions = self.cls_attentions * scale[:, None, None]
-                    self.mlps = self.mlps * scale[:, None, None]
-                    if self.attn_rest is not None:
-                        self.attn_rest = self.attn_rest * scale[:, None]
-                    self._norm = norm
-                return self.attentions, self.mlps
-            L, H, N = self.num_layers, self.num_heads, self.num_tokens
-            T = 2 * L + 1
-            if isinstance(self.spatial, str) and self.spatial == "sum":
-                attn = self._project_(self.attentions, L / (T * N))  # each entry sums L*H terms of share 1/(T*N*H)
-            elif self.spatial:
-                attn = self._project_(self.attentions, 1.0 / (T * N * H))
-            else:
-                attn = self._project_(self.attentions, 1.0 / (T * H))
-            if self.attn_rest is not None:  # (L - kept) * H head terms of share 1/(T*H) each
-                self.attn_rest = self._project_(self.attn_rest, (L - len(self.layers)) / T).div_(norm[:, None])
-            cls_attn = self._project_(self.cls_attentions, 1.0 / (T * N))
-            mlps = self._project_(self.mlps, 1.0 / T)
-            self.attentions = attn.div_(norm.view(-1, *([1] * (attn.dim() - 1))))
-            self.cls_attentions = cls_attn.div_(norm[:, None, None])
-            self.mlps = mlps.div_(norm[:, None, None])
-            self._finalized, self._norm = True, norm
+        if representation is d.representation:
+            norm = d.norm
+        else:
+            with autocast_off(self.engine.device):
+                norm = representation.detach().to(self.engine.device, torch.float32).norm(dim=-1)
+        if self._norm is not None and (norm is self._norm or torch.equal(norm, self._norm)):
             return self.attentions, self.mlps
+        rest = d.attn_rest
+        if norm is d.norm or torch.equal(norm, d.norm):
+            attn, mlps, cls_attn = d.attn, d.mlp, d.cls_attn
+        else:  # divided by the new norm instead of the logged one
+            scale = d.norm / norm
+            attn, mlps, cls_attn = d.attn * _expand(scale, d.attn), d.mlp * scale[:, None, None], \
+                d.cls_attn * scale[:, None, None]
+            rest = None if rest is None else rest * scale[:, None]
+        self.attentions, self.mlps, self.cls_attentions, self.attn_rest, self._norm = attn, mlps, cls_attn, rest, norm
+        return attn, mlps
 
 
-def hook_prs_logger(model: nn.Module, device: Optional[torch.device | str] = None, spatial: bool = False,
+def hook_prs_logger(model: nn.Module, device: Optional[torch.device | str] = None, spatial: Spatial = False,
                     **kwargs) -> PRSLogger:
     """Create a ``PRSLogger`` for ``model`` (same call as the original ``hook_prs_logger``)."""
     return PRSLogger(model, device, spatial=spatial, **kwargs)

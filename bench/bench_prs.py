@@ -9,12 +9,19 @@ weights).
     python bench/bench_prs.py --model ViT-B-16 --batch_size 64 --device cpu
     python bench/bench_prs.py --model ViT-H-14 --batch_size 128 --device cuda
 
-Modes: ``plain`` = ``model.encode_image``; ``prs`` = what compute_prs.py does per batch (hooked forward,
-finalize, copy of attn/mlp/cls_attn to host); ``spatial`` = the same with the per-token axis
-([b, L, N, H, d], as the demo and the original spatial mode need); ``spatial_sum`` = spatial terms summed over
-layers and heads in the forward ([b, N, d], what segmentation needs).
+Modes: ``plain`` = ``model.encode_image``; ``prs`` = what compute_prs.py does per batch (``prs_hook.Decomposer``,
+copy of attn/mlp/cls_attn to host); ``spatial`` = the same with the per-token axis ([b, L, N, H, d], as the demo
+and the original spatial mode need); ``spatial_sum`` = spatial terms summed over layers and heads in the forward
+([b, N, d], what segmentation needs).
+
+``--baseline FILE`` also times another version of ``prs_hook.py`` (through its ``hook_prs_logger`` API), as
+``base:<mode>`` beside each mode, interleaved in the same run: a before/after comparison of the engine, e.g.
+
+    git show 54fc4b0:prs_hook.py > /tmp/prs_hook_before.py
+    python bench/bench_prs.py --baseline /tmp/prs_hook_before.py --no_memory
 """
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -25,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prs_hook import hook_prs_logger  # noqa: E402
+from prs_hook import Decomposer  # noqa: E402
 
 MODES = ["plain", "prs", "spatial", "spatial_sum"]
 
@@ -37,21 +44,36 @@ def build(model_name: str, device: str):
     return model
 
 
-def make_step(model, mode: str, device: str):
-    """A callable that processes one batch in ``mode`` and returns when the results are on the host."""
+def load_baseline(path: str):
+    """Another ``prs_hook.py`` (e.g. an earlier commit's) as a module of its own."""
+    spec = importlib.util.spec_from_file_location("baseline_prs_hook", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_step(model, mode: str, device: str, baseline=None):
+    """A callable that processes one batch in ``mode`` and returns when the results are on the host
+    (``base:<mode>``: with the ``baseline`` module's ``hook_prs_logger``)."""
     if mode == "plain":
         @torch.no_grad()
         def step(x):
             return model.encode_image(x).cpu()
         return step
-    spatial = {"prs": False, "spatial": True, "spatial_sum": "sum"}[mode]
-    prs = hook_prs_logger(model, device, spatial=spatial)
+    base, _, kind = mode.rpartition(":")
+    spatial = {"prs": False, "spatial": True, "spatial_sum": "sum"}[kind]
+    if base:
+        prs = baseline.hook_prs_logger(model, device, spatial=spatial)
+
+        def step(x):
+            attn, mlps = prs.finalize(prs.encode_image(x))
+            return attn.cpu(), mlps.cpu(), prs.cls_attentions.cpu()
+        step.release = prs.reinit  # drop the batch the logger still holds
+        return step
+    engine = Decomposer(model, device)
 
     def step(x):
-        r = prs.encode_image(x)
-        attn, mlps = prs.finalize(r)
-        return attn.cpu(), mlps.cpu(), prs.cls_attentions.cpu()
-    step.release = prs.reinit  # drop the batch the logger still holds
+        return engine(x, spatial=spatial).numpy("attn", "mlp", "cls_attn")
     return step
 
 
@@ -63,7 +85,7 @@ def sync(device: str) -> None:
 def peak_memory_child(args, mode: str) -> float:
     """Peak memory (GiB) of one batch in ``mode``, in a fresh process."""
     cmd = [sys.executable, __file__, "--model", args.model, "--batch_size", str(args.batch_size), "--device",
-           args.device, "--_child", mode]
+           args.device, "--_child", mode] + (["--baseline", args.baseline] if args.baseline else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     return json.loads(out)["peak_gib"]
 
@@ -71,7 +93,7 @@ def peak_memory_child(args, mode: str) -> float:
 def child(args) -> None:
     model = build(args.model, args.device)
     x = torch.randn(args.batch_size, 3, *model.visual.image_size, device=args.device)
-    step = make_step(model, args._child, args.device)
+    step = make_step(model, args._child, args.device, load_baseline(args.baseline) if args.baseline else None)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         step(x)
@@ -103,17 +125,21 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--no_memory", action="store_true", help="skip the per-mode peak-memory child processes")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--baseline", default=None, help="another prs_hook.py to time beside this one (base:<mode>)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:
         return child(args)
     modes = args.modes.split(",")
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    if baseline is not None:
+        modes = [x for m in modes for x in ([m] if m == "plain" else [m, f"base:{m}"])]
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 throughout, like the tests
     model = build(args.model, args.device)
     x = torch.randn(args.batch_size, 3, *model.visual.image_size, device=args.device,
                     generator=torch.Generator(args.device).manual_seed(0))
-    steps = {m: make_step(model, m, args.device) for m in modes}
+    steps = {m: make_step(model, m, args.device, baseline) for m in modes}
     for m in modes:  # warm-up
         steps[m](x)
     times = {m: [] for m in modes}

@@ -28,12 +28,12 @@ from utils.neurons.effects import COEFFICIENT, SecondOrderEffects  # noqa: E402
 @torch.no_grad()
 def original_style_effects(so: SecondOrderEffects, images: torch.Tensor) -> torch.Tensor:
     """The per-(later layer, head) evaluation of the original code, on the same captures: [b, K, d]."""
-    prs, m = so.prs, so.mlp_layer
+    rec, m, engine = so.decompose(images), so.mlp_layer, so.engine
     blocks = so.visual.transformer.resblocks
-    representation = prs.encode_image(images)
-    post = prs.post_gelu[m].float()  # [b, N, K]
+    representation = rec.representation
+    post = rec.post_activations[m].float()  # [b, N, K]
     K = post.shape[-1]
-    L, H, W, dh = prs.num_layers, prs.num_heads, prs.width, prs.head_dim
+    L, H, W, dh = engine.num_layers, engine.num_heads, engine.width, engine.head_dim
     c_proj = blocks[m].mlp.c_proj
     proj, ln_post = so.visual.proj.float(), so.visual.ln_post
     total = 0.0
@@ -47,13 +47,13 @@ def original_style_effects(so: SecondOrderEffects, images: torch.Tensor) -> torc
         for h in range(H):
             # neuron outputs at every token: [b, N, K, W]
             neuron_out = post[..., None] * c_proj.weight.t()[None, None] + c_proj.bias / K
-            mean = prs.ln_1_mean[:, l, :, None, None]
-            std = prs.ln_1_std[:, l, :, None, None]
+            mean = rec.ln_1_mean[:, l, :, None, None]
+            std = rec.ln_1_std[:, l, :, None, None]
             normed = blk.ln_1.weight * (neuron_out - mean / T1) / std + blk.ln_1.bias / T1
             value = torch.einsum("bnkw,cw->bnkc", normed, w_v[h]) + b_v[h] / T1  # [b, N, K, dh]
-            attended = torch.einsum("bn,bnkc->bkc", prs.attention_maps[:, l, h], value)  # CLS query
+            attended = torch.einsum("bn,bnkc->bkc", rec.attention_maps[:, l, h], value)  # CLS query
             out = torch.einsum("bkc,wc->bkw", attended, w_o[:, h]) + blk.attn.out_proj.bias / (T1 * H)
-            post_ln = (ln_post.weight * (out - prs.post_ln_mean[:, None, None] / T2) / prs.post_ln_std[:, None, None]
+            post_ln = (ln_post.weight * (out - rec.ln_post_mean[:, None, None] / T2) / rec.ln_post_std[:, None, None]
                        + ln_post.bias / T2)
             total = total + post_ln @ proj * so.coefficient
     return total / representation.norm(dim=-1)[:, None, None]

@@ -2,7 +2,7 @@
 
 Rows (same batches of random images and elliptic masks, weights random unless --pretrained is given):
   plain encode_image         model.encode_image (the reference; ratio 1.0)
-  segmentation (sum mode)    what compute_segmentations.py runs per batch: hooked forward with spatial="sum",
+  segmentation (sum mode)    what compute_segmentations.py runs per batch: the decomposition with spatial="sum",
                              heatmaps, pixAcc/IoU counts and the batched AP (utils.segmentation.evaluate_batch)
   segmentation (full tensor) the same from the full spatial tensor [b, L, N, H, d] (spatial=True), as the original
   sum mode + sklearn AP      the sum-mode heatmaps with sklearn's average_precision_score per image (the original's
@@ -21,9 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prs_hook import hook_prs_logger  # noqa: E402
+from prs_hook import Decomposer  # noqa: E402
 from utils.cli import add_model_args, load_model_from_args  # noqa: E402
-from utils.segmentation import class_heatmaps, evaluate_batch, grid_and_patch, spatial_image_terms  # noqa: E402
+from utils.segmentation import (class_heatmaps, evaluate_batch, grid_and_patch,  # noqa: E402
+                                spatial_image_terms)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -81,20 +82,18 @@ def main(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             model.encode_image(x.to(args.device)).cpu()
 
-    light = hook_prs_logger(model, args.device, spatial="sum")
+    engine = Decomposer(model, args.device)
 
     def seg_sum(x, m):
-        evaluate_batch(light, x, m, classifier, grid, patch)
-
-    full = hook_prs_logger(model, args.device, spatial=True)
+        evaluate_batch(engine, x, m, classifier, grid, patch, spatial="sum")
 
     def seg_full(x, m):
-        evaluate_batch(full, x, m, classifier, grid, patch)
+        evaluate_batch(engine, x, m, classifier, grid, patch, spatial=True)
 
     def seg_sklearn(x, m):
         from sklearn.metrics import average_precision_score
 
-        r, terms = spatial_image_terms(light, x)
+        r, terms = spatial_image_terms(engine, x, "sum")
         res, _, _ = class_heatmaps(terms, r, classifier, grid, patch)
         res = res.cpu().numpy()
         for h, t in zip(res, m.numpy()):

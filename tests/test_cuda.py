@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, run_inprocess, run_script, tiny_model
-from prs_hook import hook_prs_logger
+from prs_hook import Decomposer, hook_prs_logger
 from utils.cli import configure_torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -113,12 +113,12 @@ def test_golden_segmentation_heatmaps(device):
     import utils.segmentation as seg
 
     model = golden_model(device)
-    prs = hook_prs_logger(model, device, spatial="sum")
+    engine = Decomposer(model, device)
     grid, patch = seg.grid_and_patch(model)
     x = torch.from_numpy(np.load(SEG / "preprocessed.npy"))
     t = torch.from_numpy(np.load(SEG / "targets.npy"))
     classifier = torch.from_numpy(np.load(PRS / "golden_classifier_prsclip-tiny.npy")).to(device)
-    out = seg.evaluate_batch(prs, x, t, classifier, grid, patch)
+    out = seg.evaluate_batch(engine, x, t, classifier, grid, patch, spatial="sum")
     np.testing.assert_allclose(out["pred"], np.load(SEG / "heatmaps.npy"), atol=1e-5, rtol=0)
     per_image = json.loads((SEG / "segmentation.json").read_text())["per_image"]
     np.testing.assert_array_equal(out["inter"], [p["inter"] for p in per_image])

@@ -25,12 +25,12 @@ def test_ranks_use_gloo_and_their_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group",
                         lambda backend, **kw: calls.update(backend=backend, **kw))
     args = argparse.Namespace(device="cuda")
-    streaming.init_distributed(args)
+    args.device = streaming.init_distributed(args.device)
     assert calls["backend"] == "gloo" and calls["gpu"] == 3 and args.device == "cuda:3"
     assert calls["timeout"].total_seconds() >= 3600  # a finished rank waits for the others' rows
     calls.clear()
     args = argparse.Namespace(device="cpu")
-    streaming.init_distributed(args)
+    args.device = streaming.init_distributed(args.device)
     assert calls["backend"] == "gloo" and "gpu" not in calls and args.device == "cpu"
 
 

@@ -150,19 +150,19 @@ def test_identity_sum_over_neurons_is_frozen_forward(name, mlp_layer):
 
 def naive_loop(so: SecondOrderEffects, images: torch.Tensor) -> np.ndarray:
     """Q1 taken literally, one (later layer, head, source token) at a time, in float64: [b, J, K, d]."""
-    prs = so.prs
-    r = prs.encode_image(images).double().numpy()
+    rec, engine = so.decompose(images), so.engine
+    r = rec.representation.double().numpy()
     f64 = lambda t: t.detach().double().numpy()  # noqa: E731
     blocks = so.visual.transformer.resblocks
     src = blocks[so.mlp_layer]
-    post = f64(prs.post_gelu[so.mlp_layer])  # [b, N, K]
+    post = f64(rec.post_activations[so.mlp_layer])  # [b, N, K]
     b, N, K = post.shape
-    L, H, W, dh = prs.num_layers, prs.num_heads, prs.width, prs.head_dim
+    L, H, W, dh = engine.num_layers, engine.num_heads, engine.width, engine.head_dim
     ls2 = f64(src.ls_2.gamma) if hasattr(src.ls_2, "gamma") else np.ones(W)
     w_c, b_c = f64(src.mlp.c_proj.weight) * ls2[:, None], f64(src.mlp.c_proj.bias) * ls2
     gamma, beta, proj = f64(so.visual.ln_post.weight), f64(so.visual.ln_post.bias), f64(so.visual.proj)
-    attn, mu, sd = f64(prs.attention_maps), f64(prs.ln_1_mean), f64(prs.ln_1_std)
-    mu_p, sd_p = f64(prs.post_ln_mean), f64(prs.post_ln_std)
+    attn, mu, sd = f64(rec.attention_maps), f64(rec.ln_1_mean), f64(rec.ln_1_std)
+    mu_p, sd_p = f64(rec.ln_post_mean), f64(rec.ln_post_std)
     out = np.zeros((b, so.num_terms, K, proj.shape[1]))
     for i in range(b):
         j = 0

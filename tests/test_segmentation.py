@@ -12,7 +12,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve
 
 import utils.segmentation as seg
 from conftest import GOLDEN, TINY_ARGS, run_inprocess, run_script, tiny_model
-from prs_hook import hook_prs_logger
+from prs_hook import Decomposer
 from utils.imagenet_segmentation import ImagenetSegmentation, SegmentationFileError, resize_mask
 from utils.plots import find_textspan_file, parse_textspan_heads, topk_similar
 
@@ -72,7 +72,7 @@ def synthetic_mat(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def golden_prs(golden_model):
-    return hook_prs_logger(golden_model[0], "cpu", spatial="sum")
+    return Decomposer(golden_model[0], "cpu")  # evaluate_batch's default: spatial="sum"
 
 
 # ----------------------------------------------------------------------------- hook: spatial="sum"
@@ -80,17 +80,16 @@ def golden_prs(golden_model):
 def test_spatial_sum_mode(name):
     model, _ = tiny_model(name, seed=3)
     x = torch.randn(2, 3, *model.visual.image_size, generator=torch.Generator().manual_seed(0))
-    full = hook_prs_logger(model, "cpu", spatial=True)
-    r_full = full.encode_image(x)
-    attn_full, mlps_full = full.finalize(r_full)  # [b, L, N, H, d]
-    light = hook_prs_logger(model, "cpu", spatial="sum")
-    r = light.encode_image(x)
-    attn, mlps = light.finalize(r)
+    engine = Decomposer(model, "cpu")
+    full = engine(x, spatial=True)
+    attn_full, mlps_full = full.attn, full.mlp  # [b, L, N, H, d]
+    light = engine(x, spatial="sum")
+    attn, mlps = light.attn, light.mlp
     b, L, N, H, d = attn_full.shape
     assert attn.shape == (b, N, d)
     # the same terms summed over layers and heads, and the same CLS terms and MLPs
     torch.testing.assert_close(attn, attn_full.sum((1, 3)), atol=1e-6, rtol=0)
-    torch.testing.assert_close(light.cls_attentions, full.cls_attentions, atol=1e-7, rtol=0)
+    torch.testing.assert_close(light.cls_attn, full.cls_attn, atol=1e-7, rtol=0)
     torch.testing.assert_close(mlps, mlps_full, atol=0, rtol=0)
     # sum rule against open_clip's own encode_image
     with torch.no_grad():

@@ -118,9 +118,9 @@ def plot_map_grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], row_
 
 # ----------------------------------------------------------------------------- nearest neighbours
 @torch.no_grad()
-def embed_heads(prs, loader: Iterable, layer_heads: Sequence[tuple[int, int]], progress: bool = True
+def embed_heads(engine, loader: Iterable, layer_heads: Sequence[tuple[int, int]], progress: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-spatial hooked forward of a whole loader.
+    """The non-spatial decomposition (``engine``, a ``prs_hook.Decomposer``) of a whole loader.
 
     Returns ``(heads [B, K, d], clip [B, d])``: the projected terms of the K (layer, head) pairs and the
     normalised CLIP embedding (``encode_image`` / its norm, from the same forward), float32 on the CPU.
@@ -129,10 +129,9 @@ def embed_heads(prs, loader: Iterable, layer_heads: Sequence[tuple[int, int]], p
     heads = torch.tensor([h for _, h in layer_heads])
     out_heads, out_clip = [], []
     for images, *_ in tqdm.tqdm(loader, desc="embed", unit="batch", disable=not progress):
-        r = prs.encode_image(images)
-        attn, _ = prs.finalize(r)  # [b, L, H, d]
-        out_heads.append(attn[:, layers, heads].float().cpu())
-        out_clip.append(F.normalize(r.float(), dim=-1).cpu())
+        d = engine(images)  # attn [b, L, H, d]
+        out_heads.append(d.attn[:, layers, heads].cpu())
+        out_clip.append(F.normalize(d.representation, dim=-1).cpu())
     return torch.cat(out_heads), torch.cat(out_clip)
 
 

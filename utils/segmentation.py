@@ -62,22 +62,20 @@ def upsample_patch_scores(scores: torch.Tensor, grid: Sequence[int], patch: Sequ
                          align_corners=False)
 
 
-@torch.no_grad()
-def spatial_image_terms(prs, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hooked forward of ``images`` ``[b, 3, H, W]``: ``(r [b, d], image-token terms [b, n, d])``.
+def spatial_image_terms(engine, images: torch.Tensor, spatial: bool | str = "sum"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spatial decomposition of ``images`` ``[b, 3, H, W]`` by ``engine`` (a ``prs_hook.Decomposer``):
+    ``(r [b, d], image-token terms [b, n, d])``.
 
-    The terms are summed over layers and heads (``prs`` built with ``spatial="sum"``, or ``spatial=True``
-    and summed here) and normalised by ``||r||``; token 0 (CLS) is dropped.
+    The terms are summed over layers and heads (inside the forward with ``spatial="sum"``, the memory-light
+    mode; ``spatial=True`` builds ``[b, L, N, H, d]`` and sums here) and normalised by ``||r||``; token 0 (CLS)
+    is dropped.
     """
-    r = prs.encode_image(images)
-    attn, _ = prs.finalize(r)
-    if attn.dim() == 5:  # [b, L, N, H, d]
-        attn = attn[:, :, 1:].sum((1, 3))
-    elif attn.dim() == 3:  # [b, N, d]
-        attn = attn[:, 1:]
-    else:
-        raise ValueError(f"spatial_image_terms: the hook must be spatial (got attentions {tuple(attn.shape)})")
-    return r, attn
+    if spatial not in (True, "sum"):
+        raise InputError(f"spatial_image_terms: spatial={spatial!r}; expected True or 'sum'")
+    d = engine(images, spatial=spatial)
+    terms = d.attn[:, 1:] if spatial == "sum" else d.attn[:, :, 1:].sum((1, 3))
+    return d.representation, terms
 
 
 def class_heatmaps(terms: torch.Tensor, representation: torch.Tensor, classifier: torch.Tensor,
@@ -224,18 +222,20 @@ def score_heatmaps(res: torch.Tensor, chosen: torch.Tensor, degenerate: torch.Te
 
 
 @torch.no_grad()
-def evaluate_batch(prs, images: torch.Tensor, targets: torch.Tensor, classifier: torch.Tensor,
-                   grid: Sequence[int], patch: Sequence[int], thr: float = 0.0) -> dict[str, np.ndarray]:
+def evaluate_batch(engine, images: torch.Tensor, targets: torch.Tensor, classifier: torch.Tensor,
+                   grid: Sequence[int], patch: Sequence[int], thr: float = 0.0, spatial: bool | str = "sum"
+                   ) -> dict[str, np.ndarray]:
     """Heatmaps and metrics of one batch (paper 1), every image on its own.
 
     Args:
-        prs: a spatial ``PRSLogger`` (``spatial="sum"`` is the memory-light choice).
+        engine: a ``prs_hook.Decomposer``; spatial: its spatial mode (``"sum"``, the memory-light one, or
+        ``True``: the same numbers through the full ``[b, L, N, H, d]`` tensor).
         images: ``[b, 3, H, W]`` preprocessed; targets: ``[b, H, W]`` integer masks; classifier: ``[d, C]``
-        on ``prs.device``.
+        on ``engine.device``.
     Returns:
         ``score_heatmaps``'s arrays.
     """
-    r, terms = spatial_image_terms(prs, images)
+    r, terms = spatial_image_terms(engine, images, spatial)
     res, chosen, degenerate = class_heatmaps(terms, r, classifier, grid, patch)
     return score_heatmaps(res, chosen, degenerate, targets, thr)
 

@@ -12,8 +12,8 @@ compute_segmentations.py, compute_representations.py, ...) calls ``stream_datase
   files once every rank is done. Batches are the single-process batches, so the result is byte-identical to a
   single-process run (same batch size, same kernels).
 
-Call ``init_distributed(args)`` at the top of ``main`` (before the model is loaded): under torchrun it sets up
-the process group and, for CUDA, gives each rank its own GPU (``cuda:{LOCAL_RANK}``).
+Call ``args.device = init_distributed(args.device)`` at the top of ``main`` (before the model is loaded): under
+torchrun it sets up the process group and, for CUDA, gives each rank its own GPU (``cuda:{LOCAL_RANK}``).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import torch
 import tqdm
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from utils import LOG
 from utils.errors import InputError
 from utils.files.rows import StreamingArrays, finish_renames
 from utils.files.provenance import read_provenance, run_key, write_provenance
@@ -59,24 +60,24 @@ def barrier() -> None:
 WAIT_TIMEOUT = datetime.timedelta(hours=24)
 
 
-def init_distributed(args=None) -> tuple[int, int]:
-    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group and, for a CUDA ``args.device``, use
-    ``cuda:{LOCAL_RANK}``. Returns ``(rank, world size)``; ``(0, 1)`` without torchrun.
+def init_distributed(device: str = "cpu") -> str:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group and, for a CUDA ``device``, use
+    ``cuda:{LOCAL_RANK}``. Returns the device this process should use (``device`` itself without torchrun, or
+    when the group is already set up).
 
     The backend is gloo, on GPUs too: the processes only exchange small CPU objects and flags (NCCL has no CPU
     tensors), and the images' arrays go through the shared files, never through the process group.
     """
+    device = str(device or "cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return rank_and_world()
-    device = str(getattr(args, "device", "cpu") or "cpu")
+        return device
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-        if args is not None:
-            args.device = f"cuda:{local}"
+        device = f"cuda:{local}"
     torch.distributed.init_process_group("gloo", timeout=WAIT_TIMEOUT)
-    return rank_and_world()
+    return device
 
 
 def _broadcast(obj):
@@ -120,7 +121,7 @@ def stream_dataset(dataset: Dataset, outputs: Mapping[str, Output],
                    compute: Callable[[torch.Tensor, torch.Tensor, int], Mapping[str, np.ndarray]], *,
                    record: dict, resume: bool = False, batch_size: int = 1, num_workers: int = 0,
                    desc: str = "", describe: Optional[Callable[[Mapping[str, np.ndarray]], str]] = None,
-                   log: Callable[[str], None] = print) -> bool:
+                   log: Callable[[str], None] = LOG.info) -> bool:
     """Run ``compute(images, labels, first_index)`` over ``dataset`` in order and stream what it returns to disk.
 
     Args:

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from prs_hook import _layer_scale, autocast_off, hook_prs_logger
+from prs_hook import Decomposer, Decomposition, autocast_off
 from utils.errors import InputError
 
 COEFFICIENT = 100.0  # the papers' scale factor on the normalised output
@@ -52,7 +52,8 @@ class SecondOrderEffects:
     """Batched second-order effects of every neuron of one MLP layer: ``[b, K, d]`` per image batch.
 
     Args:
-        model: an open_clip CLIP model with a supported ViT image tower (see ``prs_hook``).
+        model: an open_clip CLIP model with a supported ViT image tower (see ``prs_hook``); or a
+            ``prs_hook.Decomposer`` of one, to share its fixed maps.
         mlp_layer: the MLP layer ``m``; its neurons' effects through the attention heads of layers ``m+1..L-1``.
         device: where the forward pass and the contraction run.
         coefficient: the scale on the normalised output (100 in the paper).
@@ -63,19 +64,17 @@ class SecondOrderEffects:
 
     def __init__(self, model: torch.nn.Module, mlp_layer: int, device: str | torch.device | None = None,
                  coefficient: float = COEFFICIENT, model_name: Optional[str] = None, cache_bytes: int = 2 ** 31):
-        self.prs = hook_prs_logger(model, device, attention_maps=True, ln_stats=True, post_gelu_layers=(),
-                                   model_name=model_name)
-        self.visual = self.prs.visual
-        self.device = self.prs.device
-        L, H = self.prs.num_layers, self.prs.num_heads
+        self.engine = model if isinstance(model, Decomposer) else Decomposer(model, device, model_name)
+        self.tower = self.engine.tower  # its folded maps: head_out, head_bias, ls_2, ln_post_gain, ln_post_bias
+        self.visual, self.device = self.engine.visual, self.engine.device
+        L, H = self.engine.num_layers, self.engine.num_heads
         check_mlp_layer(mlp_layer, L)
-        self.prs.post_gelu_layers = [mlp_layer]
         self.mlp_layer = mlp_layer
         self.coefficient = float(coefficient)
         self.later_layers = list(range(mlp_layer + 1, L))
         blocks = self.visual.transformer.resblocks
         self.num_neurons = blocks[mlp_layer].mlp.c_proj.weight.shape[1]
-        self.out_dim = self.prs.out_dim
+        self.out_dim = self.engine.out_dim
         per_layer = self.num_neurons * H * self.out_dim * 4
         n_cached = min(len(self.later_layers), max(0, int(cache_bytes // per_layer)))
         with autocast_off(self.device):
@@ -84,7 +83,7 @@ class SecondOrderEffects:
     @property
     def num_terms(self) -> int:
         """Number of (later layer, head) pairs, ``J = (L - m - 1) H``."""
-        return len(self.later_layers) * self.prs.num_heads
+        return len(self.later_layers) * self.engine.num_heads
 
     @torch.no_grad()
     def _layer_maps(self, l: int) -> dict[str, torch.Tensor]:
@@ -93,11 +92,11 @@ class SecondOrderEffects:
         ``U`` [K, H, d]: neuron k's direction through head h. ``bias`` / ``gamma`` / ``beta`` / ``vbias`` [H, d]:
         the neuron-bias, ln_1 mean, ln_1 bias and value-bias parts; ``obias`` [d]: the out_proj bias.
         """
-        W, H, dh = self.prs.width, self.prs.num_heads, self.prs.head_dim
+        W, H, dh = self.engine.width, self.engine.num_heads, self.engine.head_dim
         dev, f64 = self.device, torch.float64
         src = self.visual.transformer.resblocks[self.mlp_layer]
         blk = self.visual.transformer.resblocks[l]
-        ls2 = _layer_scale(src.ls_2, W, src.mlp.c_proj.weight).to(dev, f64)
+        ls2 = self.tower.ls_2[self.mlp_layer].to(dev, f64)
         w_c = src.mlp.c_proj.weight.detach().to(dev, f64) * ls2[:, None]  # [W, K]
         b_c = src.mlp.c_proj.bias
         b_c = b_c.detach().to(dev, f64) * ls2 if b_c is not None else torch.zeros(W, dtype=f64, device=dev)
@@ -107,7 +106,7 @@ class SecondOrderEffects:
         b1 = ln.bias.detach().to(dev, f64) if ln.bias is not None else torch.zeros(W, dtype=f64, device=dev)
         w_v = blk.attn.in_proj_weight[2 * W:].detach().to(dev, f64)  # [H*dh, W]
         b_v = blk.attn.in_proj_bias[2 * W:].detach().to(dev, f64)  # [H*dh]
-        head_out = self.prs.head_out[l].to(f64)  # [H, dh, d]: out_proj block, ls_1 and G folded in
+        head_out = self.tower.head_out[l].to(f64)  # [H, dh, d]: out_proj block, ls_1 and G folded in
 
         def through(vec: torch.Tensor) -> torch.Tensor:  # [W] entering ln_1's affine part -> [H, d]
             return torch.einsum("he,hed->hd", (vec @ w_v.t()).view(H, dh), head_out)
@@ -116,7 +115,7 @@ class SecondOrderEffects:
         U = torch.einsum("khe,hed->khd", values.view(K, H, dh), head_out)  # [K, H, d]
         maps = {"U": U, "bias": through(g1 * b_c / K), "gamma": through(g1), "beta": through(b1),
                 "vbias": torch.einsum("he,hed->hd", b_v.view(H, dh), head_out),
-                "obias": self.prs.head_bias[l].to(f64)}
+                "obias": self.tower.head_bias[l].to(f64)}
         return {k: v.float().contiguous() for k, v in maps.items()}
 
     @torch.no_grad()
@@ -126,18 +125,23 @@ class SecondOrderEffects:
         Returns ``(effects, representation)``: effects ``[b, K, d]`` summed over later layers and heads (with
         ``per_head=True``: ``[b, J, K, d]``, J = (later layer, head) pairs in order ``(l - m - 1) * H + h``;
         meant for small models), and the unnormalised embedding ``[b, d]``; float32 on ``self.device``, with
-        autocast off (like ``PRSLogger``).
+        autocast off (like ``prs_hook.Decomposer``).
         """
         with autocast_off(self.device):
             return self._effects(images, per_head)
 
+    def decompose(self, images: torch.Tensor) -> Decomposition:
+        """The forward pass the effects need: ``prs_hook``'s record of ``images`` with the CLS attention rows,
+        every ``ln_1``'s statistics and the post-activation values of ``mlp_layer``."""
+        return self.engine(images, attention_maps=True, ln_stats=True, post_activations=[self.mlp_layer])
+
     def _effects(self, images: torch.Tensor, per_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        prs = self.prs
-        representation = prs.encode_image(images)
-        post = prs.post_gelu[self.mlp_layer].float()  # [b, N, K]
+        rec = self.decompose(images)
+        representation = rec.representation
+        post = rec.post_activations[self.mlp_layer].float()  # [b, N, K]
         b, N, K = post.shape
-        L, H, d = prs.num_layers, prs.num_heads, self.out_dim
-        mu_post, sd_post = prs.post_ln_mean, prs.post_ln_std  # [b], [b]
+        L, H, d = self.engine.num_layers, self.engine.num_heads, self.out_dim
+        mu_post, sd_post = rec.ln_post_mean, rec.ln_post_std  # [b], [b]
         scale = self.coefficient / representation.float().norm(dim=-1)  # [b]
         total = None if per_head else torch.zeros(K, b, d, device=self.device)
         const = torch.zeros(b, d, device=self.device)
@@ -146,15 +150,16 @@ class SecondOrderEffects:
             maps = self._cache.get(l) or self._layer_maps(l)
             T1 = (1 + 2 * l) * K
             T2 = (1 + 2 * l) * (1 + 2 * L) * H * K
-            attn = prs.attention_maps[:, l]  # [b, H, N]
-            w = attn / prs.ln_1_std[:, l, None, :]  # A / sigma_l          [b, H, N]
+            attn = rec.attention_maps[:, l]  # [b, H, N]
+            w = attn / rec.ln_1_std[:, l, None, :]  # A / sigma_l          [b, H, N]
             c = torch.einsum("bhn,bnk->bhk", w, post)  # [b, H, K]
             alpha = w.sum(-1)  # [b, H]
-            nu = (w * prs.ln_1_mean[:, l, None, :]).sum(-1)  # [b, H]
+            nu = (w * rec.ln_1_mean[:, l, None, :]).sum(-1)  # [b, H]
             s_a = attn.sum(-1)  # [b, H]
             head_const = (alpha[..., None] * maps["bias"] - nu[..., None] / T1 * maps["gamma"]
                           + s_a[..., None] / T1 * (maps["beta"] + maps["vbias"]) + maps["obias"] / (T1 * H))
-            post_ln = (-mu_post[:, None] / T2) * prs.g / sd_post[:, None] + prs.beta_proj / T2  # [b, d]
+            post_ln = (-mu_post[:, None] / T2) * self.tower.ln_post_gain / sd_post[:, None] \
+                + self.tower.ln_post_bias / T2  # [b, d]
             if per_head:
                 x = c[..., None] * maps["U"].permute(1, 0, 2)[None] + head_const[:, :, None]  # [b, H, K, d]
                 terms.append(x / sd_post[:, None, None, None] + post_ln[:, None, None])

@@ -45,33 +45,34 @@ def neuron_layer_pairs(rows: np.ndarray, layers: Sequence[int], num_neurons: int
 
 
 @torch.no_grad()
-def neuron_heatmaps(prs, images: torch.Tensor, classifier: torch.Tensor, selection: torch.Tensor,
+def neuron_heatmaps(engine, images: torch.Tensor, classifier: torch.Tensor, selection: torch.Tensor,
                     layers: Sequence[int], grid: Sequence[int], patch: Sequence[int]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One hooked forward (``prs`` keeps the post-activation values of ``layers``); per image its class's map.
+    """One forward of ``engine`` (a ``prs_hook.Decomposer``) keeping the post-activation values of ``layers``;
+    per image its class's map.
 
     Args:
-        classifier: ``[d, C]``; selection: ``[C, k]`` stacked-PC rows (``select_neurons``) on ``prs.device``.
+        classifier: ``[d, C]``; selection: ``[C, k]`` stacked-PC rows (``select_neurons``) on ``engine.device``.
     Returns:
         ``(heatmaps [b, H, W], chosen [b], degenerate [b], neuron maps [b, grid_h, grid_w])``: the mean
         activation of the chosen class's neurons at each image token (CLS dropped, row-major grid), and that
         map upsampled and min–max normalised per image (a constant map is all zeros, ``degenerate``).
     """
-    r = prs.encode_image(images)
-    chosen = (r.to(classifier.dtype) @ classifier).argmax(-1)  # [b]
-    act = torch.cat([prs.post_gelu[l][:, 1:].float() for l in layers], -1)  # [b, n, P]: row i = stacked PC i
+    d = engine(images, post_activations=layers)
+    chosen = (d.representation.to(classifier.dtype) @ classifier).argmax(-1)  # [b]
+    act = torch.cat([d.post_activations[l][:, 1:].float() for l in layers], -1)  # [b, n, P]: row i = stacked PC i
     index = selection[chosen]  # [b, k]
     maps = act.gather(2, index[:, None, :].expand(-1, act.shape[1], -1)).mean(-1)  # [b, n]
     res, degenerate = _minmax(upsample_patch_scores(maps[..., None], grid, patch)[:, 0])  # [b, H, W]
     return res, chosen, degenerate, maps.view(-1, *grid)
 
 
-def evaluate_neuron_batch(prs, images: torch.Tensor, targets: torch.Tensor, classifier: torch.Tensor,
+def evaluate_neuron_batch(engine, images: torch.Tensor, targets: torch.Tensor, classifier: torch.Tensor,
                           selection: torch.Tensor, layers: Sequence[int], grid: Sequence[int],
                           patch: Sequence[int], thr: float = 0.0) -> dict[str, np.ndarray]:
     """Heatmaps and metrics of one batch (paper 2), every image on its own: ``score_heatmaps``'s arrays plus
     ``neuron_map`` ``[b, grid_h, grid_w]``."""
-    res, chosen, degenerate, maps = neuron_heatmaps(prs, images, classifier, selection, layers, grid, patch)
+    res, chosen, degenerate, maps = neuron_heatmaps(engine, images, classifier, selection, layers, grid, patch)
     out = score_heatmaps(res, chosen, degenerate, targets, thr, threshold=NEURON_THRESHOLD)
     out["neuron_map"] = maps.cpu().numpy().astype(np.float32)
     return out

@@ -1,36 +1,17 @@
-"""PCLens' command lines, ``python -m utils.scripts.<name>``, as thin modules over this project's scripts.
+"""PCLens' command lines, ``python -m utils.scripts.<name>``, as thin modules over this project's library.
 
-  compute_activation_values   -> compute_prs.py                (PCLens' file names, its image subsets)
-  compute_classes_embeddings  -> compute_text_projection.py
-  compute_text_explanations   -> compute_complete_text_set.py  (PCLens' JSONL output)
+  compute_activation_values   -> utils.decomposition.decompose_dataset (PCLens' file names, its image subsets)
+  compute_classes_embeddings  -> utils.cli.run_classifier (as compute_text_projection.py)
+  compute_text_explanations   -> utils.text.completeness (as compute_complete_text_set.py; PCLens' JSONL output)
 
-Run them from the repository root, as PCLens' README does (they load the top-level scripts from there).
+Run them from the repository root, as PCLens' README does.
 File names, PCLens' conventions and what differs: docs/pclens.md.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from types import ModuleType
 
 from utils.errors import InputError
-
-from utils import REPO_ROOT as ROOT  # the repository root (holds compute_prs.py, ...)
-
-
-def load_script(name: str) -> ModuleType:
-    """The top-level script ``name`` (e.g. ``"compute_prs"``) as a module."""
-    if name in sys.modules:
-        return sys.modules[name]
-    path = ROOT / f"{name}.py"
-    if not path.is_file():
-        raise InputError(f"{path}: not found; run `python -m utils.scripts.<name>` from a prsclip checkout")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def str2bool(value: str | bool) -> bool:

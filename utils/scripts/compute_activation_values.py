@@ -1,7 +1,7 @@
 """PCLens' compute_activation_values: the projected residual stream of a dataset, under PCLens' file names.
 
-Runs compute_prs.py (the same decomposition: per layer and head, the direct contribution to the normalised CLS
-embedding) and writes to --output_dir
+Runs compute_prs.py's decomposition (``utils.decomposition.decompose_dataset``: per layer and head, the direct
+contribution to the normalised CLS embedding) and writes to --output_dir
   {dataset}_attn_{model}_seed_{seed}.npy      [B, L, H, d]
   {dataset}_mlp_{model}_seed_{seed}.npy       [B, L+1, d]
   {dataset}_cls_attn_{model}_seed_{seed}.npy  [B, L, d]   the CLS->CLS attention term, summed over heads
@@ -28,12 +28,15 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
+from prs_hook import Decomposer
+from utils.cli import add_model_args, args_record, layer_list, load_model_from_args, run
+from utils.datasets import build_dataset, class_column
+from utils.decomposition import decompose_dataset, kept_layers
 from utils.errors import InputError
-from utils.cli import add_model_args, layer_list, run
-from utils.datasets import class_column
-
-from utils.files.names import pclens_paths
-from utils.scripts import int_or_none, load_script, refuse_cache_dir, str2bool
+from utils.files.atomic import make_output_dir
+from utils.files.names import format_layers, pclens_paths
+from utils.files.streaming import init_distributed, is_main_process
+from utils.scripts import int_or_none, refuse_cache_dir, str2bool
 
 # where PCLens looks for a dataset under --data_path
 SUBFOLDERS = {"imagenet": "imagenet", "binary_waterbirds": "waterbird_complete95_forest2water2"}
@@ -81,7 +84,7 @@ def data_root(dataset: str, data_path: str) -> str:
 def class_block_subset(samples_per_class: int, tot_samples_per_class: int, seed: int):
     """PCLens' subset: ``random.seed(seed)``, then per class c, ``random.sample`` of ``samples_per_class``
     indices among ``c * tot .. (c + 1) * tot - 1``, classes in order. Returns ``Dataset -> Subset`` (with
-    ``.labels``) for compute_prs' ``select_images`` hook."""
+    ``.labels``)."""
 
     def select(ds: Dataset) -> Dataset:
         rng = random.Random(seed)  # the same draws as seeding the global generator, as PCLens does
@@ -122,16 +125,28 @@ def main(args: argparse.Namespace) -> dict:
             raise InputError(f"--samples_per_class {args.samples_per_class}: must be between 1 and "
                              f"--tot_samples_per_class {args.tot_samples_per_class}")
         select = class_block_subset(args.samples_per_class, args.tot_samples_per_class, args.seed)
-    if args.quantization == "fp16":
+    dtype = "float16" if args.quantization == "fp16" else "float32"
+    if dtype == "float16":
         print("--quantization fp16: the arrays are stored as float16; the model runs in float32")
-    prs_args = argparse.Namespace(
-        batch_size=args.batch_size, model=args.model, pretrained=args.pretrained,
-        force_quick_gelu=args.force_quick_gelu, model_config=args.model_config, device=args.device,
-        data_path=data_root(args.dataset, args.data_path), dataset=args.dataset, num_workers=args.num_workers,
-        output_dir=args.output_dir, dtype="float16" if args.quantization == "fp16" else "float32",
-        resume=args.resume, select_images=select, layers=args.layers,
-        output_names=pclens_paths(args.output_dir, args.dataset, args.model, args.seed))
-    return load_script("compute_prs").main(prs_args)
+    args.device = init_distributed(args.device)
+    root = data_root(args.dataset, args.data_path)
+    ds = build_dataset(args.dataset, root)  # validate the data before loading any weights
+    make_output_dir(args.output_dir)
+    model, preprocess, _ = load_model_from_args(args)
+    engine = Decomposer(model, args.device, model_name=args.model)
+    layers = kept_layers(args.layers, engine.num_layers, args.model)
+    if args.layers is not None and layers is None:
+        print(f"--layers {format_layers(args.layers)}: every layer of {args.model}; writing the full files")
+    ds.transform = preprocess
+    ds = select(ds) if select else ds
+    written = decompose_dataset(
+        engine, ds, pclens_paths(args.output_dir, args.dataset, args.model, args.seed),
+        record=args_record(args, data_path=root, dtype=dtype), layers=layers, dtype=dtype,
+        batch_size=args.batch_size, num_workers=args.num_workers, resume=args.resume, model_name=args.model,
+        desc=f"compute_activation_values {args.model} {args.dataset}")
+    if is_main_process():
+        print(f"wrote {', '.join(str(p) for p in written.values())}")
+    return {k: str(p) for k, p in written.items()}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""The first-order decomposition of a whole dataset, streamed to files (compute_prs.py and PCLens'
+``python -m utils.scripts.compute_activation_values``).
+
+Per image (docs/design.md section 3): ``attn`` [L, H, d] (or the kept layers only, [len(layers), H, d]),
+``mlp`` [L+1, d], ``cls_attn`` [L, d], with ``layers`` also ``attn_rest`` [d]; and the dataset's ``labels``.
+The parts sum to the normalised embedding: ``attn.sum((1, 2)) + attn_rest + mlp.sum(1) = r / ||r||``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from prs_hook import Decomposer
+from utils.errors import InputError
+from utils.files.names import format_layers
+from utils.files.provenance import save_output
+from utils.files.streaming import Output, is_main_process, stream_dataset
+
+__all__ = ["decompose_dataset", "kept_layers"]
+
+
+def kept_layers(layers: Optional[Sequence[int]], num_layers: int, model_name: str) -> Optional[list[int]]:
+    """The attention layers to store: ``None`` for every layer (``layers`` is ``None`` or lists them all), else
+    ``layers`` as a list; ``InputError`` naming ``--layers`` when one is out of range."""
+    if layers is None:
+        return None
+    bad = [l for l in layers if not 0 <= l < num_layers]
+    if bad:
+        raise InputError(f"--layers {format_layers(layers)}: {format_layers(bad)} out of range; {model_name} has "
+                         f"{num_layers} layers (0-{num_layers - 1})")
+    if len(set(layers)) == num_layers:
+        return None
+    return list(layers)
+
+
+def decompose_dataset(model: torch.nn.Module | Decomposer, dataset, paths: Mapping[str, str | Path], *,
+                      record: Mapping, device: Optional[str] = None, layers: Optional[Sequence[int]] = None,
+                      dtype: str = "float32", batch_size: int = 2, num_workers: int = 0, resume: bool = False,
+                      model_name: Optional[str] = None, desc: str = "decompose") -> dict[str, Path]:
+    """Decompose every image of ``dataset`` and stream the terms to ``paths`` (resumable, torchrun-aware).
+
+    Args:
+        model: an open_clip model, or its ``prs_hook.Decomposer``.
+        dataset: yields ``(preprocessed image [3, H, W], label)``, with ``labels`` (an array, one row per image).
+        paths: name -> file for ``attn``, ``mlp``, ``cls_attn``, ``labels`` and, with ``layers``, ``attn_rest``
+            (``utils.files.names.prs_paths`` / ``pclens_paths``).
+        record: the outputs' provenance record (``utils.files.provenance.make_record``); ``layers`` is added
+            when some layers are left out.
+        layers: store the attention terms of these layers only (ascending, distinct), the others summed into
+            ``attn_rest``; ``None`` or every layer: all of them, no ``attn_rest``.
+        dtype: the storage dtype (``float32`` or ``float16``; the computation is float32).
+        batch_size, num_workers, resume, desc: ``utils.files.streaming.stream_dataset``'s.
+    Returns:
+        name -> path of every file written (``labels``, ``attn``, ``mlp``, ``cls_attn`` and maybe ``attn_rest``).
+    """
+    engine = model if isinstance(model, Decomposer) else Decomposer(model, device, model_name)
+    L, H, d = engine.num_layers, engine.num_heads, engine.out_dim
+    layers = kept_layers(layers, L, model_name or type(model).__name__)
+    needed = ("attn", "mlp", "cls_attn", "labels") + (() if layers is None else ("attn_rest",))
+    missing = [k for k in needed if k not in paths]
+    if missing:
+        raise InputError(f"decompose_dataset: no output path for {', '.join(missing)}")
+    record = dict(record) if layers is None else dict(record, layers=layers)
+    if is_main_process():
+        save_output(paths["labels"], np.asarray(dataset.labels), dict(record, num_images=len(dataset)))
+    outputs = {"attn": Output(paths["attn"], (L if layers is None else len(layers), H, d), dtype),
+               "mlp": Output(paths["mlp"], (L + 1, d), dtype),
+               "cls_attn": Output(paths["cls_attn"], (L, d), dtype)}
+    if layers is not None:
+        outputs["attn_rest"] = Output(paths["attn_rest"], (d,), dtype)
+
+    def compute(images, labels, start):
+        return engine(images, layers=layers).numpy(*outputs)
+
+    stream_dataset(dataset, outputs, compute, record=record, resume=resume, batch_size=batch_size,
+                   num_workers=num_workers, desc=desc)
+    return {"labels": Path(paths["labels"]), **{k: o.path for k, o in outputs.items()}}
