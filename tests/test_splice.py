@@ -485,4 +485,7 @@ def test_bench_smoke():
     import bench_splice
 
     res = bench_splice.main(bench_splice.get_args_parser().parse_args(["--smoke"]))
-    assert res["same_support"] and res["max_abs_diff"] < 1e-3 and res["seconds"]["admm"] > 0
+    checks = res["checks_vs_skl"]
+    assert res["same_support"] and res["max_abs_diff"] < 1e-3 and res["seconds"]["admm"]["median"] > 0
+    assert checks["admm"]["same_support_above_1e-3"] and checks["active_set"]["kkt_max"] < 1e-12
+    assert checks["active_set"]["objective_minus_skl_max"] <= 1e-12 and res["active_set"]["certified"] == 8
