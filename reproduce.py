@@ -304,7 +304,7 @@ def splice(p: Plan) -> tuple[list[Step], list[Section]]:
     data = [*p.images("cifar10", "CIFAR10"), *smoke]
     steps = [Step("decompose", "decompose_data.py",
                   [*p.model_flags(), *data, *p.loader_flags(), "-l1_penalty", penalty, "-out_path", out], [out],
-                  data="cifar10")]
+                  data="cifar10", streaming=True)]
     ctx = {"model": p.model, "dataset": p.dataset("CIFAR10"), "l1_penalty": penalty}
     sections = [Section(f"SpLiCE decomposition of CIFAR-10, l1 penalty {penalty}", "decompose", out,
                         [Row("average L0 (concepts per image)", "Average Decomposition L0 Norm", "splice_average_l0",
