@@ -171,7 +171,8 @@ def add_splice_args(parser: argparse.ArgumentParser, l1_penalty: float | None = 
                              "GitHub; SHA-256 checked all the same")
     parser.add_argument("--cache_dir", default=None,
                         help="where the concept embeddings are cached (default: beside the outputs)")
-    parser.add_argument("--text_batch_size", type=int, default=256, help="concepts embedded at once (default: %(default)s)")
+    parser.add_argument("--text_batch_size", type=int, default=256,
+                        help="concepts embedded at once (default: %(default)s)")
 
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:

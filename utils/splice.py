@@ -869,7 +869,7 @@ def stream_decompositions(splicemodel: SPLICE, dataset, concepts: Sequence[str],
                      "indptr": Chunked(np.dtype(np.int64), (n + 1,), indptr), "cosine": rows_of("cosine"),
                      "labels": rows_of("labels"), "index": rows_of("index"), "concepts": np.array(concepts, dtype=str)})
     write_provenance(path, record)
-    del arrays
+    arrays.clear()  # the memory maps go before their files
     shutil.rmtree(parts)
     return summarise_weights(path)
 

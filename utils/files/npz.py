@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Union
 
 import numpy as np
 
+from utils.errors import InputError
 from utils.files.atomic import atomic_write
 
 __all__ = ["Chunked", "write_npz", "npz_chunks", "AppendFile"]
@@ -95,7 +96,8 @@ class AppendFile:
 
     def truncate(self, n: int) -> None:
         if n > len(self):
-            raise ValueError(f"{self.path}: holds {len(self)} elements, cannot keep {n}")
+            raise InputError(f"--resume: {self.path} holds {len(self)} values, fewer than the {n} its progress record "
+                             f"counts (a damaged run folder); rerun without --resume")
         os.truncate(self.path, n * self.dtype.itemsize)
 
     def append(self, values: np.ndarray) -> None:
