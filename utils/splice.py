@@ -7,6 +7,8 @@ The math, with SpLiCE's conventions:
 * Image. ``z = normalise(encode_image(x))``; the target is ``normalise(z - mu)``, with ``mu`` [d] the mean of the
   normalised image embeddings of a reference set (SpLiCE ships one per backbone, computed on MSCOCO).
 * Solve ``min_w |C^T w - target|^2 + l1_penalty * sum(w)`` over ``w >= 0`` [T]:
+    - ``active_set`` (the default): the exact minimiser, by a working-set active-set method batched over images
+      (``utils.solvers.active_set.ActiveSetLasso``): KKT residual ~1e-15, the same supports as ``skl``;
     - ``skl``: scikit-learn ``Lasso(alpha=l1_penalty / (2 d), positive=True, fit_intercept=False,
       max_iter=10000, tol=1e-6)``, one image at a time (SpLiCE's exact path);
     - ``admm``: SpLiCE's ADMM (rho 5, tolerance 1e-6, at most 2000 iterations), batched over images, each image
@@ -19,7 +21,9 @@ The math, with SpLiCE's conventions:
 The Python API mirrors SpLiCE's ``splice`` package (``load``, ``get_vocabulary``, ``get_preprocess``,
 ``get_tokenizer``, ``available_models``, ``decompose_image``, ``decompose_classes``, ``decompose_dataset`` and the
 ``SPLICE`` module); the scripts ``decompose_image.py``, ``decompose_data.py``, ``concept_distribution.py`` and
-``compute_image_mean.py`` are thin layers over the helpers below. See docs/splice.md.
+``compute_image_mean.py`` are thin layers over the helpers below (their flags: ``utils.cli.add_splice_args`` /
+``add_dataset_args``, read into ``SpliceSettings`` / ``DatasetSettings``). Messages go to ``log`` callables,
+by default the ``utils.splice`` logger. See docs/splice.md.
 """
 from __future__ import annotations
 
