@@ -396,6 +396,9 @@ def test_decompose_data_kill_and_resume_is_byte_identical(tmp_path):
     assert not parts.exists()
     code, _, err = run_inprocess("decompose_data.py", *args, "-out_path", killed / "d.txt", "--resume")
     assert code == 0 and "already complete" in err
+    other = [a if a != str(L1) else "0.3" for a in args]
+    code, _, err = run_inprocess("decompose_data.py", *other, "-out_path", killed / "d.txt", "--resume")
+    assert code == 2 and "another run" in err
     assert filecmp.cmp(clean / "d_weights.npz", killed / "d_weights.npz", shallow=False)
     np.testing.assert_allclose(load_decompositions(killed / "d_weights.npz").weights.toarray(),
                                np.load(G / "weights_skl.npy"), atol=1e-5)
