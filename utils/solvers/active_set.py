@@ -14,8 +14,8 @@ linear, and the solutions are very sparse (SpLiCE: 5-30 non-zeros out of 10,000)
    Each signal starts with a working set ``W`` of its ``initial`` largest violators (``c_j > lam``).
 2. On ``W`` the problem is a small non-negative QP, ``min 1/2 w^T G w - q^T w`` with ``G = C_W C_W^T`` and
    ``q = C_W y - lam``, solved exactly in float64 by Lawson-Hanson (``_lawson_hanson``): add the atom of largest
-   gradient ``q - G w``, solve on the passive set (Cholesky), step back to feasibility, drop the atoms that reach
-   0; warm-started from the previous round. The steps are batched over the signals (each on its own passive
+   gradient ``q - G w`` (or, while that works, every atom with a positive gradient), solve on the passive set
+   (Cholesky), step back to feasibility, drop the atoms that reach 0; warm-started from the previous round. The steps are batched over the signals (each on its own passive
    set, gathered into a small [signals, p, p] system), so the loop is a few dozen torch calls per round.
 3. For the signals not yet finished, one GEMM of the residuals against all atoms: a signal is finished when no
    atom outside ``W`` has ``c_j > lam + tol``; otherwise its ``grow`` worst violators join ``W`` (whose atoms at
@@ -360,7 +360,10 @@ def _lawson_hanson(G: torch.Tensor, q: torch.Tensor, valid: torch.Tensor, w: tor
 
     Each step adds the atom ``j`` of largest gradient ``g = q - G w`` (> tol) to the passive set P and solves on
     P; if some weights come out <= 0 it steps back to the last feasible point on the segment and drops the atoms
-    that reach 0 (re-solving on the smaller P). ``G`` may be singular (more atoms than dimensions): if ``j`` is in
+    that reach 0 (re-solving on the smaller P). To save steps, an add first takes every atom with ``g > tol`` at
+    once (the objective still falls along the segment to the new solution); an atom of such a block that comes
+    out <= 0 is dropped by a step of 0, and once a block goes nowhere (or is singular) that problem adds one atom
+    at a time, Lawson-Hanson's rule, which always makes progress. ``G`` may be singular (more atoms than dimensions): if ``j`` is in
     the span of P (a Cholesky pivot below ``PIVOT``), the objective decreases linearly along the direction that
     moves ``w_j`` up while keeping ``C^T w`` fixed, and the step follows it until a weight of P reaches 0, which
     leaves P (a swap). An atom that cannot enter (its weight <= 0 from rounding, which would cycle, or no weight
@@ -385,31 +388,42 @@ def _lawson_hanson(G: torch.Tensor, q: torch.Tensor, valid: torch.Tensor, w: tor
     Gl, ql, wl, Pl, bl = G, q, w.clone(), P.clone(), banned.clone()
     run = torch.ones(a, device=dev, dtype=torch.bool)
     add = torch.ones(a, device=dev, dtype=torch.bool)  # the next step adds an atom (else: re-solves after a drop)
+    blk = torch.ones(a, device=dev, dtype=torch.bool)  # adds may take several atoms at once (see above)
     for _ in range(max_steps):
         if 4 * int((~run).sum()) >= len(live):
             w[live], P[live], banned[live] = wl, Pl, bl
             keep = run.nonzero()[:, 0]
-            live, Gl, ql, wl, Pl, bl, run, add = (x[keep] for x in (live, Gl, ql, wl, Pl, bl, run, add))
+            live, Gl, ql, wl, Pl, bl, run, add, blk = (x[keep] for x in (live, Gl, ql, wl, Pl, bl, run, add, blk))
             if len(live) == 0:
                 break
         ar = torch.arange(len(live), device=dev)
         grad = ql - torch.bmm(Gl, wl.unsqueeze(2)).squeeze(2)
-        gmax, j = grad.masked_fill(Pl | bl, -inf).max(1)
+        out = Pl | bl
+        gmax, j = grad.masked_fill(out, -inf).max(1)
         finished = run & add & ~(gmax > tol)
         enter = run & add & ~finished
+        cand = ~out & (grad > tol)
+        many = enter & blk & (cand.sum(1) > 1)  # a block: every atom with a positive gradient at once
+        single = enter & ~many
+        old = Pl
+        Pl = Pl | (cand & many[:, None])
+        Pl[ar[single], j[single]] = True
         stuck = run & ~add  # re-solves; those that fail (they cannot, on a subset of a set that passed) end
-        Pl[ar[enter], j[enter]] = True
         s, ok = _passive_solve(Gl, ql, Pl)
-        swap = enter & ~ok  # j in the span of P
+        blk = blk & ~(many & ~ok)  # a singular block: back to P, single atoms from now on
+        Pl = torch.where((many & ~ok)[:, None], old, Pl)
+        swap = single & ~ok  # j in the span of P
         w_swap, P_swap, swapped = _swap_in(Gl, wl, Pl, j, swap)
-        refuse = enter & ((ok & ~(s[ar, j] > 0)) | (swap & ~swapped))
+        refuse = single & ((ok & ~(s[ar, j] > 0)) | (swap & ~swapped))
         Pl[ar[refuse], j[refuse]] = False
         bl[ar[refuse], j[refuse]] = True
         step = run & ~finished & ~refuse & ~swap & ok
         neg = Pl & ~(s > 0)
         back = step & neg.any(1)
-        ratio = torch.where(neg, wl / (wl - s), torch.full_like(wl, inf))
+        # an atom of a block may enter at 0 and come out <= 0: a step of 0 that drops it
+        ratio = torch.where(neg & (wl > 0), wl / (wl - s), torch.where(neg, 0.0, inf))
         alpha = ratio.min(1).values.clamp(0, 1)
+        blk = blk & ~(back & (alpha <= 0))  # a block that went nowhere: single atoms from now on
         wb = wl + alpha[:, None] * (s - wl)
         drop = neg & ((ratio <= alpha[:, None]) | ~(wb > 0))
         wb = wb.masked_fill(drop | ~Pl, 0)
