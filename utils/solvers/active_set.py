@@ -201,7 +201,7 @@ class ActiveSetLasso:
             stop = done | failed | (new == T).all(1) | (r == self.max_rounds)
             if bool(stop.any()):
                 s = stop.nonzero()[:, 0]
-                out[act[s]] = out.new_zeros(len(s), T + 1).scatter_(1, W[s], w[s])
+                out.index_put_((act[s, None].expand(-1, W.shape[1]), W[s]), w[s])  # pads go to column T
                 working[act[s]] = (W[s] < T).sum(1)
                 keep = (~stop).nonzero()[:, 0]
                 act, Ya, W, w, G, q, Dp, new = (x[keep] for x in (act, Ya, W, w, G, q, Dp, new))
