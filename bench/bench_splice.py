@@ -12,9 +12,11 @@ noise, centred and normalised with an image mean as SpLiCE does with its targets
 Timing: the solvers run in turn within each of --repeats rounds (so a shared machine's load hits them alike),
 each after an untimed warm-up on 8 images; the median of the rounds is reported, and the ratios are of medians
 from this one run. Both the wall time and the process's CPU time are recorded: with one thread, the CPU time is
-what the solver itself used, less disturbed by other jobs competing for the cores of a shared machine. Everything runs on --threads CPU threads (default 1: torch, and numpy's and scikit-learn's
-BLAS through threadpoolctl); --device cuda moves admm and active_set (skl stays on the CPU). The solvers' setup
-(ADMM's eigendecomposition, the active set's dictionary copies) is timed with them.
+what the solver itself used, less disturbed by other jobs competing for the cores of a shared machine.
+Everything runs on --threads CPU threads (default 1: torch, numba, and numpy's and scikit-learn's BLAS through
+threadpoolctl); --device cuda moves admm and active_set (skl stays on the CPU). The solvers' setup (ADMM's
+eigendecomposition, the active set's dictionary copies) is timed with them; the warm-up also loads (or, the
+first time, compiles) the active set's numba kernels.
 
 Checks against skl, per solver, in float64 on the exact data: the supports (exactly equal non-zero sets, and
 "every weight above 1e-3 in one is non-zero in the other"), max |w - w_skl|, the KKT residual (max over atoms of

@@ -13,10 +13,14 @@ linear, and the solutions are very sparse (SpLiCE: 5-30 non-zeros out of 10,000)
    condition: ``w`` is optimal iff ``c_j = C_j . r <= lam`` for every atom, with equality where ``w_j > 0``.
    Each signal starts with a working set ``W`` of its ``initial`` largest violators (``c_j > lam``).
 2. On ``W`` the problem is a small non-negative QP, ``min 1/2 w^T G w - q^T w`` with ``G = C_W C_W^T`` and
-   ``q = C_W y - lam``, solved exactly in float64 by Lawson-Hanson (``_lawson_hanson``): add the atom of largest
-   gradient ``q - G w`` (or, while that works, every atom with a positive gradient), solve on the passive set
-   (Cholesky), step back to feasibility, drop the atoms that reach 0; warm-started from the previous round. The steps are batched over the signals (each on its own passive
-   set, gathered into a small [signals, p, p] system), so the loop is a few dozen torch calls per round.
+   ``q = C_W y - lam``, solved exactly in float64 by Lawson-Hanson: add the atom of largest gradient ``q - G w``,
+   solve on the passive set (Cholesky), step back to feasibility, drop the atoms that reach 0; warm-started from
+   the previous round.
+   ``small_solves`` picks how: ``numba`` (the CPU's default) solves the signals one by one in compiled loops
+   (``utils.solvers._active_set_cpu``), the factor growing by one row per entering atom; ``torch`` (the GPU's)
+   batches the steps over the signals (``_lawson_hanson``), each on its own passive set gathered into a small
+   [signals, p, p] system, so that a step is a few dozen torch calls for all of them (and, to need fewer steps,
+   it adds every atom with a positive gradient at once while that works).
 3. For the signals not yet finished, one GEMM of the residuals against all atoms: a signal is finished when no
    atom outside ``W`` has ``c_j > lam + tol``; otherwise its ``grow`` worst violators join ``W`` (whose atoms at
    0 leave it: the next check watches them like any other) and the QP is solved again. On CLIP-like problems it
@@ -55,6 +59,7 @@ import numpy as np
 import torch
 
 from utils.errors import InputError
+from utils.solvers import _active_set_cpu as _cpu
 from utils.solvers.nnlasso import _unit_scale
 
 try:
@@ -104,11 +109,13 @@ class ActiveSetLasso:
         initial, grow: working-set atoms a signal starts with, and the most it adds per round.
         max_working, max_rounds: the caps beyond which a signal is reported uncertified.
         screen_dtype: the precision of the correlation GEMM (float32 with the rounding bound, or float64).
+        small_solves: ``numba`` (compiled, one signal at a time: CPU only), ``torch`` (batched, any device) or
+            ``auto`` (numba on the CPU, torch elsewhere).
     """
 
     def __init__(self, dictionary, device: Optional[str | torch.device] = None, tol: float = 1e-10,
                  initial: int = 16, grow: int = 16, max_working: int = 512, max_rounds: int = 50,
-                 screen_dtype: torch.dtype = torch.float32):
+                 screen_dtype: torch.dtype = torch.float32, small_solves: str = "auto"):
         C = torch.as_tensor(dictionary)
         if C.ndim != 2 or C.shape[0] < 1 or not C.is_floating_point():
             raise InputError(f"ActiveSetLasso: need a float dictionary [atoms, d], got {C.dtype} {tuple(C.shape)}")
@@ -121,6 +128,13 @@ class ActiveSetLasso:
         self.tol, self.initial, self.grow = float(tol), int(initial), int(grow)
         self.max_working, self.max_rounds = int(max_working), int(max_rounds)
         self.screen_dtype = screen_dtype
+        if small_solves not in ("auto", "numba", "torch"):
+            raise ValueError(f"ActiveSetLasso: small_solves must be auto, numba or torch (got {small_solves})")
+        if small_solves == "auto":
+            small_solves = "numba" if self.device.type == "cpu" else "torch"
+        if small_solves == "numba" and self.device.type != "cpu":
+            raise ValueError(f"ActiveSetLasso: small_solves='numba' runs on the CPU, not on {self.device}")
+        self.small_solves = small_solves
         C64 = C.to(device=self.device, dtype=torch.float64)
         self.T, self.d = C64.shape
         self.scale = _unit_scale(C64, "ActiveSetLasso")
@@ -129,6 +143,7 @@ class ActiveSetLasso:
         self.C64 = torch.cat([C64, C64.new_zeros(1, self.d)])  # [T + 1, d]
         self.Cs = self.C64.to(screen_dtype)  # [T + 1, d] the screening copy
         self._CsT = self.Cs.T.numpy() if self.device.type == "cpu" else None  # [d, T + 1] for numpy
+        self._C64np = self.C64.numpy() if self.device.type == "cpu" else None
         self.max_norm = float(torch.linalg.vector_norm(C64, dim=1).max())
         u_in, u_acc = gemm_roundoff(self.device, screen_dtype)
         # |c32 - c| <= e |r| |C_j|; 0 for a float64 screen (computed exactly enough: float64 rounding << tol)
@@ -187,9 +202,14 @@ class ActiveSetLasso:
         G = torch.zeros(b, 0, 0, device=dev, dtype=torch.float64)
         inside = torch.zeros(b, device=dev, dtype=torch.float64)  # KKT residual on W after the last QP
         failed = torch.zeros(b, device=dev, dtype=torch.bool)
+        compiled = self.small_solves == "numba"
         for r in range(self.max_rounds + 1):
-            Dp = self.C64[W]  # [a, m, d] the passive atoms
-            R = Ya - torch.bmm(w.unsqueeze(1), Dp).squeeze(1)  # [a, d] residuals
+            if compiled:
+                Dp = None
+                R = torch.from_numpy(_cpu.residuals(self._C64np, *_arrays(Ya, W, w)))
+            else:
+                Dp = self.C64[W]  # [a, m, d] the passive atoms
+                R = Ya - torch.bmm(w.unsqueeze(1), Dp).squeeze(1)  # [a, d] residuals
             rounds[act] += 1
             new, outside = self._violators(R, W, lam, self.initial if r == 0 else self.grow)
             kkt[act] = torch.maximum(inside, outside)
@@ -204,9 +224,16 @@ class ActiveSetLasso:
                 out.index_put_((act[s, None].expand(-1, W.shape[1]), W[s]), w[s])  # pads go to column T
                 working[act[s]] = (W[s] < T).sum(1)
                 keep = (~stop).nonzero()[:, 0]
-                act, Ya, W, w, G, q, Dp, new = (x[keep] for x in (act, Ya, W, w, G, q, Dp, new))
+                act, Ya, W, w, G, q, new = (x[keep] for x in (act, Ya, W, w, G, q, new))
+                Dp = None if compiled else Dp[keep]
             if len(act) == 0:
                 break
+            if compiled:  # the same round, one signal at a time in compiled loops
+                Yn, Wn, wn, Gn, qn, newn = _arrays(Ya, W, w, G, q, new)
+                W, w, G, q, inside = (torch.from_numpy(x) for x in _cpu.qp_round(
+                    self._C64np, Yn, lam, Wn, wn, Gn, qn, newn, self.tol))
+                failed = inside > self.tol
+                continue
             W, w, G, q = _extend(self.C64, Ya, lam, W, w, G, q, Dp, new)
             w, ok, inside = _lawson_hanson(G, q, W < T, w, W == T, self.tol)
             failed = ~ok
@@ -290,7 +317,12 @@ def _keep_passive(W, w, G, q, pad: int):
             q.gather(1, order) * inside)
 
 
-# ----------------------------------------------------------------------------- the small QPs
+def _arrays(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """C-contiguous numpy views (copies where needed) of CPU tensors, for the compiled kernels."""
+    return [np.ascontiguousarray(t.numpy()) for t in tensors]
+
+
+# ----------------------------------------------------------------------------- the small QPs (batched torch)
 def _pack(P: torch.Tensor) -> torch.Tensor:
     """A permutation [a, m] of each row's slots that puts those with ``P`` [a, m] first, each group in order."""
     a, m = P.shape
@@ -363,11 +395,11 @@ def _lawson_hanson(G: torch.Tensor, q: torch.Tensor, valid: torch.Tensor, w: tor
     that reach 0 (re-solving on the smaller P). To save steps, an add first takes every atom with ``g > tol`` at
     once (the objective still falls along the segment to the new solution); an atom of such a block that comes
     out <= 0 is dropped by a step of 0, and once a block goes nowhere (or is singular) that problem adds one atom
-    at a time, Lawson-Hanson's rule, which always makes progress. ``G`` may be singular (more atoms than dimensions): if ``j`` is in
-    the span of P (a Cholesky pivot below ``PIVOT``), the objective decreases linearly along the direction that
-    moves ``w_j`` up while keeping ``C^T w`` fixed, and the step follows it until a weight of P reaches 0, which
-    leaves P (a swap). An atom that cannot enter (its weight <= 0 from rounding, which would cycle, or no weight
-    to swap out) is refused for the rest of this QP.
+    at a time, Lawson-Hanson's rule, which always makes progress. ``G`` may be singular (more atoms than
+    dimensions): if ``j`` is in the span of P (a Cholesky pivot below ``PIVOT``), the objective decreases linearly
+    along the direction that moves ``w_j`` up while keeping ``C^T w`` fixed, and the step follows it until a
+    weight of P reaches 0, which leaves P (a swap). An atom that cannot enter (its weight <= 0 from rounding,
+    which would cycle, or no weight to swap out) is refused for the rest of this QP.
 
     Args:
         G [a, m, m], q [a, m] (float64); valid [a, m] the real slots; w [a, m] a feasible warm start whose
