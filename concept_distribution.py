@@ -9,17 +9,21 @@ Writes to -out_folder (created if missing):
                               only with --verbose)
   {title}.png                 bar chart of the -plot_topk largest average weights (SpLiCE: seaborn, a .pdf)
   {title}.json                the same numbers: top concepts, every non-zero concept, L0, cosine, images
+  {title}_weights.npz         the per-image weights, as decompose_data.py's (streamed; --resume continues a
+                              killed run)
 where {title} is {dataset}_class_{label}_decomposition (lower case) or {dataset}_decomposition. Fixed here:
 SpLiCE leaves "Class 0" out of the title of class 0. --from_weights reads a decompose_data.py .npz instead of
 running the model. See docs/splice.md.
 """
 import argparse
 
-from utils.cli import run
+import matplotlib
+
+from utils.cli import add_dataset_args, add_splice_args, dataset_settings, note, run, say_wrote, splice_settings
 from utils.files.atomic import atomic_write_json, atomic_write_text, make_output_dir
+from utils.files.names import concept_distribution_title
 from utils.files.provenance import write_provenance
-from utils.splice import add_dataset_args, add_splice_args, dataset_decompositions, decomposition_lines, \
-    plot_concepts
+from utils.splice import dataset_decompositions, decomposition_lines, plot_concepts
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,13 +39,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    matplotlib.use("Agg")
     folder = make_output_dir(args.out_folder, "-out_folder")
     if args.verbose:
         print(f"Decomposing {args.dataset}..." if args.class_label is None else
               f"Decomposing class {args.class_label}...")
-    dec, record = dataset_decompositions(args, folder)
-    weights, l0, cosine = dec.summary()
-    lines = decomposition_lines(weights, dec.concepts, stop="zero")
+    title, stem = concept_distribution_title(args.dataset, args.class_label)
+    summary, record = dataset_decompositions(splice_settings(args), dataset_settings(args), folder,
+                                             folder / f"{stem}_weights.npz", log=note)
+    weights, l0, cosine = summary.weights, summary.l0, summary.cosine
+    lines = decomposition_lines(weights, summary.concepts, stop="zero")
     l0_line = f"Average Decomposition L0 Norm: \t{l0}"
     cos_line = f"Average CLIP, SpLiCE Cosine Sim: \t{round(cosine, 4)}"
     atomic_write_text(folder / "weights.txt",
@@ -51,19 +58,16 @@ def main(args: argparse.Namespace) -> dict:
         print("\n".join([*lines, l0_line, cos_line]))
 
     order = [j for j in weights.argsort(kind="stable")[::-1] if weights[j] > 0]
-    nonzero = [[dec.concepts[j], float(weights[j])] for j in order]
+    nonzero = [[summary.concepts[j], float(weights[j])] for j in order]
     top = nonzero[:max(args.plot_topk, 0)]
-    title = f"{args.dataset}" + (f" Class {args.class_label}" if args.class_label is not None else "") + \
-        " Decomposition"
-    stem = "_".join(title.split(" ")).lower()
     plot_concepts([c for c, _ in top], [w for _, w in top], title, folder / f"{stem}.png")
-    summary = {"dataset": args.dataset, "class_label": args.class_label, "num_images": len(dec.index),
-               "l0": l0, "cosine": cosine, "top": top, "concepts": nonzero}
-    atomic_write_json(folder / f"{stem}.json", summary)
+    out = {"dataset": args.dataset, "class_label": args.class_label, "num_images": summary.num_images,
+           "l0": l0, "cosine": cosine, "top": top, "concepts": nonzero}
+    atomic_write_json(folder / f"{stem}.json", out)
     for name in ("weights.txt", f"{stem}.png", f"{stem}.json"):
         write_provenance(folder / name, {**record, "l0": l0, "cosine": cosine})
-    print(f"wrote {folder / 'weights.txt'}, {stem}.png and {stem}.json")
-    return {**summary, "folder": str(folder), "stem": stem}
+    say_wrote([folder / "weights.txt", folder / f"{stem}.png", folder / f"{stem}.json"])
+    return {**out, "folder": str(folder), "stem": stem}
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ import os
 from pathlib import Path
 
 from utils.errors import InputError
-from utils.cli import run
+from utils.cli import add_splice_args, note, run, splice_settings
 from utils.files.atomic import atomic_write_text, make_output_dir
 from utils.files.provenance import write_provenance
-from utils.splice import add_splice_args, decompose_image, decomposition_lines, load_from_args, read_image, \
-    splice_from_loaded, splice_record
+from utils.splice import decompose_image, decomposition_lines, load_inputs, read_image, splice_from_loaded, \
+    splice_record
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -51,8 +51,10 @@ def main(args: argparse.Namespace) -> list:
     if len(set(outputs)) != len(outputs):
         raise InputError("-path: two images have the same stem, so the same output file; rename one")
     folder = make_output_dir(outputs[0].parent, "-out_path")
-    loaded = load_from_args(args)
-    splicemodel, preprocess, concepts = splice_from_loaded(args, loaded, folder), loaded.preprocess, loaded.concepts
+    settings = splice_settings(args)
+    loaded = load_inputs(settings, log=note)
+    splicemodel = splice_from_loaded(settings, loaded, folder, log=note)
+    preprocess, concepts = loaded.preprocess, loaded.concepts
     results = []
     for path, img, out in zip(args.path, images, outputs):
         weights, l0, cosine = decompose_image(preprocess(img).unsqueeze(0), splicemodel)
@@ -61,7 +63,7 @@ def main(args: argparse.Namespace) -> list:
         cos_line = f"CLIP, SpLiCE Cosine Sim: \t{round(cosine, 4)}"
         atomic_write_text(out, "".join(f"{line}\n" for line in [f"Concept Decomposition of {path}: ", *lines,
                                                                  l0_line, cos_line]))
-        write_provenance(out, splice_record(args, loaded.backbone, concepts, image=str(path), num_images=1, l0=l0,
+        write_provenance(out, splice_record(settings, loaded.backbone, concepts, image=str(path), num_images=1, l0=l0,
                                             cosine=cosine))
         print(f"Concept Decomposition of {path}:")
         if args.verbose:

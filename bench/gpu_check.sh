@@ -83,7 +83,7 @@ if [[ $QUICK == 0 ]]; then
         "segmentation|bench_segmentation.py|--model ViT-B-16 --pretrained none --num_images 512 --batch_size 64 --repeats 3"
         "textspan|bench_textspan.py|--baseline_heads 1 --baseline_iters 10"
         "omp|bench_omp.py|--repeats 2"
-        "splice|bench_splice.py|"
+        "splice|bench_splice.py|--repeats 3 --active_batch_size 1024"
     )
 else
     BENCHES=(
@@ -92,7 +92,7 @@ else
         "segmentation|bench_segmentation.py|--model ViT-B-32 --pretrained none --num_images 8 --batch_size 4 --repeats 1 --classes 100"
         "textspan|bench_textspan.py|--images 2000 --layers 1 --heads 4 --dim 128 --texts 400 --m 8 --rank 16"
         "omp|bench_omp.py|--signals 128 --dim 64 --atoms 3000 --k 16 --sklearn_signals 4 --repeats 1"
-        "splice|bench_splice.py|"
+        "splice|bench_splice.py|--concepts 3000 --images 32 --repeats 1"
     )
 fi
 

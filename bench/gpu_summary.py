@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 TARGETS = {"prs": "≥ 0.8× plain", "spatial": "≥ 0.5× plain", "segmentation (sum mode)": "≥ 0.5× plain",
-           "second_order": "≥ 50×", "omp": "≥ 10×", "textspan": "≥ 10×"}
+           "second_order": "≥ 50×", "omp": "≥ 10×", "textspan": "≥ 10×", "splice": "≥ 20×"}
 
 
 def _x(v: float) -> str:
@@ -67,13 +67,23 @@ def rows_textspan(res: dict) -> list[tuple[str, str, str]]:
             ("same texts as the port", str(res["texts_agree"]), "True")]
 
 
+def rows_splice(res: dict) -> list[tuple[str, str, str]]:
+    p, n = res["problem"], res["problem"]["images"]
+    out = [(f"skl (CPU, {p['threads']} thread(s)), {n} images", f"{res['seconds']['skl']['median']:.2f} s", "")]
+    for name, ratio in res["speedup_vs_skl"].items():
+        c = res["checks_vs_skl"][name]
+        out.append((f"{name} ({p['device']}) vs skl", f"{_x(ratio)}, same supports {c['same_support_images']}/{n}, "
+                    f"KKT {c['kkt_max']:.1e}", TARGETS["splice"] if name == "active_set" else ""))
+    return out
+
+
 def rows_generic(res: dict) -> list[tuple[str, str, str]]:
     return [(k, f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/"), "") for k, v in res.items()
             if isinstance(v, (int, float, bool, str)) and k != "args"]
 
 
 READERS = {"prs": rows_prs, "omp": rows_omp, "second_order": rows_second_order, "segmentation": rows_segmentation,
-           "textspan": rows_textspan}
+           "textspan": rows_textspan, "splice": rows_splice}
 
 
 def test_counts(xml: Path) -> str:

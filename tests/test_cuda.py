@@ -1,5 +1,5 @@
-"""GPU checks: the golden numbers, the sum rule, OMP and ADMM, float16 storage and a multi-worker DataLoader on
-CUDA, each against its CPU result or the golden files, and TF32 off by default in script runs.
+"""GPU checks: the golden numbers, the sum rule, OMP, ADMM and the active set, float16 storage and a multi-worker
+DataLoader on CUDA, each against its CPU result or the golden files, and TF32 off by default in script runs.
 
 Every test takes a ``device``: the ``cuda`` case is marked ``cuda`` and skipped without a GPU (run only those
 with ``pytest -m cuda tests/test_cuda.py``; ``bench/gpu_check.sh`` runs this whole file). Where the check is
@@ -222,6 +222,27 @@ def test_admm_matches_cpu(device):
     cpu32 = nnlasso_admm(D.float(), X.float(), device="cpu", **{**kwargs, "tol": 1e-4})
     dev32 = nnlasso_admm(D.float(), X.float(), device=device, **{**kwargs, "tol": 1e-4})
     np.testing.assert_allclose(dev32, cpu32, atol=1e-3 * np.abs(cpu32).max(), rtol=0)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_active_set_matches_cpu(device, tf32):
+    """The exact active-set solver on the device (its batched torch QPs) = on the CPU (compiled QPs): float64 QPs,
+    the same supports, weights to rounding, certified; with TF32 matmuls allowed the screening bound widens
+    (gemm_roundoff) and the result is the same."""
+    from utils.solvers.active_set import ActiveSetLasso
+    from utils.splice import centre_concepts
+
+    D, X = _sparse_problem(torch.float64, T=2000, d=64, n=40)
+    D = centre_concepts(D)
+    X = F.normalize(X, dim=1)
+    cpu, rep_cpu = ActiveSetLasso(D).fit(X, 0.1, return_report=True)
+    configure_torch(allow_tf32=tf32)
+    dev, rep = ActiveSetLasso(D, device=device, initial=4, grow=3, small_solves="torch").fit(
+        X.float(), 0.1, batch_size=16, return_report=True)
+    assert rep_cpu.certified.all() and rep.certified.all() and rep.kkt.max() <= 1e-10
+    np.testing.assert_array_equal(dev > 0, cpu > 0)
+    np.testing.assert_allclose(dev, cpu, atol=1e-6, rtol=0)  # float32 output
 
 
 # ----------------------------------------------------------------------------- script runs on the device

@@ -453,3 +453,91 @@ def run_classifier(args: argparse.Namespace, path: Callable[[argparse.Namespace]
     say_wrote([target], f"{list(classifier.shape)} ({len(classnames)} classes x {len(OPENAI_IMAGENET_TEMPLATES)} "
                         f"templates)")
     return target
+
+
+# ----------------------------------------------------------------------------- SpLiCE's scripts
+def note(message: str) -> None:
+    """An informational line on stderr (the SpLiCE scripts' stdout carries SpLiCE's own output)."""
+    print(message, file=sys.stderr)
+
+
+def add_splice_args(parser: argparse.ArgumentParser, l1_penalty: float | None = None) -> None:
+    """SpLiCE's flags (single dash, its defaults; a double-dash spelling works too) and ours."""
+    from utils.splice import DEFAULT_DOWNLOAD_ROOT, DEFAULT_MODEL, LOCAL_VOCABULARIES, SOLVERS, SPLICE_VOCABULARIES
+
+    parser.add_argument("-model", "--model", default=DEFAULT_MODEL,
+                        help="backbone, [library:]model: clip:ViT-B/32, clip:ViT-B/16, clip:RN50 (OpenAI weights), "
+                             "open_clip:ViT-B-32 (LAION-2B laion2b_s34b_b79k), or any open_clip name with "
+                             "--pretrained (default: %(default)s)")
+    parser.add_argument("--pretrained", default=None,
+                        help="weights: open_clip tag, checkpoint path or 'none' (default: the backbone's own; "
+                             "required for other open_clip models)")
+    parser.add_argument("--model_config", default=None, help="extra open_clip model config (.json or a folder)")
+    parser.add_argument("-device", "--device", default=default_device(), help=DEVICE_HELP + "; SpLiCE's: cuda")
+    parser.add_argument("-l1_penalty", "--l1_penalty", type=float, default=l1_penalty,
+                        help="weight of the l1 penalty, > 0; larger is sparser"
+                             + (f" (default: {l1_penalty})" if l1_penalty is not None else " (required)"))
+    parser.add_argument("-vocab", "--vocab", default="laion",
+                        help=f"concept vocabulary: SpLiCE's {', '.join(SPLICE_VOCABULARIES)} (downloaded, "
+                             f"SHA-256 checked), ours {', '.join(LOCAL_VOCABULARIES)} (no download), or a text "
+                             f"file, one concept per line (default: %(default)s)")
+    parser.add_argument("-vocab_size", "--vocab_size", type=int, default=10000,
+                        help="keep the last k lines of the vocabulary (its most frequent concepts); 0: all "
+                             "(default: %(default)s)")
+    parser.add_argument("-solver", "--solver", default="active_set", choices=SOLVERS,
+                        help="active_set: exact working-set active-set solver, batched (default); admm: batched "
+                             "ADMM, each image stopping on its own residuals; skl: SpLiCE's own per-image "
+                             "scikit-learn Lasso (its default)")
+    parser.add_argument("--image_mean", default=None,
+                        help="image mean .pt or .npy [d] (default: SpLiCE's for its four backbones; "
+                             "compute_image_mean.py makes one for any model)")
+    parser.add_argument("--download_root", default=None,
+                        help=f"where SpLiCE's vocabularies and means are kept (default: {DEFAULT_DOWNLOAD_ROOT})")
+    parser.add_argument("--base_url", default=None,
+                        help="take SpLiCE's files from this folder URL (a mirror, or file:///path/) instead of "
+                             "GitHub; SHA-256 checked all the same")
+    parser.add_argument("--cache_dir", default=None,
+                        help="where the concept embeddings are cached (default: beside the outputs)")
+    parser.add_argument("--text_batch_size", type=int, default=256,
+                        help="concepts embedded at once (default: %(default)s)")
+
+
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    """SpLiCE's dataset flags, and ours for resuming and for reading a decomposition back (``--from_weights``)."""
+    from utils.splice import SPLICE_DATASETS
+
+    parser.add_argument("-dataset", "--dataset", required=True,
+                        help=f"SpLiCE's {', '.join(SPLICE_DATASETS)} (MSCOCO: a folder of images), or any name "
+                             f"utils/datasets.py knows (imagenet, sample, binary_waterbirds, ...; other names: an "
+                             f"ImageFolder at -data_path)")
+    parser.add_argument("-data_path", "--data_path", default=None, help="dataset root (CIFAR: ./datasets/)")
+    parser.add_argument("-class_label", "--class_label", type=int, default=None,
+                        help="decompose only the images with this label (default: all)")
+    parser.add_argument("-batch_size", "--batch_size", type=positive_int, default=512,
+                        help="images per batch (default: %(default)s)")
+    add_num_workers_arg(parser)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a killed run from its last finished batch (the per-image weights are "
+                             "streamed to disk as the batches finish)")
+    parser.add_argument("--from_weights", default=None,
+                        help="read the per-image weights from this decompose_data.py .npz instead of running the "
+                             "model (its model, vocabulary and l1 penalty apply)")
+    add_mismatch_arg(parser)
+
+
+def splice_settings(args: argparse.Namespace):
+    """The ``utils.splice.SpliceSettings`` of ``add_splice_args``'s flags."""
+    from dataclasses import fields
+
+    from utils.splice import SpliceSettings
+
+    return SpliceSettings(**{f.name: getattr(args, f.name) for f in fields(SpliceSettings)})
+
+
+def dataset_settings(args: argparse.Namespace):
+    """The ``utils.splice.DatasetSettings`` of ``add_dataset_args``'s flags."""
+    from dataclasses import fields
+
+    from utils.splice import DatasetSettings
+
+    return DatasetSettings(**{f.name: getattr(args, f.name) for f in fields(DatasetSettings)})

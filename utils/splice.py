@@ -7,6 +7,8 @@ The math, with SpLiCE's conventions:
 * Image. ``z = normalise(encode_image(x))``; the target is ``normalise(z - mu)``, with ``mu`` [d] the mean of the
   normalised image embeddings of a reference set (SpLiCE ships one per backbone, computed on MSCOCO).
 * Solve ``min_w |C^T w - target|^2 + l1_penalty * sum(w)`` over ``w >= 0`` [T]:
+    - ``active_set`` (the default): the exact minimiser, by a working-set active-set method batched over images
+      (``utils.solvers.active_set.ActiveSetLasso``): KKT residual ~1e-15, the same supports as ``skl``;
     - ``skl``: scikit-learn ``Lasso(alpha=l1_penalty / (2 d), positive=True, fit_intercept=False,
       max_iter=10000, tol=1e-6)``, one image at a time (SpLiCE's exact path);
     - ``admm``: SpLiCE's ADMM (rho 5, tolerance 1e-6, at most 2000 iterations), batched over images, each image
@@ -19,17 +21,21 @@ The math, with SpLiCE's conventions:
 The Python API mirrors SpLiCE's ``splice`` package (``load``, ``get_vocabulary``, ``get_preprocess``,
 ``get_tokenizer``, ``available_models``, ``decompose_image``, ``decompose_classes``, ``decompose_dataset`` and the
 ``SPLICE`` module); the scripts ``decompose_image.py``, ``decompose_data.py``, ``concept_distribution.py`` and
-``compute_image_mean.py`` are thin layers over the helpers below. See docs/splice.md.
+``compute_image_mean.py`` are thin layers over the helpers below (their flags: ``utils.cli.add_splice_args`` /
+``add_dataset_args``, read into ``SpliceSettings`` / ``DatasetSettings``). Messages go to ``log`` callables,
+by default the ``utils.splice`` logger. See docs/splice.md.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
-import sys
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,9 +63,13 @@ MEAN_OF_WEIGHTS = {(model, tag): mean for model, tag, mean in SPLICE_BACKBONES.v
 DEFAULT_MODEL = "open_clip:ViT-B-32"
 
 
+_LOG = logging.getLogger(__name__)
+
+
 def note(message: str) -> None:
-    """Informational messages go to stderr (stdout carries SpLiCE's own output)."""
-    print(message, file=sys.stderr)
+    """The default ``log`` of this module's functions: an INFO message of the ``utils.splice`` logger (the
+    scripts pass ``utils.cli.note``, which prints to stderr)."""
+    _LOG.info(message)
 
 
 def available_models() -> dict[str, list[str]]:
@@ -182,11 +192,11 @@ def fetch_splice_file(name: str, download_root: Optional[str | Path] = None, bas
                          f"(--download_root) or pass a mirror with --base_url") from e
 
 
-def vocabulary_file(vocabulary: str, download_root: Optional[str | Path] = None,
-                    base_url: Optional[str] = None) -> tuple[Path, bool]:
+def vocabulary_file(vocabulary: str, download_root: Optional[str | Path] = None, base_url: Optional[str] = None,
+                    log: Callable[[str], None] = note) -> tuple[Path, bool]:
     """(path, reversed) of ``-vocab``: SpLiCE's name (fetched), one of ours, or a text file."""
     if vocabulary in SPLICE_VOCABULARIES:
-        return fetch_splice_file(f"{vocabulary}.txt", download_root, base_url), False
+        return fetch_splice_file(f"{vocabulary}.txt", download_root, base_url, log), False
     if vocabulary in LOCAL_VOCABULARIES:
         file, reverse = LOCAL_VOCABULARIES[vocabulary]
         return TEXT_DIR / file, reverse
@@ -253,7 +263,8 @@ def read_image_mean(path: str | Path, what: str = "--image_mean") -> torch.Tenso
 
 
 def load_image_mean(backbone: Backbone, image_mean: Optional[str | Path] = None,
-                    download_root: Optional[str | Path] = None, base_url: Optional[str] = None) -> torch.Tensor:
+                    download_root: Optional[str | Path] = None, base_url: Optional[str] = None,
+                    log: Callable[[str], None] = note) -> torch.Tensor:
     """``image_mean`` if given, else SpLiCE's mean for these weights (fetched); else a clear error."""
     if image_mean is not None:
         return read_image_mean(image_mean)
@@ -262,7 +273,7 @@ def load_image_mean(backbone: Backbone, image_mean: Optional[str | Path] = None,
             f"no image mean for -model {backbone.name} --pretrained {backbone.pretrained}: pass --image_mean FILE "
             f"(.pt or .npy, [d]), compute one with compute_image_mean.py, or use a backbone SpLiCE ships a mean for "
             f"({', '.join(f'{n} ({w[1]})' for n, w in SPLICE_BACKBONES.items())})")
-    return read_image_mean(fetch_splice_file(backbone.mean_file, download_root, base_url), "SpLiCE mean")
+    return read_image_mean(fetch_splice_file(backbone.mean_file, download_root, base_url, log), "SpLiCE mean")
 
 
 # ----------------------------------------------------------------------------- the dictionary
@@ -314,7 +325,7 @@ def cached_dictionary(path: Path, key: dict, build: Callable[[], torch.Tensor], 
 
 
 # ----------------------------------------------------------------------------- solving
-SOLVERS = ("admm", "skl")
+SOLVERS = ("active_set", "admm", "skl")
 
 
 def solve_skl(dictionary: torch.Tensor, targets: torch.Tensor, l1_penalty: float) -> torch.Tensor:
@@ -346,18 +357,20 @@ class SPLICE(nn.Module):
         image_mean: [d] (a [1, d] mean is flattened) the mean of normalised image embeddings.
         dictionary: [T, d] the concept dictionary (``centre_concepts``).
         clip: a module with ``encode_image`` / ``encode_text``; None: inputs are embeddings already.
-        solver: ``admm`` (batched, this project's default) or ``skl`` (SpLiCE's default, its exact path).
+        solver: ``active_set`` (exact, batched; this project's default), ``admm`` (batched ADMM) or ``skl``
+            (SpLiCE's default, its per-image scikit-learn loop).
         l1_penalty: the weight of ``sum(w)``; larger is sparser.
         return_weights: ``encode_image`` returns the weights [b, T] instead of the recomposition [b, d].
         return_cosine: ``encode_image`` also returns the cosine [b] of recomposition and embedding (per image;
             SpLiCE returns its sum over the batch).
         decomp_text, text_mean: decompose text too, centred with ``text_mean`` [d].
         device: where the dictionary, the mean and the solver live.
-        admm_batch_size: images iterated together by ``admm`` (default: 64 on CPU, 1024 on GPU).
+        admm_batch_size: images solved together by ``admm`` and ``active_set`` (default: 64 and 256 on CPU,
+            1024 on GPU).
     """
 
     def __init__(self, image_mean: torch.Tensor, dictionary: torch.Tensor, clip: Optional[nn.Module] = None,
-                 solver: str = "admm", l1_penalty: float = 0.01, return_weights: bool = False,
+                 solver: str = "active_set", l1_penalty: float = 0.01, return_weights: bool = False,
                  return_cosine: bool = False, decomp_text: bool = False, text_mean: Optional[torch.Tensor] = None,
                  device: str | torch.device = "cpu", admm_batch_size: Optional[int] = None):
         super().__init__()
@@ -381,24 +394,38 @@ class SPLICE(nn.Module):
         self.l1_penalty = check_l1_penalty(l1_penalty)
         self.return_weights, self.return_cosine, self.decomp_text = return_weights, return_cosine, decomp_text
         self.admm_batch_size = admm_batch_size
-        self._admm = None
+        self._solvers: dict = {}
 
     # -- solving
-    def _admm_solver(self):
+    def _solver(self):
+        """The ``admm`` or ``active_set`` solver over the current dictionary (built once)."""
+        from utils.solvers.active_set import ActiveSetLasso
         from utils.solvers.nnlasso import ScreenedADMM
 
-        key = (self.dictionary.data_ptr(), self.dictionary.device, tuple(self.dictionary.shape))
-        if self._admm is None or self._admm[0] != key:
-            self._admm = (key, ScreenedADMM(self.dictionary, device=self.dictionary.device))
-        return self._admm[1]
+        key = (self.solver, self.dictionary.data_ptr(), self.dictionary.device, tuple(self.dictionary.shape))
+        if key not in self._solvers:
+            make = ActiveSetLasso if self.solver == "active_set" else ScreenedADMM
+            self._solvers = {key: make(self.dictionary, device=self.dictionary.device)}
+        return self._solvers[key]
 
     @torch.no_grad()
     def decompose(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Weights [b, T] (>= 0, sparse) of targets [b, d] (normalised, centred embeddings)."""
+        """Weights [b, T] (>= 0, sparse) of targets [b, d] (normalised, centred embeddings).
+
+        ``active_set`` warns (``warnings``) when some decompositions are not certified optimal."""
         if self.solver == "skl":
             return solve_skl(self.dictionary, embedding, self.l1_penalty).to(self.device)
-        bs = self.admm_batch_size or (1024 if self.dictionary.is_cuda else 64)
-        return self._admm_solver().fit(embedding.float(), self.l1_penalty, batch_size=bs, as_numpy=False)
+        if self.solver == "admm":
+            bs = self.admm_batch_size or (1024 if self.dictionary.is_cuda else 64)
+            return self._solver().fit(embedding.float(), self.l1_penalty, batch_size=bs, as_numpy=False)
+        bs = self.admm_batch_size or (1024 if self.dictionary.is_cuda else 256)
+        weights, report = self._solver().fit(embedding.float(), self.l1_penalty, batch_size=bs, as_numpy=False,
+                                             return_report=True)
+        if len(report.uncertified):
+            warnings.warn(f"SpLiCE active_set: {len(report.uncertified)} of {len(weights)} decompositions are not "
+                          f"certified optimal (KKT residual up to {report.kkt.max():.2e}; working set or round cap "
+                          f"reached): their weights are the best found")
+        return weights
 
     def _recompose(self, weights: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         return F.normalize(F.normalize(weights @ self.dictionary, dim=1) + mean, dim=1)
@@ -487,8 +514,8 @@ def load(name: str, vocabulary: str, vocabulary_size: int = -1, device: Optional
     """
     device = device or default_device()
     backbone = resolve_backbone(name, pretrained)
-    mean = load_image_mean(backbone, image_mean, download_root, base_url)  # before the model: fail fast
-    path, reverse = vocabulary_file(vocabulary, download_root, base_url)
+    mean = load_image_mean(backbone, image_mean, download_root, base_url, log)  # before the model: fail fast
+    path, reverse = vocabulary_file(vocabulary, download_root, base_url, log)
     concepts = read_vocabulary(path, vocabulary_size, reverse, log=log)
     model, _, tokenizer = load_backbone(backbone, device, model_config)
     dictionary = concept_dictionary(model, tokenizer, concepts, backbone, vocabulary, vocabulary_size, device,
@@ -591,47 +618,27 @@ def _accumulate(dataloader, splicemodel: SPLICE, target_label: Optional[int], by
 
 
 # ----------------------------------------------------------------------------- what the scripts share
-def add_splice_args(parser, l1_penalty: Optional[float] = None) -> None:
-    """SpLiCE's flags (single dash, its defaults; a double-dash spelling works too) and ours."""
-    parser.add_argument("-model", "--model", default=DEFAULT_MODEL,
-                        help="backbone, [library:]model: clip:ViT-B/32, clip:ViT-B/16, clip:RN50 (OpenAI weights), "
-                             "open_clip:ViT-B-32 (LAION-2B laion2b_s34b_b79k), or any open_clip name with "
-                             "--pretrained (default: %(default)s)")
-    parser.add_argument("--pretrained", default=None,
-                        help="weights: open_clip tag, checkpoint path or 'none' (default: the backbone's own; "
-                             "required for other open_clip models)")
-    parser.add_argument("--model_config", default=None, help="extra open_clip model config (.json or a folder)")
-    parser.add_argument("-device", "--device", default=default_device(),
-                        help="torch device (default: cuda if available, else cpu; SpLiCE: cuda)")
-    parser.add_argument("-l1_penalty", "--l1_penalty", type=float, default=l1_penalty,
-                        help="weight of the l1 penalty, > 0; larger is sparser"
-                             + (f" (default: {l1_penalty})" if l1_penalty is not None else " (required)"))
-    parser.add_argument("-vocab", "--vocab", default="laion",
-                        help=f"concept vocabulary: SpLiCE's {', '.join(SPLICE_VOCABULARIES)} (downloaded, "
-                             f"SHA-256 checked), ours {', '.join(LOCAL_VOCABULARIES)} (no download), or a text "
-                             f"file, one concept per line (default: %(default)s)")
-    parser.add_argument("-vocab_size", "--vocab_size", type=int, default=10000,
-                        help="keep the last k lines of the vocabulary (its most frequent concepts); 0: all "
-                             "(default: %(default)s)")
-    parser.add_argument("-solver", "--solver", default="admm", choices=SOLVERS,
-                        help="admm: batched ADMM, each image stopping on its own residuals (default); skl: "
-                             "SpLiCE's own per-image scikit-learn Lasso (its default)")
-    parser.add_argument("--image_mean", default=None,
-                        help="image mean .pt or .npy [d] (default: SpLiCE's for its four backbones; "
-                             "compute_image_mean.py makes one for any model)")
-    parser.add_argument("--download_root", default=None,
-                        help=f"where SpLiCE's vocabularies and means are kept (default: {DEFAULT_DOWNLOAD_ROOT})")
-    parser.add_argument("--base_url", default=None,
-                        help="take SpLiCE's files from this folder URL (a mirror, or file:///path/) instead of "
-                             "GitHub; SHA-256 checked all the same")
-    parser.add_argument("--cache_dir", default=None,
-                        help="where the concept embeddings are cached (default: beside the outputs)")
-    parser.add_argument("--text_batch_size", type=int, default=256, help="concepts embedded at once (default: %(default)s)")
+@dataclass(frozen=True)
+class SpliceSettings:
+    """What SpLiCE's flags name (``utils.cli.add_splice_args``): backbone, vocabulary, image mean and solver."""
+    l1_penalty: Optional[float]
+    model: str = DEFAULT_MODEL
+    pretrained: Optional[str] = None
+    model_config: Optional[str] = None
+    device: str = "cpu"
+    vocab: str = "laion"
+    vocab_size: int = 10000
+    solver: str = "active_set"
+    image_mean: Optional[str] = None
+    download_root: Optional[str] = None
+    base_url: Optional[str] = None
+    cache_dir: Optional[str] = None
+    text_batch_size: int = 256
 
 
 @dataclass
 class Loaded:
-    """What ``add_splice_args`` flags name, checked and loaded (everything but the concept embeddings)."""
+    """What ``SpliceSettings`` name, checked and loaded (everything but the concept embeddings)."""
     backbone: Backbone
     mean: torch.Tensor
     concepts: list
@@ -640,33 +647,36 @@ class Loaded:
     tokenizer: Callable
 
 
-def load_from_args(args) -> Loaded:
-    """Check the flags, the image mean and the vocabulary (cheap, first), then load the model."""
-    check_l1_penalty(args.l1_penalty)
-    backbone = resolve_backbone(args.model, args.pretrained)
-    mean = load_image_mean(backbone, args.image_mean, args.download_root, args.base_url)
-    path, reverse = vocabulary_file(args.vocab, args.download_root, args.base_url)
-    concepts = read_vocabulary(path, args.vocab_size, reverse)
-    model, preprocess, tokenizer = load_backbone(backbone, args.device, args.model_config)
+def load_inputs(settings: SpliceSettings, log: Callable[[str], None] = note) -> Loaded:
+    """Check the penalty, the image mean and the vocabulary (cheap, first), then load the model."""
+    check_l1_penalty(settings.l1_penalty)
+    backbone = resolve_backbone(settings.model, settings.pretrained)
+    mean = load_image_mean(backbone, settings.image_mean, settings.download_root, settings.base_url, log)
+    path, reverse = vocabulary_file(settings.vocab, settings.download_root, settings.base_url, log)
+    concepts = read_vocabulary(path, settings.vocab_size, reverse, log=log)
+    model, preprocess, tokenizer = load_backbone(backbone, settings.device, settings.model_config)
     return Loaded(backbone, mean, concepts, model, preprocess, tokenizer)
 
 
-def splice_from_loaded(args, loaded: Loaded, cache_dir: str | Path) -> SPLICE:
-    """The SPLICE (``return_weights``) of loaded flags; the concept embeddings come from (or go to) the cache."""
-    dictionary = concept_dictionary(loaded.model, loaded.tokenizer, loaded.concepts, loaded.backbone, args.vocab,
-                                    args.vocab_size, args.device, args.cache_dir or cache_dir, args.text_batch_size)
-    return SPLICE(loaded.mean, dictionary, clip=loaded.model, solver=args.solver, l1_penalty=args.l1_penalty,
-                  return_weights=True, device=args.device)
+def splice_from_loaded(settings: SpliceSettings, loaded: Loaded, cache_dir: str | Path,
+                       log: Callable[[str], None] = note) -> SPLICE:
+    """The SPLICE (``return_weights``) of loaded settings; the concept embeddings come from (or go to) the cache
+    (``settings.cache_dir``, else ``cache_dir``)."""
+    dictionary = concept_dictionary(loaded.model, loaded.tokenizer, loaded.concepts, loaded.backbone, settings.vocab,
+                                    settings.vocab_size, settings.device, settings.cache_dir or cache_dir,
+                                    settings.text_batch_size, log)
+    return SPLICE(loaded.mean, dictionary, clip=loaded.model, solver=settings.solver, l1_penalty=settings.l1_penalty,
+                  return_weights=True, device=settings.device)
 
 
-def splice_record(args, backbone: Backbone, concepts: Sequence[str], **fields) -> dict:
-    """Provenance record of a SpLiCE output."""
-    from utils.cli import args_record  # (the SpLiCE issue moves this to the scripts)
+def splice_record(settings: SpliceSettings, backbone: Backbone, concepts: Sequence[str], **fields) -> dict:
+    """Provenance record of a SpLiCE output (``fields``: dataset, data_path, image, num_images, ...)."""
+    from utils.files.provenance import make_record
 
-    return args_record(args, model=backbone.name, pretrained=backbone.pretrained, l1_penalty=args.l1_penalty,
-                       solver=args.solver, vocab=args.vocab, vocab_size=args.vocab_size, num_concepts=len(concepts),
-                       concepts_sha256=concepts_digest(concepts),
-                       image_mean=str(args.image_mean) if args.image_mean else backbone.mean_file, **fields)
+    return make_record(model=backbone.name, pretrained=backbone.pretrained, l1_penalty=settings.l1_penalty,
+                       solver=settings.solver, vocab=settings.vocab, vocab_size=settings.vocab_size,
+                       num_concepts=len(concepts), concepts_sha256=concepts_digest(concepts),
+                       image_mean=str(settings.image_mean) if settings.image_mean else backbone.mean_file, **fields)
 
 
 def read_image(path: str | Path, what: str = "-path"):
@@ -715,8 +725,40 @@ def splice_dataset(name: str, data_path: Optional[str], transform: Callable):
 
 
 @dataclass
+class Summary:
+    """SpLiCE's averages over a set of images: mean weights [T], mean L0, mean cosine; and the concepts [T]."""
+    weights: np.ndarray
+    l0: float
+    cosine: float
+    num_images: int
+    concepts: list
+
+
+def summarise(data: Iterable[np.ndarray], indices: Iterable[np.ndarray], cosine: Iterable[np.ndarray],
+              num_images: int, concepts: Sequence[str]) -> Summary:
+    """The ``Summary`` of sparse weights given as pieces of their non-zero values and concept indices (CSR
+    ``data`` / ``indices``, in order) and of the cosines, summed in float64 in that order (the same pieces give
+    the same bits, whether read from memory or streamed from a file)."""
+    T, n = len(concepts), max(int(num_images), 1)
+    sums, nnz, cos = np.zeros(T, dtype=np.float64), 0, 0.0
+    for values, cols in zip(data, indices):
+        sums += np.bincount(cols, weights=values.astype(np.float64), minlength=T)
+        nnz += len(values)
+    for c in cosine:
+        cos += float(c.astype(np.float64).sum())
+    return Summary((sums / n).astype(np.float32), nnz / n, cos / n, int(num_images), list(concepts))
+
+
+def _pieces(array: np.ndarray) -> Iterator[np.ndarray]:
+    from utils.files.npz import CHUNK
+
+    for st in range(0, len(array), CHUNK):
+        yield array[st:st + CHUNK]
+
+
+@dataclass
 class Decompositions:
-    """Per-image SpLiCE decompositions of a dataset (or of one class of it)."""
+    """Per-image SpLiCE decompositions of a dataset (or of one class of it), in memory."""
     weights: "object"  # scipy.sparse.csr_matrix [N, T] float32
     cosine: np.ndarray  # [N] cosine(recomposition, embedding)
     labels: np.ndarray  # [N]
@@ -731,11 +773,11 @@ class Decompositions:
         return Decompositions(self.weights[rows], self.cosine[rows], self.labels[rows], self.index[rows],
                               self.concepts)
 
-    def summary(self) -> tuple[np.ndarray, float, float]:
-        """(mean weights [T], mean L0, mean cosine), as SpLiCE's decompose_dataset / decompose_classes."""
-        n = self.weights.shape[0]
-        mean = np.asarray(self.weights.sum(0), dtype=np.float64).ravel() / n
-        return mean.astype(np.float32), self.weights.nnz / n, float(self.cosine.astype(np.float64).sum() / n)
+    def summary(self) -> Summary:
+        """SpLiCE's averages (as its decompose_dataset / decompose_classes), as ``summarise_weights`` of a file."""
+        w = self.weights.tocsr()
+        w.sort_indices()
+        return summarise(_pieces(w.data), _pieces(w.indices), _pieces(self.cosine), w.shape[0], self.concepts)
 
 
 def rows_with_label(labels: np.ndarray, label: int, of: str = "") -> np.ndarray:
@@ -747,44 +789,106 @@ def rows_with_label(labels: np.ndarray, label: int, of: str = "") -> np.ndarray:
     return rows
 
 
-def decompose_images(splicemodel: SPLICE, dataset, concepts: Sequence[str], batch_size: int = 512,
-                     num_workers: int = 0, indices: Optional[Sequence[int]] = None,
-                     progress: bool = True) -> Decompositions:
-    """Decompose the images ``indices`` (default all) of ``dataset``, batch by batch, keeping only the
-    non-zero weights."""
-    import scipy.sparse as sp
-    from torch.utils.data import DataLoader, Subset
-    from tqdm import tqdm
+WEIGHT_ROWS = {"nnz": "int64", "cosine": "float32", "labels": "int64", "index": "int64"}  # per image, streamed
 
+
+def weights_parts(path: str | Path) -> Path:
+    """The folder where ``stream_decompositions`` keeps a weights file's pieces until it is complete."""
+    path = Path(path)
+    return path.with_name(path.name + ".parts")
+
+
+def stream_decompositions(splicemodel: SPLICE, dataset, concepts: Sequence[str], path: str | Path, record: dict,
+                          indices: Optional[Sequence[int]] = None, batch_size: int = 512, num_workers: int = 0,
+                          resume: bool = False, log: Callable[[str], None] = note) -> Summary:
+    """Decompose the images ``indices`` (default all) of ``dataset`` into the weights file ``path`` (the format of
+    ``load_decompositions``), batch by batch, and return its ``Summary``.
+
+    RAM stays flat in the number of images: each batch's non-zero weights are appended to raw files (values
+    float32, concept indices int32) and its per-image numbers (non-zeros, cosine, label, index) streamed to row
+    files (``utils.files.streaming.stream_dataset``), all in ``{path}.parts/``; the ``.npz`` is then written
+    piece by piece and the folder removed. ``resume`` continues a killed run from its last finished batch (what
+    the killed run appended past it is cut off); the file is byte-identical to an uninterrupted run's.
+    ``record`` is the provenance record (and the resume key).
+    """
+    from torch.utils.data import Subset
+
+    from utils.files.npz import AppendFile, Chunked, write_npz
+    from utils.files.provenance import read_provenance, run_key, write_provenance
+    from utils.files.rows import StreamingArrays
+    from utils.files.streaming import Output, stream_dataset
+
+    path = Path(path)
     labels = class_column(getattr(dataset, "labels", np.full(len(dataset), -1)))
     index = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
-    loader = DataLoader(Subset(dataset, index.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
-    blocks, cosines = [], []
+    record = dict(record, num_images=len(index))
+    parts = weights_parts(path)
+    if resume and path.is_file() and not parts.exists():
+        if run_key(read_provenance(path) or {}) != run_key(record):
+            raise InputError(f"--resume: {path} is a finished output of another run (its provenance record "
+                             f"differs); rerun without --resume to overwrite it")
+        log(f"--resume: {path} already complete (same run); nothing to do")
+        return summarise_weights(path)
+    parts.mkdir(parents=True, exist_ok=True)
+    rows = {k: parts / f"{k}.npy" for k in WEIGHT_ROWS}
+    values, cols = AppendFile(parts / "data.float32", np.float32), AppendFile(parts / "indices.int32", np.int32)
+    first = [True]
+
+    def compute(images: torch.Tensor, _labels, start: int) -> dict:
+        if first[0]:  # cut back what a killed run appended past its last recorded batch
+            kept = int(np.load(StreamingArrays.partial(rows["nnz"]), mmap_mode="r")[:start].sum()) if start else 0
+            values.truncate(kept)
+            cols.truncate(kept)
+            first[0] = False
+        weights, cos = image_decomposition(splicemodel, images)
+        w = weights.cpu().numpy().astype(np.float32)
+        r, c = np.nonzero(w)  # row-major: CSR order
+        values.append(w[r, c])
+        cols.append(c)
+        at = index[start:start + len(w)]
+        return {"nnz": np.bincount(r, minlength=len(w)), "cosine": cos.cpu().numpy().astype(np.float32),
+                "labels": labels[at].astype(np.int64), "index": at}
+
     with torch.no_grad():
-        for image, _ in tqdm(_batches(loader), total=len(loader), desc="SpLiCE decompositions", disable=not progress):
-            weights, cos = image_decomposition(splicemodel, image)
-            blocks.append(sp.csr_matrix(weights.cpu().numpy().astype(np.float32)))
-            cosines.append(cos.cpu().numpy().astype(np.float32))
-    T = len(concepts)
-    weights = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, T), dtype=np.float32)
-    return Decompositions(weights, np.concatenate(cosines) if cosines else np.zeros(0, np.float32),
-                          labels[index].astype(np.int64), index, list(concepts))
+        stream_dataset(Subset(dataset, index.tolist()), {k: Output(p, (), WEIGHT_ROWS[k]) for k, p in rows.items()},
+                       compute, record=record, resume=resume, batch_size=batch_size, num_workers=num_workers,
+                       desc="SpLiCE decompositions", log=log)
+    arrays = {k: np.load(p, mmap_mode="r") for k, p in rows.items()}
+    n, total = len(index), int(sum(int(x.sum()) for x in _pieces(arrays["nnz"])))
+
+    def indptr() -> Iterator[np.ndarray]:
+        yield np.zeros(1, dtype=np.int64)
+        offset = 0
+        for x in _pieces(arrays["nnz"]):
+            ends = np.cumsum(x, dtype=np.int64) + offset
+            offset = int(ends[-1])
+            yield ends
+
+    def rows_of(k: str) -> Chunked:
+        return Chunked(np.dtype(WEIGHT_ROWS[k]), (n,), lambda: _pieces(arrays[k]))
+
+    write_npz(path, {"format": np.array("csr"), "shape": np.array([n, len(concepts)]),
+                     "data": Chunked(np.dtype(np.float32), (total,), lambda: values.pieces(total)),
+                     "indices": Chunked(np.dtype(np.int32), (total,), lambda: cols.pieces(total)),
+                     "indptr": Chunked(np.dtype(np.int64), (n + 1,), indptr), "cosine": rows_of("cosine"),
+                     "labels": rows_of("labels"), "index": rows_of("index"), "concepts": np.array(concepts, dtype=str)})
+    write_provenance(path, record)
+    arrays.clear()  # the memory maps go before their files
+    shutil.rmtree(parts)
+    return summarise_weights(path)
 
 
-def save_decompositions(path: str | Path, dec: Decompositions) -> None:
-    """One ``.npz``, atomically: a scipy CSR [N, T] (``scipy.sparse.load_npz`` reads it) plus ``cosine``,
-    ``labels``, ``index`` [N] and ``concepts`` [T]."""
-    from utils.files.atomic import atomic_write
+def summarise_weights(path: str | Path) -> Summary:
+    """The ``Summary`` of a weights file, read piece by piece."""
+    from utils.files.npz import npz_chunks
 
-    w = dec.weights.tocsr()
-    arrays = dict(format=np.array("csr"), shape=np.array(w.shape), data=w.data, indices=w.indices, indptr=w.indptr,
-                  cosine=dec.cosine, labels=dec.labels, index=dec.index, concepts=np.array(dec.concepts, dtype=str))
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+    with np.load(path, allow_pickle=False) as z:
+        n, concepts = int(z["shape"][0]), z["concepts"].tolist()
+    return summarise(npz_chunks(path, "data"), npz_chunks(path, "indices"), npz_chunks(path, "cosine"), n, concepts)
 
 
 def load_decompositions(path: str | Path) -> Decompositions:
-    """What ``save_decompositions`` wrote."""
+    """A weights file (``stream_decompositions``), in memory."""
     import scipy.sparse as sp
 
     path = Path(path)
@@ -798,58 +902,47 @@ def load_decompositions(path: str | Path) -> Decompositions:
         return Decompositions(weights, z["cosine"], z["labels"], z["index"], z["concepts"].tolist())
 
 
-def add_dataset_args(parser) -> None:
-    """SpLiCE's dataset flags, and ours for reading a decomposition back (``--from_weights``)."""
-    from utils.cli import add_mismatch_arg
-
-    parser.add_argument("-dataset", "--dataset", required=True,
-                        help=f"SpLiCE's {', '.join(SPLICE_DATASETS)} (MSCOCO: a folder of images), or any name "
-                             f"utils/datasets.py knows (imagenet, sample, binary_waterbirds, ...; other names: an "
-                             f"ImageFolder at -data_path)")
-    parser.add_argument("-data_path", "--data_path", default=None, help="dataset root (CIFAR: ./datasets/)")
-    parser.add_argument("-class_label", "--class_label", type=int, default=None,
-                        help="decompose only the images with this label (default: all)")
-    parser.add_argument("-batch_size", "--batch_size", type=int, default=512, help="images per batch (default: %(default)s)")
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers (default: %(default)s)")
-    parser.add_argument("--from_weights", default=None,
-                        help="read the per-image weights from this decompose_data.py .npz instead of running the "
-                             "model (its model, vocabulary and l1 penalty apply)")
-    add_mismatch_arg(parser)
+@dataclass(frozen=True)
+class DatasetSettings:
+    """What SpLiCE's dataset flags name (``utils.cli.add_dataset_args``)."""
+    dataset: str
+    data_path: Optional[str] = None
+    class_label: Optional[int] = None
+    batch_size: int = 512
+    num_workers: int = 0
+    resume: bool = False
+    from_weights: Optional[str] = None
+    allow_mismatch: bool = False
 
 
-def dataset_decompositions(args, out_dir: str | Path, weights_out: Optional[str | Path] = None):
-    """(Decompositions of -dataset / -class_label, provenance record), from --from_weights or by decomposing.
+def dataset_decompositions(settings: SpliceSettings, data: DatasetSettings, out_dir: str | Path,
+                           weights_out: str | Path, log: Callable[[str], None] = note) -> tuple[Summary, dict]:
+    """(``Summary`` of the images of ``data.dataset`` / ``data.class_label``, provenance record): read from
+    ``data.from_weights``, or decomposed and streamed to ``weights_out`` (``stream_decompositions``); the concept
+    embeddings are cached in ``out_dir`` (or ``settings.cache_dir``)."""
+    from utils.files.provenance import check_consistent, derived_record
 
-    ``weights_out``: where to write the per-image weights (``save_decompositions``) when decomposing.
-    """
-    from utils.files.provenance import check_consistent, derived_record, write_provenance
-
-    if args.from_weights:
-        check_consistent([args.from_weights], fields=("dataset",), expected={"dataset": args.dataset},
-                         allow_mismatch=args.allow_mismatch)
-        dec = load_decompositions(args.from_weights).select(args.class_label)
-        return dec, derived_record([args.from_weights], from_weights=str(Path(args.from_weights).resolve()),
-                                   class_label=args.class_label, num_images=len(dec.index))
-    loaded = load_from_args(args)
-    ds = splice_dataset(args.dataset, args.data_path, loaded.preprocess)
+    if data.from_weights:
+        check_consistent([data.from_weights], fields=("dataset",), expected={"dataset": data.dataset},
+                         allow_mismatch=data.allow_mismatch, log=log)
+        summary = load_decompositions(data.from_weights).select(data.class_label).summary()
+        return summary, derived_record([data.from_weights], from_weights=str(Path(data.from_weights).resolve()),
+                                       class_label=data.class_label, num_images=summary.num_images)
+    loaded = load_inputs(settings, log)
+    ds = splice_dataset(data.dataset, data.data_path, loaded.preprocess)
     indices = None
-    if args.class_label is not None:
-        indices = rows_with_label(class_column(ds.labels), args.class_label, f"of -dataset {args.dataset} ")
-    splicemodel = splice_from_loaded(args, loaded, out_dir)
-    backbone, concepts = loaded.backbone, loaded.concepts
-    dec = decompose_images(splicemodel, ds, concepts, args.batch_size, args.num_workers, indices)
-    record = splice_record(args, backbone, concepts, class_label=args.class_label, num_images=len(dec.index))
-    if weights_out is not None:
-        save_decompositions(weights_out, dec)
-        write_provenance(weights_out, record)
-    return dec, record
+    if data.class_label is not None:
+        indices = rows_with_label(class_column(ds.labels), data.class_label, f"of -dataset {data.dataset} ")
+    splicemodel = splice_from_loaded(settings, loaded, out_dir, log)
+    record = splice_record(settings, loaded.backbone, loaded.concepts, dataset=data.dataset,
+                           data_path=data.data_path, class_label=data.class_label)
+    summary = stream_decompositions(splicemodel, ds, loaded.concepts, weights_out, record, indices, data.batch_size,
+                                    data.num_workers, data.resume, log)
+    return summary, dict(record, num_images=summary.num_images)
 
 
 def plot_concepts(concepts: Sequence[str], weights: Sequence[float], title: str, path: str | Path) -> None:
     """Horizontal bar chart of concept weights, largest on top (SpLiCE's concept distribution plot)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from utils.files.atomic import save_figure

@@ -220,6 +220,13 @@ def splice_weights_path(out_path: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- finding inputs by name
+def concept_distribution_title(dataset: str, class_label: Optional[int] = None) -> tuple[str, str]:
+    """concept_distribution.py's chart title and file stem: ``{dataset} Class {label} Decomposition`` and
+    ``{dataset}_class_{label}_decomposition`` (lower case); without a label, ``{dataset} Decomposition``."""
+    title = f"{dataset}{f' Class {class_label}' if class_label is not None else ''} Decomposition"
+    return title, "_".join(title.split(" ")).lower()
+
+
 def find_input(directory: str | Path | Sequence[str | Path], candidates: Sequence[str], what: str) -> Path:
     """The first of the file names ``candidates`` that exists in ``directory`` (or in each of several, in order).
 

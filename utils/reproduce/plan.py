@@ -407,7 +407,7 @@ def splice(p: Plan) -> tuple[list[Step], list[Section]]:
     smoke = ["-vocab", SMOKE_VOCABULARY, "-vocab_size", "0", "--image_mean", SMOKE_IMAGE_MEAN] if p.smoke else []
     steps = [Step("decompose", "decompose_data.py",
                   [*p.model_flags(), *p.images("cifar10", "CIFAR10"), *smoke, *p.loader_flags(s.splice_batch_size),
-                   "-l1_penalty", penalty, "-out_path", out], [out, weights], data="cifar10"),
+                   "-l1_penalty", penalty, "-out_path", out], [out, weights], data="cifar10", streaming=True),
              # the README's -class_label 4, read back from the per-image weights: no second pass of the model
              Step("decompose_class", "decompose_data.py",
                   ["-dataset", ds, "--from_weights", weights, "-class_label", label, "-out_path", class_out],
