@@ -50,3 +50,26 @@ def test_the_python_example_runs(tmp_path):
     assert res.returncode == 0, res.stderr
     heads = eval(res.stdout.strip().splitlines()[-1])  # [(layer, head), ...] of the tiny model (4 x 4)
     assert len(heads) == 5 and all(0 <= l < 4 and 0 <= h < 4 for l, h in heads)
+
+
+def test_the_no_download_command_runs(tmp_path):
+    section = README.split("## Try it without downloads", 1)[1].split("\n## ", 1)[0]
+    command = section.split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    argv = command.split()
+    assert argv[:2] == ["python", "compute_prs.py"]
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "out")
+    res = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    import numpy as np
+
+    attn = np.load(tmp_path / "out" / "sample_attn_prsclip-tiny.npy")
+    mlp = np.load(tmp_path / "out" / "sample_mlp_prsclip-tiny.npy")
+    total = attn.sum((1, 2)) + mlp.sum(1)  # the parts sum to unit-norm embeddings
+    assert attn.shape[0] == 8 and np.allclose(np.linalg.norm(total, axis=1), 1, atol=1e-5)
+    # the Python spelling of the same model
+    code = section.split("From Python: `", 1)[1].split("`", 1)[0]
+    res = subprocess.run([sys.executable, "-c", f"from utils.models import load_model\nm, p, t = {code}\n"
+                          "print(sum(x.numel() for x in m.parameters()))"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0 and int(res.stdout.split()[-1]) > 0, res.stderr
