@@ -173,6 +173,18 @@ def save_output(path: str | Path, array, record: Mapping[str, Any]) -> Path:
     return Path(path)
 
 
+def reusable_output(path: str | Path, record: Mapping[str, Any]):
+    """The array saved at ``path`` (``save_output``) when its provenance record is of the same computation as
+    ``record`` (equal ``run_key``), else ``None``: a cache that never serves another model's or data's array."""
+    import numpy as np
+
+    path = Path(path)
+    rec = read_provenance(path) if path.is_file() else None
+    if rec is None or run_key(rec) != run_key(record):
+        return None
+    return np.load(path)
+
+
 def read_provenance(path: str | Path) -> Optional[dict]:
     """The record of ``path``, or ``None`` when it has none."""
     target = provenance_path(path)
