@@ -18,7 +18,7 @@ import torch.nn.functional as F
 pytest.importorskip("sentencepiece")
 transformers = pytest.importorskip("transformers")
 
-from conftest import REPO, run_inprocess  # noqa: E402
+from conftest import run_inprocess, run_killed  # noqa: E402
 from utils.datasets import SampleImages  # noqa: E402
 from utils.siglip import (SiglipImageTransform, head_orthogonality, pooling_accuracies,  # noqa: E402
                           pooling_head_of, pooling_head_terms)
@@ -169,15 +169,26 @@ def independent_run(folder):
     return model, pooled, seen[0], torch.stack(weights), torch.as_tensor(ds.labels)
 
 
-def test_compute_siglip_end_to_end(siglip_dir, tmp_path):
-    texts = tmp_path / "descriptions.txt"
+def siglip_args(siglip_dir, texts, out, *extra):
+    return ["--model", str(siglip_dir), "--dataset", "sample", "--device", "cpu", "--batch_size", "4",
+            "--num_workers", "0", "--output_dir", str(out), "--text_descriptions", str(texts), *extra]
+
+
+@pytest.fixture(scope="module")
+def siglip_run(siglip_dir, tmp_path_factory):
+    """compute_siglip.py run once on the tiny model and the sample photos: (output folder, stdout, texts file)."""
+    tmp = tmp_path_factory.mktemp("siglip-run")
+    texts = tmp / "descriptions.txt"
     texts.write_text("\n".join(TEXTS) + "\n")
-    out = tmp_path / "out"
-    args = ["--model", str(siglip_dir), "--dataset", "sample", "--device", "cpu", "--batch_size", "4",
-            "--num_workers", "0", "--output_dir", str(out), "--text_descriptions", str(texts), "--save_everything",
-            "--compute_text_spans"]
-    code, stdout, err = run_inprocess("compute_siglip.py", *args)
+    out = tmp / "out"
+    code, stdout, err = run_inprocess("compute_siglip.py", *siglip_args(siglip_dir, texts, out, "--save_everything",
+                                                                       "--compute_text_spans"))
     assert code == 0, err + stdout
+    return out, stdout, texts
+
+
+def test_compute_siglip_end_to_end(siglip_dir, siglip_run):
+    out, stdout, texts = siglip_run
     model, pooled, mlp, weights, labels = independent_run(siglip_dir)
     n = len(labels)
     name = siglip_dir.name
@@ -223,7 +234,25 @@ def test_compute_siglip_end_to_end(siglip_dir, tmp_path):
     assert (out / f"descriptions_{name}_text_spans.txt").read_text().count("Head ") == HEADS
 
     # --resume over finished outputs does nothing and prints the same numbers
-    code, again, err = run_inprocess("compute_siglip.py", *args, "--resume")
+    code, again, err = run_inprocess("compute_siglip.py", *siglip_args(siglip_dir, texts, out, "--resume"))
     assert code == 0, err
+    assert "already complete" in again
+    assert [l for l in again.splitlines() if l.startswith("Top-1")] == \
+        [l for l in stdout.splitlines() if l.startswith("Top-1")]
+
+
+def test_compute_siglip_resumes_after_a_kill(siglip_dir, siglip_run, tmp_path):
+    fresh, stdout, texts = siglip_run
+    out = tmp_path / "killed"
+    res = run_killed("compute_siglip.py", 5, *siglip_args(siglip_dir, texts, out))
+    assert res.returncode == -9, res.stderr
+    name = siglip_dir.name
+    assert not (out / f"sample_siglip_heads_{name}.npy").exists()
+    code, again, err = run_inprocess("compute_siglip.py", *siglip_args(siglip_dir, texts, out, "--resume"))
+    assert code == 0, err
+    assert "Resuming at image 4 of 8" in again and "Loading zeroshot weights from" in again
+    for k in ("heads", "mlp", "pooled"):
+        np.testing.assert_allclose(np.load(out / f"sample_siglip_{k}_{name}.npy"),
+                                   np.load(fresh / f"sample_siglip_{k}_{name}.npy"), atol=1e-6)
     assert [l for l in again.splitlines() if l.startswith("Top-1")] == \
         [l for l in stdout.splitlines() if l.startswith("Top-1")]

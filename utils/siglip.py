@@ -167,9 +167,15 @@ def load_siglip(model_id: str, device: str | torch.device = "cpu") -> SiglipPart
     """
     tf = _transformers()
     try:
+        kind = tf.AutoConfig.from_pretrained(model_id).model_type
+        if kind != "siglip":
+            raise UnsupportedModelError(f"--model {model_id}: a '{kind}' model; this script reads SigLIP checkpoints "
+                                        f"(model_type 'siglip'), such as google/siglip-so400m-patch14-384")
         model = tf.SiglipModel.from_pretrained(model_id, dtype=torch.float32)
         image_processor = tf.AutoImageProcessor.from_pretrained(model_id)
         tokenizer = tf.AutoTokenizer.from_pretrained(model_id)
+    except UnsupportedModelError:
+        raise
     except (OSError, ValueError) as e:
         where = "folder" if Path(model_id).is_dir() else "Hugging Face id (not in the local cache, or offline?)"
         raise InputError(f"--model {model_id}: cannot load a SigLIP model from this {where}: "
