@@ -62,6 +62,7 @@ from utils.text.textspan import textspan_from_stats
 COMPUTING = {"representation": "representation", "mlp": "mlp", "attention": "attention",
              "attention + mlp": "attention + mlp for sanity check"}
 SEP = "-" * 32
+DATASET_NAMES = {"imagenet": "ImageNet"}  # as the original says it
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -134,7 +135,7 @@ def main(args: argparse.Namespace) -> dict:
     encoder, tokenize = SiglipTextEncoder(parts.model), SiglipTokenize(parts.tokenizer, parts.max_length)
     zeroshot = None
     if main_process:
-        print(f"Computing zeroshot weights for {args.dataset}...")
+        print(f"Computing zeroshot weights for {DATASET_NAMES.get(args.dataset, args.dataset)}...")
         zeroshot = cached(paths["zeroshot"], make_record(
             model=args.model, dataset=args.dataset, classes=classnames, templates=len(OPENAI_IMAGENET_TEMPLATES),
             max_length=parts.max_length), lambda: zero_shot_classifier(

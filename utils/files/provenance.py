@@ -32,7 +32,8 @@ from utils.errors import InputError
 from utils.files.names import NO_WEIGHTS
 
 __all__ = ["provenance_path", "make_record", "write_provenance", "read_provenance", "pretrained_identity",
-           "run_key", "check_consistent", "save_output", "derived_record", "set_invocation"]
+           "run_key", "check_consistent", "save_output", "derived_record", "set_invocation",
+           "reusable_output"]
 
 RECORD_SUFFIX = ".provenance.json"
 FOLDER_RECORD = "provenance.json"
