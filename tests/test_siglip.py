@@ -7,7 +7,6 @@ an independent computation with the model's own forward.
 from __future__ import annotations
 
 import copy
-import io
 import re
 
 import numpy as np
@@ -25,51 +24,13 @@ from utils.siglip import (SiglipImageTransform, head_orthogonality, pooling_accu
 from utils.text.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames  # noqa: E402
 from utils.text.textspan import textspan_reference_numpy  # noqa: E402
 
-VOCAB, TEXT_LEN, D, HEADS = 300, 16, 32, 4
-TEXTS = [f"a photo of {w}" for w in ("a dog", "a cat", "the sea", "a red car", "snow", "a tree", "a bird",
-                                     "a house", "a city at night", "a bowl of fruit", "people", "a mountain")] + \
-        [f"{a} {b}" for a in ("bright", "dark", "blurry", "small", "large") for b in ("object", "animal", "scene",
-                                                                                     "texture", "pattern")]
-
-
-def tiny_config(**vision):
-    return transformers.SiglipConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=TEXT_LEN, pad_token_id=1, eos_token_id=1,
-                         bos_token_id=None),
-        vision_config=dict(dict(image_size=32, patch_size=8, hidden_size=D, intermediate_size=64,
-                                num_hidden_layers=2, num_attention_heads=HEADS), **vision))
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random LayerNorm affines (random init leaves them 1 and 0) and biases, and a random probe."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias") or "probe" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
+from tiny_siglip import D, HEADS, TEXT_LEN, TEXTS, randomize_, save_tiny_siglip, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def siglip_dir(tmp_path_factory):
-    """A tiny SiglipModel with its tokenizer (a sentencepiece model trained here) and image processor, saved with
-    ``save_pretrained`` as a Hugging Face folder."""
-    import sentencepiece as spm
-
-    folder = tmp_path_factory.mktemp("tiny-siglip")
-    corpus = [t(c) for c in get_classnames("sample") for t in OPENAI_IMAGENET_TEMPLATES] + TEXTS
-    model_file = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model_file, vocab_size=120, hard_vocab_limit=False,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-    (folder / "spiece.model").write_bytes(model_file.getvalue())
-    transformers.SiglipTokenizer(str(folder / "spiece.model"), model_max_length=TEXT_LEN).save_pretrained(folder)
-    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    torch.manual_seed(0)
-    randomize_(transformers.SiglipModel(tiny_config())).save_pretrained(folder)
-    return folder
+    """The tiny SigLIP as a Hugging Face folder (``save_pretrained``)."""
+    return save_tiny_siglip(tmp_path_factory.mktemp("tiny-siglip"))
 
 
 def reference_terms(head, hidden):
