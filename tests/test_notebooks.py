@@ -167,3 +167,46 @@ def test_concept_discovery_notebook(tmp_path):
     printed = [l.split("\t") for l in out if "\t" in l]
     assert [t for _, t in printed] == [t for t, _ in expected]
     np.testing.assert_allclose([float(s) for s, _ in printed], [s for _, s in expected], atol=1e-3)
+
+
+def test_demo_siglip_notebook(tmp_path):
+    """demo_siglip.ipynb on a tiny random SigLIP folder: its figures, and its per-token, per-head scores summed
+    equal to the pooled output's attention part (the model's own forward, less the MLP and the out-projection
+    bias) against the texts, computed here without the notebook's code."""
+    pytest.importorskip("sentencepiece")
+    transformers = pytest.importorskip("transformers")
+    import torch
+    import torch.nn.functional as F
+
+    from tiny_siglip import save_tiny_siglip
+    from utils.datasets import SampleImages
+
+    folder = tmp_path / "tiny-siglip"
+    folder.mkdir()
+    save_tiny_siglip(folder)
+    figs = tmp_path / "figs"
+    texts = ["a photo of a cat", "a photo of a dog"]
+    nb = execute("demo_siglip.ipynb", {"model_name": str(folder), "device": "cpu", "image_index": 1,
+                                       "texts": texts, "figures_dir": str(figs)}, tmp_path)
+    for f in ["demo_siglip_text_maps.png", "demo_siglip_head_maps.png"]:
+        _check_png(figs / f)
+    assert _png_outputs(nb) >= 2
+    error = float(_stream(nb).split("max |diff| ")[1].split()[0])
+    assert error < 1e-5
+    scores = np.load(figs / "demo_siglip_scores.npy")  # [T, H, texts]
+    model = transformers.SiglipModel.from_pretrained(folder).eval()
+    pixels = transformers.SiglipImageProcessor.from_pretrained(folder)(images=SampleImages().load(1),
+                                                                       return_tensors="pt")["pixel_values"]
+    head = model.vision_model.head
+    seen = []
+    hook = head.mlp.register_forward_hook(lambda m, i, o: seen.append(o[0, 0]))
+    with torch.no_grad():
+        pooled = model.vision_model(pixel_values=pixels).pooler_output[0]
+        tokens = transformers.AutoTokenizer.from_pretrained(folder)(texts, padding="max_length", truncation=True,
+                                                                    max_length=16, return_tensors="pt")
+        text = F.normalize(model.text_model(**tokens).pooler_output, dim=-1)
+    hook.remove()
+    attention_part = pooled - seen[0] - head.attention.out_proj.bias.detach()
+    expected = (attention_part @ text.T / pooled.norm()).numpy()
+    assert scores.shape == (16, 4, 2)
+    np.testing.assert_allclose(scores.sum((0, 1)), expected, atol=1e-5)

@@ -119,6 +119,36 @@ def segmentation_result_path(folder: str | Path, miou: float) -> Path:
     return Path(folder) / ("result_mIoU_%.4f.txt" % miou)
 
 
+# ----------------------------------------------------------------------------- compute_siglip.py (clip_text_span)
+def siglip_model_name(model: str) -> str:
+    """The ``{model}`` of compute_siglip.py's names: a Hugging Face id with ``/`` as ``_`` (the original's
+    ``google_siglip-so400m-patch14-384``); a local model folder: its folder name."""
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model.replace("/", "_")
+
+
+def siglip_paths(output_dir: str | Path, dataset: str, model: str, text_set: str) -> dict[str, Path]:
+    """compute_siglip.py's files (``model`` as given; ``text_set`` the ``--text_descriptions`` file's stem):
+
+    ``prs`` ``siglip_{model}_prs.pt`` (the original's ``--save_everything`` file); ``zeroshot``
+    ``{dataset}_zeroshot_weights_{model}.npy`` [C, d] (the original's ``imagenet_zeroshot_weights_...``); the
+    streamed terms ``heads`` ``{dataset}_siglip_heads_{model}.npy`` [N, H, d], ``mlp`` ``..._siglip_mlp_...``
+    [N, d], ``pooled`` ``..._siglip_pooled_...`` [N, d], ``constant`` ``..._siglip_constant_...`` [d] and ``labels``
+    ``{dataset}_labels.npy`` [N]; ``accuracies`` ``{dataset}_siglip_accuracies_{model}.json``; the text
+    features ``text_features`` ``{text_set}_{model}.npy`` [T, d]; ``orthogonality`` ``{text_set}_{model}_
+    orthogonalities.npy`` [H, H] and ``orthogonality_plot`` (``.pdf``), the original's names; ``text_spans``
+    ``{text_set}_{model}_text_spans`` (a stem: ``.txt`` and ``.json``).
+    """
+    d, m = Path(output_dir), siglip_model_name(model)
+    return {"prs": d / f"siglip_{m}_prs.pt", "zeroshot": d / f"{dataset}_zeroshot_weights_{m}.npy",
+            **{k: d / f"{dataset}_siglip_{k}_{m}.npy" for k in ("heads", "mlp", "pooled", "constant")},
+            "accuracies": d / f"{dataset}_siglip_accuracies_{m}.json",
+            "labels": labels_path(d, dataset), "text_features": text_embeddings_path(d, text_set, m),
+            "orthogonality": d / f"{text_set}_{m}_orthogonalities.npy",
+            "orthogonality_plot": d / f"{text_set}_{m}_orthogonalities.pdf",
+            "text_spans": d / f"{text_set}_{m}_text_spans"}
+
+
 # ----------------------------------------------------------------------------- paper 2 (second_order_lens)
 def second_order_paths(output_dir: str | Path, dataset: str, split: str, model: str, pretrained: Optional[str],
                        mlp_layer: int, top_k: Optional[int] = None) -> dict[str, Path]:

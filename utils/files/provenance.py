@@ -32,7 +32,8 @@ from utils.errors import InputError
 from utils.files.names import NO_WEIGHTS
 
 __all__ = ["provenance_path", "make_record", "write_provenance", "read_provenance", "pretrained_identity",
-           "run_key", "check_consistent", "save_output", "derived_record", "set_invocation"]
+           "run_key", "check_consistent", "save_output", "derived_record", "set_invocation",
+           "reusable_output"]
 
 RECORD_SUFFIX = ".provenance.json"
 FOLDER_RECORD = "provenance.json"
@@ -171,6 +172,18 @@ def save_output(path: str | Path, array, record: Mapping[str, Any]) -> Path:
     atomic_save(path, array)
     write_provenance(path, dict(record, shape=list(array.shape), storage_dtype=array.dtype.name))
     return Path(path)
+
+
+def reusable_output(path: str | Path, record: Mapping[str, Any]):
+    """The array saved at ``path`` (``save_output``) when its provenance record is of the same computation as
+    ``record`` (equal ``run_key``), else ``None``: a cache that never serves another model's or data's array."""
+    import numpy as np
+
+    path = Path(path)
+    rec = read_provenance(path) if path.is_file() else None
+    if rec is None or run_key(rec) != run_key(record):
+        return None
+    return np.load(path)
 
 
 def read_provenance(path: str | Path) -> Optional[dict]:
