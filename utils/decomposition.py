@@ -81,9 +81,9 @@ def decompose_dataset(model: torch.nn.Module | Decomposer, dataset, paths: Mappi
 
 
 def summed_embeddings(attn: np.ndarray, mlp: np.ndarray, attn_rest: Optional[np.ndarray] = None,
-                      chunk: int = 1024) -> np.ndarray:
+                      chunk: int = 1024, dtype: np.dtype = np.float32) -> np.ndarray:
     """The image embeddings the decomposition sums to, ``attn.sum((1, 2)) + attn_rest + mlp.sum(1)``, [B, d]
-    float32 (summed in float64), read ``chunk`` images at a time (memmaps are fine).
+    ``dtype`` (summed in float64), read ``chunk`` images at a time (memmaps are fine).
 
     ``attn`` [B, K, H, d], ``mlp`` [B, L+1, d], ``attn_rest`` [B, d] (the layers ``compute_prs.py --layers`` left
     out) or ``None``."""
@@ -92,7 +92,7 @@ def summed_embeddings(attn: np.ndarray, mlp: np.ndarray, attn_rest: Optional[np.
         raise InputError(f"attn {list(attn.shape)} and mlp {list(mlp.shape)}: expected [B, K, H, d] and [B, L+1, d]")
     if attn_rest is not None and attn_rest.shape != (B, d):
         raise InputError(f"attn_rest {list(attn_rest.shape)}: expected [{B}, {d}]")
-    out = np.empty((B, d), np.float32)
+    out = np.empty((B, d), dtype)
     for s in range(0, B, chunk):
         e = min(B, s + chunk)
         total = attn[s:e].sum((1, 2), dtype=np.float64) + mlp[s:e].sum(1, dtype=np.float64)

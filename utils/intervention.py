@@ -52,7 +52,7 @@ def remove_component(attn: np.ndarray, mlp: np.ndarray, layer: int, head: int, c
     if centre:
         x = x - x.mean(0)
     coef = x @ v
-    return summed_embeddings(attn, mlp, attn_rest).astype(np.float64) - coef[:, None] * v, coef
+    return summed_embeddings(attn, mlp, attn_rest, dtype=np.float64) - coef[:, None] * v, coef
 
 
 @dataclass(frozen=True)
