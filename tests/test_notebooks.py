@@ -228,3 +228,47 @@ def test_prepare_data_notebook_runs_pclens_five_command_lines(pclens_prepared, w
     comp = rows[0]["embeddings_sort"][0]
     first = {k: v for t in comp["text"] for k, v in t.items() if k in ("text_max_0", "text_min_0")}
     assert f"PC 0 ({comp['strength_rel']:.1f} %): + {first['text_max_0']} | - {first['text_min_0']}" in printed
+
+
+def test_playground_notebook(pclens_prepared, tmp_path):
+    """The component, its top images and the intervention checked against the JSONL of prepare_data.ipynb and a
+    direct float64 computation (the component's projection removed from the head's array, the sum recomputed)."""
+    out, lines = pclens_prepared["out"], pclens_prepared["lines"]
+    figs = tmp_path / "figs"
+    nb = execute("playground.ipynb", {
+        "dataset": "binary_waterbirds", "model_name": "prsclip-tiny", "seed": 3, "dataset_text_name": PCLENS_TEXTS,
+        "texts_per_head": 3, "layer": 3, "head": 1, "component": 0, "top_images": 3,
+        "workdir": str(pclens_prepared["wd"]), "figures_dir": str(figs)}, tmp_path)
+    for f in ["playground_accuracy.png", "playground_top_images_L3_H1_PC0.png", "playground_intervention.png"]:
+        _check_png(figs / f)
+    printed = _stream(nb)
+    path = out / f"binary_waterbirds_completeness_{PCLENS_TEXTS}_prsclip-tiny_algo_svd_data_approx_seed_3.jsonl"
+    rows = {(r["layer"], r["head"]): r for r in map(json.loads, path.read_text().splitlines())}
+    assert f"svd_data_approx: accuracy {rows[(-1, -1)]['accuracy']:.4f} % with every head replaced" in printed
+    assert "text_span: accuracy" in printed and "L0.H0: " in printed and "L3.H3: " in printed
+    # the component: the JSONL's first component of head (3, 1), its top text
+    rec = rows[(3, 1)]
+    v = np.asarray(rec["vh"][0], np.float64)
+    top_text = next(t["text_max_0"] for t in rec["embeddings_sort"][0]["text"] if "text_max_0" in t)
+    assert f"L3.H1 PC 0: + {top_text}" in printed
+    attn = np.load(out / "binary_waterbirds_attn_prsclip-tiny_seed_3.npy").astype(np.float64)
+    mlp = np.load(out / "binary_waterbirds_mlp_prsclip-tiny_seed_3.npy").astype(np.float64)
+    x = attn[:, 3, 1]
+    projection = (x - x.mean(0)) @ v
+    assert f"top images of L3.H1 PC 0: {np.argsort(-projection)[:3].tolist()}" in printed
+    # the intervention, by hand
+    W = np.load(out / "binary_waterbirds_classifier_prsclip-tiny.npy").astype(np.float64)
+    labels = np.load(out / "binary_waterbirds_labels_prsclip-tiny_seed_3.npy")[:, 0]  # [B, 2]: class, place
+    text = np.load(out / f"{PCLENS_TEXTS}_prsclip-tiny.npy")[lines.index(top_text)].astype(np.float64)
+    edited = attn.copy()
+    edited[:, 3, 1] = x - np.outer(projection, v)
+    acc, cos = [], []
+    for a in (attn, edited):
+        e = a.sum((1, 2)) + mlp.sum(1)
+        acc.append(((e @ W).argmax(1) == labels).mean() * 100)
+        cos.append((e @ text / np.linalg.norm(e, axis=1) / np.linalg.norm(text)).mean())
+    line = next(l for l in printed.splitlines() if l.startswith("intervention L3.H1 PC 0: accuracy"))
+    assert [float(t) for t in line.split("accuracy ")[1].rstrip(" %").split(" -> ")] == pytest.approx(acc, abs=1e-6)
+    line = next(l for l in printed.splitlines() if l.startswith(f"cosine with '{top_text}'"))
+    got = [float(t) for t in line.rsplit(": ", 1)[1].split(" -> ")]
+    assert got == pytest.approx(cos, abs=2e-6) and abs(cos[0] - cos[1]) > 1e-4  # the removal moves the cosine
