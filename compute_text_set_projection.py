@@ -12,19 +12,15 @@ autocast (float16); this runs it in float32 (differences ~1e-3 on GPU).
 import argparse
 from pathlib import Path
 
-from utils.cli import add_model_args, add_num_workers_arg, positive_int, run, run_text_embeddings
+from utils.cli import add_text_set_args, run, run_text_embeddings
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Get text list weights", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch_size", default=2048, type=positive_int, help="texts per encode_text batch")
-    add_model_args(parser)
-    parser.add_argument("--data_path", default="text_descriptions/image_descriptions_3500.txt", type=str,
-                        help="the text set, one description per line (the original default, "
-                             "text_descriptions/image_descriptions_general.txt, is the authors' set: fetch it)")
-    add_num_workers_arg(parser, used=False)
-    parser.add_argument("--output_dir", default="./output_dir", help="where to save")
+    add_text_set_args(parser, "text_descriptions/image_descriptions_3500.txt",
+                      "the text set, one description per line (the original default, "
+                      "text_descriptions/image_descriptions_general.txt, is the authors' set: fetch it)")
     return parser
 
 

@@ -34,7 +34,7 @@ from utils.errors import InputError
 from utils.models import default_device, load_model, register_model_config
 
 __all__ = ["run", "configure_torch", "add_tf32_arg", "positive_int", "layer_list", "add_model_args",
-           "load_model_from_args", "args_record", "add_mismatch_arg", "add_segmentation_args", "say_wrote"]
+           "load_model_from_args", "args_record", "add_text_set_args", "run_text_embeddings", "add_mismatch_arg", "add_segmentation_args", "say_wrote"]
 
 
 def positive_int(text: str) -> int:
@@ -455,6 +455,17 @@ def run_classifier(args: argparse.Namespace, path: Callable[[argparse.Namespace]
     say_wrote([target], f"{list(classifier.shape)} ({len(classnames)} classes x {len(OPENAI_IMAGENET_TEMPLATES)} "
                         f"templates)")
     return target
+
+
+def add_text_set_args(parser, data_path: str, data_path_help: str) -> None:
+    """The flags of the text-set embedding scripts (compute_text_set_projection.py, PCLens'
+    compute_text_embeddings): ``--batch_size``, the model flags, ``--data_path``, ``--num_workers`` (unused),
+    ``--output_dir``."""
+    parser.add_argument("--batch_size", default=2048, type=positive_int, help="texts per encode_text batch")
+    add_model_args(parser)
+    parser.add_argument("--data_path", default=data_path, type=str, help=data_path_help)
+    add_num_workers_arg(parser, used=False)
+    parser.add_argument("--output_dir", default="./output_dir", help="where to save (default %(default)s)")
 
 
 def run_text_embeddings(args: argparse.Namespace) -> Path:

@@ -12,20 +12,16 @@ float32 (PCLens: CUDA autocast, float16); an empty line is an error.
 import argparse
 from pathlib import Path
 
-from utils.cli import add_model_args, add_num_workers_arg, positive_int, run, run_text_embeddings
+from utils.cli import add_text_set_args, run, run_text_embeddings
 from utils.scripts import add_cache_dir_arg
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("compute_text_embeddings", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch_size", default=2048, type=positive_int, help="texts per encode_text batch")
-    add_model_args(parser)
-    parser.add_argument("--data_path", default="text_descriptions/image_descriptions_general.txt", type=str,
-                        help="the text set, one description per line (default %(default)s: fetch it with "
-                             "text_descriptions/fetch_original.py)")
-    add_num_workers_arg(parser, used=False)
-    parser.add_argument("--output_dir", default="./output_dir", help="where to save (default %(default)s)")
+    add_text_set_args(parser, "text_descriptions/image_descriptions_general.txt",
+                      "the text set, one description per line (default %(default)s: fetch it with "
+                      "text_descriptions/fetch_original.py)")
     add_cache_dir_arg(parser)
     return parser
 
