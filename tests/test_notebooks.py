@@ -210,3 +210,108 @@ def test_demo_siglip_notebook(tmp_path):
     expected = (attention_part @ text.T / pooled.norm()).numpy()
     assert scores.shape == (16, 4, 2)
     np.testing.assert_allclose(scores.sum((0, 1)), expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- PCLens' notebooks
+PCLENS_TEXTS = "tiny_pclens_set"  # the text set's name, in utils/text_descriptions/ of the working folder
+
+
+@pytest.fixture(scope="module")
+def pclens_prepared(tmp_path_factory, waterbirds_root):
+    """prepare_data.ipynb in a working folder laid out as PCLens expects (./datasets/<PCLens' folder>,
+    ./utils/text_descriptions/), on binary_waterbirds (its built-in class names) and the tiny model."""
+    wd = tmp_path_factory.mktemp("pclens_wd")
+    (wd / "datasets").mkdir()
+    (wd / "datasets" / "waterbird_complete95_forest2water2").symlink_to(waterbirds_root)
+    texts = wd / "utils" / "text_descriptions"
+    texts.mkdir(parents=True)
+    lines = (REPO / "text_descriptions" / "image_descriptions_3500.txt").read_text().splitlines()[:40]
+    (texts / f"{PCLENS_TEXTS}.txt").write_text("\n".join(lines) + "\n")
+    params = {"dataset": "binary_waterbirds", "device": "cpu", "model_name": "prsclip-tiny",
+              "pretrained": str(GOLDEN_WEIGHTS), "seed": 3, "dataset_text_name": PCLENS_TEXTS,
+              "model_flags": f"--model_config {CONFIGS}", "workdir": str(wd)}
+    nb = execute("prepare_data.ipynb", params, wd)
+    return {"wd": wd, "out": wd / "output_dir", "nb": nb, "lines": lines}
+
+
+def test_prepare_data_notebook_runs_pclens_five_command_lines(pclens_prepared, waterbirds_root):
+    import open_clip
+    import torch
+
+    from utils.datasets import build_dataset
+
+    out, lines = pclens_prepared["out"], pclens_prepared["lines"]
+    stem = "prsclip-tiny_seed_3"
+    attn = np.load(out / f"binary_waterbirds_attn_{stem}.npy").astype(np.float64)
+    mlp = np.load(out / f"binary_waterbirds_mlp_{stem}.npy").astype(np.float64)
+    # step 1: the decomposition sums to the model's normalised image embeddings
+    model, _, preprocess = open_clip.create_model_and_transforms("prsclip-tiny", pretrained=str(GOLDEN_WEIGHTS))
+    ds = build_dataset("binary_waterbirds", str(waterbirds_root), preprocess)
+    with torch.no_grad():
+        direct = model.eval().encode_image(torch.stack([ds[i][0] for i in range(len(ds))]), normalize=True).numpy()
+    assert attn.shape[0] == len(ds) >= 2
+    # step 2: the image embeddings are that sum
+    emb = np.load(out / f"binary_waterbirds_embeddings_{stem}.npy")
+    np.testing.assert_allclose(emb, attn.sum((1, 2)) + mlp.sum(1), atol=1e-6)
+    np.testing.assert_allclose(emb, direct, atol=1e-4)
+    # step 3: two classes; step 4: the text set, one unit embedding per line, as open_clip embeds it
+    assert np.load(out / "binary_waterbirds_classifier_prsclip-tiny.npy").shape == (32, 2)
+    tokenizer = open_clip.get_tokenizer("prsclip-tiny")
+    with torch.no_grad():
+        ref = model.encode_text(tokenizer(lines), normalize=True).numpy()
+    np.testing.assert_allclose(np.load(out / f"{PCLENS_TEXTS}_prsclip-tiny.npy"), ref, atol=1e-5)
+    # step 5 and the print-out of its JSONL
+    path = out / f"binary_waterbirds_completeness_{PCLENS_TEXTS}_prsclip-tiny_algo_svd_data_approx_seed_3.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["layer"], r["head"]) for r in rows] == [(l, h) for l in range(4) for h in range(4)] + [(-1, -1)]
+    printed = _stream(pclens_prepared["nb"])
+    assert f"final embedding: accuracy {rows[-1]['accuracy']} %, {rows[-1]['nr_texts']} distinct texts" in printed
+    for r in rows[:-1]:
+        assert f"Layer: {r['layer']}, Head: {r['head']}, {len(r['s'])} components" in printed
+    comp = rows[0]["embeddings_sort"][0]
+    first = {k: v for t in comp["text"] for k, v in t.items() if k in ("text_max_0", "text_min_0")}
+    assert f"PC 0 ({comp['strength_rel']:.1f} %): + {first['text_max_0']} | - {first['text_min_0']}" in printed
+
+
+def test_playground_notebook(pclens_prepared, tmp_path):
+    """The component, its top images and the intervention checked against the JSONL of prepare_data.ipynb and a
+    direct float64 computation (the component's projection removed from the head's array, the sum recomputed)."""
+    out, lines = pclens_prepared["out"], pclens_prepared["lines"]
+    figs = tmp_path / "figs"
+    nb = execute("playground.ipynb", {
+        "dataset": "binary_waterbirds", "model_name": "prsclip-tiny", "seed": 3, "dataset_text_name": PCLENS_TEXTS,
+        "texts_per_head": 3, "layer": 3, "head": 1, "component": 0, "top_images": 3,
+        "workdir": str(pclens_prepared["wd"]), "figures_dir": str(figs)}, tmp_path)
+    for f in ["playground_accuracy.png", "playground_top_images_L3_H1_PC0.png", "playground_intervention.png"]:
+        _check_png(figs / f)
+    printed = _stream(nb)
+    path = out / f"binary_waterbirds_completeness_{PCLENS_TEXTS}_prsclip-tiny_algo_svd_data_approx_seed_3.jsonl"
+    rows = {(r["layer"], r["head"]): r for r in map(json.loads, path.read_text().splitlines())}
+    assert f"svd_data_approx: accuracy {rows[(-1, -1)]['accuracy']:.4f} % with every head replaced" in printed
+    assert "text_span: accuracy" in printed and "L0.H0: " in printed and "L3.H3: " in printed
+    # the component: the JSONL's first component of head (3, 1), its top text
+    rec = rows[(3, 1)]
+    v = np.asarray(rec["vh"][0], np.float64)
+    top_text = next(t["text_max_0"] for t in rec["embeddings_sort"][0]["text"] if "text_max_0" in t)
+    assert f"L3.H1 PC 0: + {top_text}" in printed
+    attn = np.load(out / "binary_waterbirds_attn_prsclip-tiny_seed_3.npy").astype(np.float64)
+    mlp = np.load(out / "binary_waterbirds_mlp_prsclip-tiny_seed_3.npy").astype(np.float64)
+    x = attn[:, 3, 1]
+    projection = (x - x.mean(0)) @ v
+    assert f"top images of L3.H1 PC 0: {np.argsort(-projection)[:3].tolist()}" in printed
+    # the intervention, by hand
+    W = np.load(out / "binary_waterbirds_classifier_prsclip-tiny.npy").astype(np.float64)
+    labels = np.load(out / "binary_waterbirds_labels_prsclip-tiny_seed_3.npy")[:, 0]  # [B, 2]: class, place
+    text = np.load(out / f"{PCLENS_TEXTS}_prsclip-tiny.npy")[lines.index(top_text)].astype(np.float64)
+    edited = attn.copy()
+    edited[:, 3, 1] = x - np.outer(projection, v)
+    acc, cos = [], []
+    for a in (attn, edited):
+        e = a.sum((1, 2)) + mlp.sum(1)
+        acc.append(((e @ W).argmax(1) == labels).mean() * 100)
+        cos.append((e @ text / np.linalg.norm(e, axis=1) / np.linalg.norm(text)).mean())
+    line = next(l for l in printed.splitlines() if l.startswith("intervention L3.H1 PC 0: accuracy"))
+    assert [float(t) for t in line.split("accuracy ")[1].rstrip(" %").split(" -> ")] == pytest.approx(acc, abs=1e-6)
+    line = next(l for l in printed.splitlines() if l.startswith(f"cosine with '{top_text}'"))
+    got = [float(t) for t in line.rsplit(": ", 1)[1].split(" -> ")]
+    assert got == pytest.approx(cos, abs=2e-6) and abs(cos[0] - cos[1]) > 1e-4  # the removal moves the cosine

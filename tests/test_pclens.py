@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, run_inprocess
+from utils.errors import InputError
 from utils.text.textspan import (head_stats, pclens_from_stats, pclens_record, reconstruct, svd_data_approx,
                             textspan_reference_numpy)
 
@@ -334,13 +335,11 @@ def test_subset_of_images_as_pclens_draws_it(pclens_run, tmp_path):
 
 
 @pytest.mark.parametrize("module,extra,message", [
-    ("compute_activation_values", ["--cache_dir", "../cache/"], "--cache_dir ../cache/: not supported; "),
     ("compute_activation_values", ["--vision_proj", "False"], "--vision_proj False: not supported"),
     ("compute_activation_values", ["--full_output", "true"], "--full_output True: not supported"),
     ("compute_activation_values", ["--samples_per_class", "2"], "--samples_per_class needs --tot_samples_per_class"),
     ("compute_activation_values", ["--samples_per_class", "4", "--tot_samples_per_class", "3"],
      "--samples_per_class 4: must be between 1 and --tot_samples_per_class 3"),
-    ("compute_classes_embeddings", ["--cache_dir", "x"], "--cache_dir x: not supported"),
     ("compute_text_explanations", ["--seed", "99"], "golden_attn_prsclip-tiny_seed_99.npy: not found (written by "
                                                     "python -m utils.scripts.compute_activation_values)"),
 ])
@@ -366,7 +365,8 @@ def test_missing_text_embeddings_say_how_to_make_them(pclens_run, tmp_path):
     assert "compute_text_set_projection.py --model prsclip-tiny" in err and len(err.strip().splitlines()) == 1
 
 
-def test_pclens_text_set_is_pinned_to_pclens_repository(tmp_path):
+@pytest.mark.parametrize("name", [PCLENS_SET, "top_1500_nouns_5_sentences_imagenet_clean"])
+def test_pclens_text_set_is_pinned_to_pclens_repository(tmp_path, name):
     import io
 
     from utils.text.sets import HashMismatchError, fetch_original
@@ -378,7 +378,122 @@ def test_pclens_text_set_is_pinned_to_pclens_repository(tmp_path):
         return io.BytesIO(b"not PCLens' file\n")
 
     with pytest.raises(HashMismatchError):
-        fetch_original([f"{PCLENS_SET}.txt"], tmp_path, opener=opener)
+        fetch_original([f"{name}.txt"], tmp_path, opener=opener)
     assert seen == ["https://raw.githubusercontent.com/vstrozzi/PCLens-spectral-explainability-in-CLIP-ViT-encoder/"
-                    f"44f190fd5c8e940ab9ddb9a3786cbd12b2ccf236/utils/text_descriptions/{PCLENS_SET}.txt"]
+                    f"44f190fd5c8e940ab9ddb9a3786cbd12b2ccf236/utils/text_descriptions/{name}.txt"]
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- PCLens' notebook flags
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An open_clip tag of the tiny model whose weights (the golden ones) are only in a Hugging Face cache folder
+    of their own: found there through --cache_dir, nowhere else (offline)."""
+    import open_clip.pretrained as pretrained
+
+    monkeypatch.setitem(pretrained._PRETRAINED, MODEL, {"cachetest": pretrained._pcfg(hf_hub="prsclip/tiny-test/")})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "cache" / "models--prsclip--tiny-test"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copy(GOLDEN_WEIGHTS, repo / "snapshots" / ("0" * 40) / "open_clip_model.safetensors")
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("module", ["compute_activation_values", "compute_classes_embeddings",
+                                    "compute_text_embeddings"])
+def test_cache_dir_is_where_open_clip_finds_the_weights(hub_cache, tmp_path, module):
+    tiny = ["--model_config", REPO / "tests" / "configs", "--model", MODEL, "--device", "cpu"]
+    extra = {"compute_activation_values": ["--dataset", "golden", "--data_path", GOLDEN / "images", "--seed", 12,
+                                           "--num_workers", 0, "--samples_per_class", "None"],
+             "compute_classes_embeddings": ["--dataset", "golden", "--classnames", GOLDEN / "text" / "classnames.txt"],
+             "compute_text_embeddings": ["--data_path", GOLDEN / "text" / "classnames.txt"]}[module]
+    out = tmp_path / "out"
+    code, _, err = run_inprocess(f"utils/scripts/{module}.py", *tiny, "--pretrained", "cachetest", *extra,
+                                 "--output_dir", out)
+    assert code == 2 and "not cached and HF_HUB_OFFLINE is set" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_inprocess(f"utils/scripts/{module}.py", *tiny, "--pretrained", "cachetest", *extra,
+                                 "--output_dir", out, "--cache_dir", hub_cache, "--full_output", "False",
+                                 "--vision_proj", "True") if module == "compute_activation_values" else \
+        run_inprocess(f"utils/scripts/{module}.py", *tiny, "--pretrained", "cachetest", *extra, "--output_dir", out,
+                      "--cache_dir", hub_cache)
+    assert code == 0, err
+    if module == "compute_activation_values":  # the golden weights: the golden decomposition
+        np.testing.assert_allclose(np.load(out / f"golden_attn_{MODEL}_seed_12.npy"),
+                                   np.load(GOLDEN_PRS / f"golden_attn_{MODEL}.npy"), atol=1e-6)
+    elif module == "compute_classes_embeddings":
+        np.testing.assert_allclose(np.load(out / f"golden_classifier_{MODEL}.npy"),
+                                   np.load(GOLDEN_PRS / f"golden_classifier_{MODEL}.npy"), atol=1e-6)
+    else:
+        import open_clip
+
+        model, _, _ = open_clip.create_model_and_transforms(MODEL, pretrained=str(GOLDEN_WEIGHTS))
+        names = (GOLDEN / "text" / "classnames.txt").read_text().splitlines()
+        with torch.no_grad():
+            ref = model.eval().encode_text(open_clip.get_tokenizer(MODEL)(names), normalize=True).numpy()
+        np.testing.assert_allclose(np.load(out / f"classnames_{MODEL}.npy"), ref, atol=1e-5)
+
+
+def test_missing_pclens_text_set_names_the_fetch_command(tmp_path):
+    from utils.text.sets import TEXT_DIR
+
+    name = "top_1500_nouns_5_sentences_imagenet_clean.txt"
+    if (TEXT_DIR / "external" / name).exists():
+        pytest.skip(f"{name} is fetched on this machine")
+    code, _, err = run_inprocess("utils/scripts/compute_text_embeddings.py", *TINY_ARGS, "--output_dir", tmp_path,
+                                 "--data_path", tmp_path / "utils" / "text_descriptions" / name)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"text set not found (nor {tmp_path / 'utils' / 'text_descriptions' / 'external' / name}, " in err
+    assert f"fetch it with `python text_descriptions/fetch_original.py {name}`" in err
+
+
+def test_images_embedding_adds_the_layers_left_out(tmp_path):
+    """compute_images_embedding on a decomposition of compute_activation_values --layers 2-3: attn_rest joins."""
+    code, _, err = run_inprocess("utils/scripts/compute_activation_values.py", *TINY_ARGS, "--dataset", "golden",
+                                 "--data_path", GOLDEN / "images", "--output_dir", tmp_path, "--num_workers", 0,
+                                 "--layers", "2-3")
+    assert code == 0, err
+    code, _, err = run_inprocess("utils/scripts/compute_images_embedding.py", "--dataset", "golden", "--model", MODEL,
+                                 "--output_dir", tmp_path)
+    assert code == 0, err
+    full = np.load(GOLDEN_PRS / f"golden_attn_{MODEL}.npy").astype(np.float64)
+    mlp = np.load(GOLDEN_PRS / f"golden_mlp_{MODEL}.npy").astype(np.float64)
+    np.testing.assert_allclose(np.load(tmp_path / f"golden_embeddings_{MODEL}_seed_0.npy"),
+                               full.sum((1, 2)) + mlp.sum(1), atol=1e-5)
+
+
+def test_component_intervention_against_a_direct_computation():
+    """Removing one principal component of one head: the accuracy and the text cosines recomputed by hand from the
+    edited head array (float64), on a decomposition built so that the removal changes predictions."""
+    from utils.intervention import component_intervention, remove_component
+
+    g = np.random.default_rng(0)
+    B, L, H, d, C = 60, 3, 2, 8, 3
+    attn = 0.1 * g.normal(size=(B, L, H, d))
+    mlp = 0.1 * g.normal(size=(B, L + 1, d))
+    labels = g.integers(0, C, B)
+    W = g.normal(size=(d, C))
+    v = W[:, 0] - W[:, 1]  # a direction that moves class 0 against class 1
+    attn[:, 2, 1] += np.outer(g.normal(size=B) + 2 * (labels == 0), v)  # head (2, 1) carries it
+    text = g.normal(size=d)
+    res = component_intervention(attn.astype(np.float32), mlp.astype(np.float32), W, labels, 2, 1, 3 * v, text)
+    edited = attn.copy()
+    u = v / np.linalg.norm(v)
+    x = edited[:, 2, 1]
+    edited[:, 2, 1] = x - np.outer((x - x.mean(0)) @ u, u)
+    before, after = attn.sum((1, 2)) + mlp.sum(1), edited.sum((1, 2)) + mlp.sum(1)
+    acc = [((e @ W).argmax(1) == labels).mean() * 100 for e in (before, after)]
+    assert acc[0] - acc[1] > 10  # the removal matters here
+    assert (res.accuracy_before, res.accuracy_after) == pytest.approx(acc)
+    cos = [e @ text / np.linalg.norm(e, axis=1) / np.linalg.norm(text) for e in (before, after)]
+    np.testing.assert_allclose(res.similarity_before, cos[0], atol=1e-5)
+    np.testing.assert_allclose(res.similarity_after, cos[1], atol=1e-5)
+    np.testing.assert_allclose(res.embeddings, after, atol=1e-5)
+    whole, coef = remove_component(attn, mlp, 2, 1, v, centre=False)
+    np.testing.assert_allclose(coef, attn[:, 2, 1] @ u)
+    np.testing.assert_allclose(whole, before - np.outer(attn[:, 2, 1] @ u, u))
+    with pytest.raises(InputError, match="expected a non-zero"):
+        remove_component(attn, mlp, 2, 1, np.zeros(d))
+    with pytest.raises(InputError, match=r"head \(3, 0\)"):
+        remove_component(attn, mlp, 3, 0, v)

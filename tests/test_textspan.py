@@ -234,6 +234,24 @@ def test_read_text_set_errors_and_external_fallback(tmp_path):
     assert resolve_text_file(tmp_path / "google_3498_english.txt") == tmp_path / "external" / "google_3498_english.txt"
 
 
+def test_pclens_text_folder_and_ours_stand_for_each_other(tmp_path):
+    """PCLens keeps its text sets in utils/text_descriptions/, we in text_descriptions/ (fetched: its external/):
+    a set named in either folder is found in the other, relative to the same root."""
+    pclens, ours = tmp_path / "utils" / "text_descriptions", tmp_path / "text_descriptions"
+    (ours / "external").mkdir(parents=True)
+    pclens.mkdir(parents=True)
+    (ours / "external" / "fetched.txt").write_text("a\n")
+    (pclens / "copied.txt").write_text("b\n")
+    assert resolve_text_file(pclens / "fetched.txt") == ours / "external" / "fetched.txt"
+    assert resolve_text_file(ours / "copied.txt") == pclens / "copied.txt"
+    (pclens / "fetched.txt").write_text("c\n")  # the folder named comes first
+    assert resolve_text_file(pclens / "fetched.txt") == pclens / "fetched.txt"
+    with pytest.raises(FileNotFoundError, match="elsewhere.txt: text set not found"):
+        resolve_text_file(tmp_path / "other" / "copied.txt".replace("copied", "elsewhere"))
+    with pytest.raises(FileNotFoundError):  # only those two folders stand for each other
+        resolve_text_file(tmp_path / "other" / "copied.txt")
+
+
 def test_fetch_accepts_good_hash_and_refuses_bad_offline(tmp_path):
     src = tmp_path / "mirror"
     src.mkdir()

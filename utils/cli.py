@@ -34,7 +34,7 @@ from utils.errors import InputError
 from utils.models import default_device, load_model, register_model_config
 
 __all__ = ["run", "configure_torch", "add_tf32_arg", "positive_int", "layer_list", "add_model_args",
-           "load_model_from_args", "args_record", "add_mismatch_arg", "add_segmentation_args", "say_wrote"]
+           "load_model_from_args", "args_record", "add_text_set_args", "run_text_embeddings", "add_mismatch_arg", "add_segmentation_args", "say_wrote"]
 
 
 def positive_int(text: str) -> int:
@@ -296,9 +296,11 @@ def add_model_args(parser, model: str = "ViT-H-14", pretrained: str = "laion2b_s
 
 
 def load_model_from_args(args: argparse.Namespace):
-    """``utils.models.load_model`` driven by the flags of ``add_model_args``: ``(model, preprocess, tokenizer)``."""
+    """``utils.models.load_model`` driven by the flags of ``add_model_args`` (and ``--cache_dir``, where downloaded
+    weights go, for the scripts that have it): ``(model, preprocess, tokenizer)``."""
     register_model_config(getattr(args, "model_config", None))
-    return load_model(args.model, args.pretrained, args.device, force_quick_gelu=args.force_quick_gelu)
+    return load_model(args.model, args.pretrained, args.device, force_quick_gelu=args.force_quick_gelu,
+                      cache_dir=getattr(args, "cache_dir", None))
 
 
 RECORD_FLAGS = ("model", "pretrained", "force_quick_gelu", "dataset", "split", "data_path", "dtype")
@@ -453,6 +455,40 @@ def run_classifier(args: argparse.Namespace, path: Callable[[argparse.Namespace]
     say_wrote([target], f"{list(classifier.shape)} ({len(classnames)} classes x {len(OPENAI_IMAGENET_TEMPLATES)} "
                         f"templates)")
     return target
+
+
+def add_text_set_args(parser, data_path: str, data_path_help: str) -> None:
+    """The flags of the text-set embedding scripts (compute_text_set_projection.py, PCLens'
+    compute_text_embeddings): ``--batch_size``, the model flags, ``--data_path``, ``--num_workers`` (unused),
+    ``--output_dir``."""
+    parser.add_argument("--batch_size", default=2048, type=positive_int, help="texts per encode_text batch")
+    add_model_args(parser)
+    parser.add_argument("--data_path", default=data_path, type=str, help=data_path_help)
+    add_num_workers_arg(parser, used=False)
+    parser.add_argument("--output_dir", default="./output_dir", help="where to save (default %(default)s)")
+
+
+def run_text_embeddings(args: argparse.Namespace) -> Path:
+    """Embed the text set ``--data_path`` (one normalised embedding per line, ``utils.text.embeddings.encode_texts``)
+    and write ``{text_set}_{model}.npy`` [T, d] in ``--output_dir``, say so (compute_text_set_projection.py,
+    PCLens' compute_text_embeddings)."""
+    from utils.files.atomic import make_output_dir
+    from utils.files.names import text_embeddings_path
+    from utils.files.provenance import save_output
+    from utils.text.embeddings import encode_texts
+    from utils.text.sets import read_text_set, resolve_text_file, sha256_of
+
+    lines = read_text_set(args.data_path, "--data_path")
+    text_file = resolve_text_file(args.data_path)
+    name = text_file.name[:-len(".txt")] if text_file.name.endswith(".txt") else text_file.name
+    make_output_dir(args.output_dir)
+    model, _, tokenizer = load_model_from_args(args)
+    features = encode_texts(model, tokenizer, lines, args.device, args.batch_size)  # [T, d], unit rows
+    path = text_embeddings_path(args.output_dir, name, args.model)
+    save_output(path, features.cpu().numpy(), args_record(args, text_set=name, num_texts=len(lines),
+                                                        text_file_sha256=sha256_of(text_file)))
+    say_wrote([path], f"{list(features.shape)} ({len(lines)} lines of {text_file})")
+    return path
 
 
 # ----------------------------------------------------------------------------- SpLiCE's scripts

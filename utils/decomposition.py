@@ -19,7 +19,7 @@ from utils.files.names import format_layers
 from utils.files.provenance import save_output
 from utils.files.streaming import Output, is_main_process, stream_dataset
 
-__all__ = ["decompose_dataset", "kept_layers"]
+__all__ = ["decompose_dataset", "kept_layers", "summed_embeddings"]
 
 
 def kept_layers(layers: Optional[Sequence[int]], num_layers: int, model_name: str) -> Optional[list[int]]:
@@ -78,3 +78,25 @@ def decompose_dataset(model: torch.nn.Module | Decomposer, dataset, paths: Mappi
     stream_dataset(dataset, outputs, compute, record=record, resume=resume, batch_size=batch_size,
                    num_workers=num_workers, desc=desc)
     return {"labels": Path(paths["labels"]), **{k: o.path for k, o in outputs.items()}}
+
+
+def summed_embeddings(attn: np.ndarray, mlp: np.ndarray, attn_rest: Optional[np.ndarray] = None,
+                      chunk: int = 1024, dtype: np.dtype = np.float32) -> np.ndarray:
+    """The image embeddings the decomposition sums to, ``attn.sum((1, 2)) + attn_rest + mlp.sum(1)``, [B, d]
+    ``dtype`` (summed in float64), read ``chunk`` images at a time (memmaps are fine).
+
+    ``attn`` [B, K, H, d], ``mlp`` [B, L+1, d], ``attn_rest`` [B, d] (the layers ``compute_prs.py --layers`` left
+    out) or ``None``."""
+    B, d = attn.shape[0], attn.shape[-1]
+    if attn.ndim != 4 or mlp.ndim != 3 or mlp.shape[0] != B or mlp.shape[-1] != d:
+        raise InputError(f"attn {list(attn.shape)} and mlp {list(mlp.shape)}: expected [B, K, H, d] and [B, L+1, d]")
+    if attn_rest is not None and attn_rest.shape != (B, d):
+        raise InputError(f"attn_rest {list(attn_rest.shape)}: expected [{B}, {d}]")
+    out = np.empty((B, d), dtype)
+    for s in range(0, B, chunk):
+        e = min(B, s + chunk)
+        total = attn[s:e].sum((1, 2), dtype=np.float64) + mlp[s:e].sum(1, dtype=np.float64)
+        if attn_rest is not None:
+            total += attn_rest[s:e]
+        out[s:e] = total
+    return out

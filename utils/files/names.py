@@ -50,6 +50,11 @@ def pclens_paths(output_dir: str | Path, dataset: str, model: str, seed: int) ->
     return {**paths, "attn_rest": attn_rest_path(output_dir, dataset, model, f"_seed_{seed}")}
 
 
+def pclens_embeddings_path(output_dir: str | Path, dataset: str, model: str, seed: int) -> Path:
+    """``{dataset}_embeddings_{model}_seed_{seed}.npy``: PCLens' image embeddings [B, d], the summed decomposition."""
+    return Path(output_dir) / f"{dataset}_embeddings_{model}_seed_{seed}.npy"
+
+
 def pclens_explanations_path(output_dir: str | Path, dataset: str, text_set: str, model: str, algorithm: str,
                              seed: int) -> Path:
     """``{dataset}_completeness_{text_set}_{model}_algo_{algorithm}_seed_{seed}.jsonl``: PCLens' explanations."""

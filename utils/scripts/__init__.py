@@ -1,7 +1,9 @@
 """PCLens' command lines, ``python -m utils.scripts.<name>``, as thin modules over this project's library.
 
   compute_activation_values   -> utils.decomposition.decompose_dataset (PCLens' file names, its image subsets)
+  compute_images_embedding    -> utils.files.readers.final_embeddings (the summed decomposition)
   compute_classes_embeddings  -> utils.cli.run_classifier (as compute_text_projection.py)
+  compute_text_embeddings     -> utils.text.embeddings.encode_texts (as compute_text_set_projection.py)
   compute_text_explanations   -> utils.text.completeness (as compute_complete_text_set.py; PCLens' JSONL output)
 
 Run them from the repository root, as PCLens' README does.
@@ -10,8 +12,6 @@ File names, PCLens' conventions and what differs: docs/pclens.md.
 from __future__ import annotations
 
 import argparse
-
-from utils.errors import InputError
 
 
 def str2bool(value: str | bool) -> bool:
@@ -35,8 +35,8 @@ def int_or_none(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or None, got {value!r}") from None
 
 
-def refuse_cache_dir(cache_dir: str | None) -> None:
-    """PCLens' ``--cache_dir``: refused with one line (open_clip downloads through the Hugging Face cache)."""
-    if cache_dir:
-        raise InputError(f"--cache_dir {cache_dir}: not supported; open_clip downloads the weights through the "
-                         f"Hugging Face cache, so set HF_HUB_CACHE={cache_dir} instead")
+def add_cache_dir_arg(parser: argparse.ArgumentParser) -> None:
+    """PCLens' ``--cache_dir``: where open_clip puts downloaded weights (``utils.models.load_model``'s
+    ``cache_dir``)."""
+    parser.add_argument("--cache_dir", default=None, type=str,
+                        help="where downloaded weights go (open_clip's cache_dir; default: the Hugging Face cache)")

@@ -15,8 +15,9 @@ CIFAR100; anything else is an ImageFolder at --data_path.
 
 --samples_per_class k --tot_samples_per_class n takes PCLens' subset: with Python's random seeded by --seed,
 k images drawn from each block of n consecutive images (one block per class: the dataset must store its
-classes in blocks of n, as ImageNet val does). Flags this project cannot honour are refused with one line:
---cache_dir (set HF_HUB_CACHE instead), --vision_proj False, --full_output True. --quantization fp16 stores
+classes in blocks of n, as ImageNet val does); `--samples_per_class None` (PCLens' notebook) takes every image.
+--cache_dir is where open_clip puts downloaded weights. Flags this project cannot honour are refused with one
+line: --vision_proj False, --full_output True (PCLens' notebook passes False and True: accepted). --quantization fp16 stores
 the arrays as float16; the model runs in float32 (PCLens runs the model itself in float16).
 --max_nr_samples_before_writing is not needed: every batch goes straight to resumable memory-mapped files
 (--resume).
@@ -36,7 +37,7 @@ from utils.errors import InputError
 from utils.files.atomic import make_output_dir
 from utils.files.names import format_layers, pclens_paths
 from utils.files.streaming import init_distributed, is_main_process
-from utils.scripts import int_or_none, refuse_cache_dir, str2bool
+from utils.scripts import add_cache_dir_arg, int_or_none, str2bool
 
 # where PCLens looks for a dataset under --data_path
 SUBFOLDERS = {"imagenet": "imagenet", "binary_waterbirds": "waterbird_complete95_forest2water2"}
@@ -55,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", default=4, type=int, help="data loader workers (default %(default)s)")
     parser.add_argument("--output_dir", default="./output_dir", help="where to save (default %(default)s)")
     parser.add_argument("--seed", default=0, type=int, help="seed of the subset, and part of the file names")
-    parser.add_argument("--cache_dir", default=None, type=str, help="refused: set HF_HUB_CACHE instead")
+    add_cache_dir_arg(parser)
     parser.add_argument("--samples_per_class", default=None, type=int_or_none,
                         help="images drawn per class (default: all images)")
     parser.add_argument("--tot_samples_per_class", default=None, type=int_or_none,
@@ -110,7 +111,6 @@ def class_block_subset(samples_per_class: int, tot_samples_per_class: int, seed:
 
 
 def main(args: argparse.Namespace) -> dict:
-    refuse_cache_dir(args.cache_dir)
     if not args.vision_proj:
         raise InputError("--vision_proj False: not supported; the decomposition is always projected to the joint "
                          "image-text space")

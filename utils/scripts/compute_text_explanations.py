@@ -3,11 +3,13 @@
 Reads from --input_dir
   {dataset}_{attn|mlp|labels}_{model}_seed_{seed}.npy   (python -m utils.scripts.compute_activation_values)
   {dataset}_classifier_{model}.npy                       (python -m utils.scripts.compute_classes_embeddings)
-  {text_descriptions}_{model}.npy                        (compute_text_set_projection.py)
-and the lines of --text_dir/{text_descriptions}.txt (or its external/ folder). PCLens' own text sets, e.g.
+  {text_descriptions}_{model}.npy                        (python -m utils.scripts.compute_text_embeddings)
+and the lines of --text_dir/{text_descriptions}.txt (or its external/ folder; text_descriptions/ and PCLens'
+utils/text_descriptions/ stand for each other). PCLens' own text sets, e.g.
 top_1500_nouns_5_sentences_imagenet_bias_clean, are fetched with
 `python text_descriptions/fetch_original.py top_1500_nouns_5_sentences_imagenet_bias_clean.txt` and embedded
-with `python compute_text_set_projection.py --model M --pretrained P --data_path text_descriptions/NAME.txt`.
+with `python -m utils.scripts.compute_text_embeddings --model M --pretrained P --data_path
+utils/text_descriptions/NAME.txt`.
 
 Runs compute_complete_text_set.py's computation (streamed; utils/text/textspan.py) with --algorithm
   svd_data_approx  PCLens: per head, principal components up to 99 % of the singular-value sum (+1), at most

@@ -3,8 +3,9 @@
 The project ships its own sets in ``text_descriptions/`` (see its README). The sets the papers used belong
 to the authors' repositories and are not committed here: ``fetch_original`` downloads them from those
 repositories' public URLs (pinned to a commit), checks each file's SHA-256 and writes it to
-``text_descriptions/external/`` (git-ignored). Scripts that are given ``text_descriptions/NAME.txt`` also
-look in ``text_descriptions/external/NAME.txt``, so the original command lines work after a fetch.
+``text_descriptions/external/`` (git-ignored). Scripts that are given ``text_descriptions/NAME.txt`` (or
+PCLens' ``utils/text_descriptions/NAME.txt``) also look in ``text_descriptions/external/NAME.txt``, so the
+original command lines work after a fetch.
 """
 from __future__ import annotations
 
@@ -20,21 +21,44 @@ from utils.errors import InputError
 
 TEXT_DIR = REPO_ROOT / "text_descriptions"
 EXTERNAL = "external"  # sub-folder of a text folder where fetched (not committed) sets go
+PCLENS_TEXT_FOLDER = ("utils", "text_descriptions")  # PCLens keeps its text sets there
 
 
 # ----------------------------------------------------------------------------- reading
+def _text_folders(folder: Path) -> list[Path]:
+    """The folders a text set given in ``folder`` is looked for in: ``folder``, and when it is
+    ``text_descriptions/`` or PCLens' ``utils/text_descriptions/``, the other one beside it (relative to the same
+    root); then the project's ``text_descriptions/`` (each of these with its ``external/``)."""
+    parts = folder.parts
+    found = [folder]
+    for n in (2, 1):  # utils/text_descriptions first, so that its last part alone does not match it
+        if parts[-n:] in (PCLENS_TEXT_FOLDER, (TEXT_DIR.name,)):
+            root = Path(*parts[:-n]) if len(parts) > n else Path(".")
+            found += [root / TEXT_DIR.name, root.joinpath(*PCLENS_TEXT_FOLDER), TEXT_DIR]
+            break
+    unique: dict[Path, Path] = {}
+    for f in found:
+        for g in (f, f / EXTERNAL):
+            unique.setdefault(g.resolve(), g)
+    return list(unique.values())
+
+
 def resolve_text_file(path: str | Path) -> Path:
-    """``path`` if it exists, else the same name in ``external/`` beside it (where the fetch writes)."""
+    """``path`` if it exists, else the same name in ``external/`` beside it (where the fetch writes); a path in
+    ``text_descriptions/`` or in PCLens' ``utils/text_descriptions/`` is also looked for in the other folder and
+    in the project's ``text_descriptions/external/``. ``FileNotFoundError`` (one line, naming the fetch command
+    for the authors' sets) when it is nowhere."""
     path = Path(path)
-    if path.is_file():
-        return path
-    alt = path.parent / EXTERNAL / path.name
-    if alt.is_file():
-        return alt
+    folders = _text_folders(path.parent)
+    for folder in folders:
+        if (folder / path.name).is_file():
+            return folder / path.name
     hint = ""
     if path.name in ORIGINAL_TEXT_SETS:
-        hint = " It is one of the authors' sets: fetch it with `python text_descriptions/fetch_original.py`."
-    raise FileNotFoundError(f"{path}: text set not found (nor {alt}).{hint}")
+        hint = (f" It is one of the authors' sets: fetch it with `python text_descriptions/fetch_original.py "
+                f"{path.name}`.")
+    others = ", ".join(str(f / path.name) for f in folders[1:])
+    raise FileNotFoundError(f"{path}: text set not found (nor {others}).{hint}")
 
 
 def read_text_set(path: str | Path, what: str = "--data_path") -> list[str]:
@@ -92,8 +116,20 @@ ORIGINAL_TEXT_SETS: dict[str, Source] = {
                                                "651520073306130e3f49d7e857f890da806c964f0ad9e2aa2b8ef1784778a67f"),
     "google_10000_english.txt": Source(*SECOND_ORDER_LENS,
                                        "996ca0bd092a50a333b4a0e87a3731feb0f6f8d4e1a18e58279562d7f9fc2394"),
-    "top_1500_nouns_5_sentences_imagenet_bias_clean.txt": Source(
-        *PCLENS, "7a742e83ed736e75bcff4a92b3acca8e41e823edf2efb19c48a5c0464ea6d793", folder="utils/text_descriptions"),
+    **{name: Source(*PCLENS, sha, folder="/".join(PCLENS_TEXT_FOLDER)) for name, sha in {
+        "top_1500_nouns_5_sentences_imagenet_bias_clean.txt":
+            "7a742e83ed736e75bcff4a92b3acca8e41e823edf2efb19c48a5c0464ea6d793",
+        "top_1500_nouns_5_sentences_imagenet_clean.txt":
+            "c0a000856b69c49707688a6bb7567e54ae3dd6c9211173b3c417231c385af762",
+        "top_1500_nouns_5_sentences_imagenet.txt": "4cc641c6c4a794314558af78c75a4e56ab28dcd8da78c87c3214eccd5feab2ea",
+        "top_1500_nouns_5_sentences_clean.txt": "9a3d0f32c32ae89e53159e062f63c5d47c1df55a53f4252df3a380dd3e48ecf1",
+        "top_1500_nouns_clean.txt": "79e4f1d121d5aebaa9979254dd751b71d8414e5a3ce4c56f99d2622ace97f9c3",
+        "imagenet_descriptions_personal.txt": "ec299652a77e8f0d948b67901d2fa53c7824f1d5f06c43f45767806f0f7835bd",
+        "imagenet_descriptions_personal_clean.txt": "121d899350126ea2e7e855c14ff05813528acdaff154e9f4b822c922b83444ce",
+        "visual_descriptions.txt": "3aba85b6ccc4fca400a44f935ee714d6a9b8ea068d555bee2d567099df102e4a",
+        "topics.txt": "bd75124ba2ae9e906fd4e4e32f4897720a0ac2809dba80d0ae0c5b00cf071b21",
+        "bias_words.txt": "757b61dd04ec346657aea15ffb03ad439bacfebb38aad5755162c3cdfdeaec81",
+    }.items()},
 }
 
 
