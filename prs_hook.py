@@ -149,6 +149,8 @@ class Decomposition:
         spatial: ``False``, ``True`` or ``"sum"``: the mode that gave attn its shape.
         ln_post_mean, ln_post_std: the final LayerNorm's statistics of the CLS token, ``[b]`` (``PooledTower``:
             of every token, ``[b, N]``).
+        mlp_labels: the entries of mlp's term axis (``Tower.mlp_labels``).
+        num_prefix_tokens: the tokens before the patch grid on the spatial token axis (1: CLS; 0 for SigLIP).
         attention_maps: with ``attention_maps=True``: the CLS query's attention rows, ``[b, L, H, N]``.
         ln_1_mean, ln_1_std: with ``ln_stats=True``: every block's ``ln_1`` statistics per token, ``[b, L, N]``.
         post_activations: with ``post_activations=[...]``: ``{layer: [b, N, K]}``, the MLP's values after its
@@ -172,6 +174,7 @@ class Decomposition:
     ln_1_std: Optional[torch.Tensor] = None
     post_activations: Mapping[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     mlp_labels: tuple[str, ...] = ()
+    num_prefix_tokens: int = 1
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -266,6 +269,7 @@ class Tower:
     ln_post_gain: torch.Tensor
     ln_post_bias: torch.Tensor
     extra_terms: tuple[str, ...] = ()  # the terms outside the backbone, in mlp's last slots
+    num_prefix_tokens: int = 1  # tokens before the patch grid (CLS, registers)
 
     @property
     def mlp_labels(self) -> tuple[str, ...]:
@@ -890,7 +894,7 @@ class TimmTower(PooledTower):
 
         self.embed = embed
         self.tok_norm = _as_ln(trunk.norm, "norm", "timm")
-        prefix = trunk.num_prefix_tokens
+        self.num_prefix_tokens = prefix = trunk.num_prefix_tokens
         if trunk.attn_pool is not None:
             ap = trunk.attn_pool
             self.pool = "attn"
@@ -1052,7 +1056,8 @@ class Decomposer:
         return Decomposition(attn=out["attn"], mlp=out["mlp"], cls_attn=out["cls_attn"], attn_rest=out.get("attn_rest"),
                              representation=raw.representation, norm=norm, layers=kept, num_layers=self.num_layers,
                              num_heads=self.num_heads, spatial=req.spatial, ln_post_mean=raw.ln_mean,
-                             ln_post_std=raw.ln_std, mlp_labels=self.mlp_labels, **raw.extras)
+                             ln_post_std=raw.ln_std, mlp_labels=self.mlp_labels,
+                             num_prefix_tokens=self.tower.num_prefix_tokens, **raw.extras)
 
 
 def decompose(model: nn.Module | Decomposer, images: torch.Tensor, *, spatial: Spatial = False,
