@@ -35,7 +35,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if p.dim() == 1 and ("ln" in name or "gamma" in name) and name.endswith(("weight", "gamma")):
+            if p.dim() == 1 and ("ln" in name or "norm" in name or "gamma" in name) and \
+                    name.endswith(("weight", "gamma", "gamma_1", "gamma_2")):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             elif p.dim() <= 1 and not name.endswith(("class_embedding", "logit_scale")):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
