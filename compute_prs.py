@@ -2,7 +2,9 @@
 
 Writes, in --output_dir (paper 1 names; docs/design.md section 3):
   {dataset}_attn_{model}.npy      [B, L, H, d]  per layer and head, summed over source tokens
-  {dataset}_mlp_{model}.npy       [B, L+1, d]   index 0 = embedding term, then one per MLP
+  {dataset}_mlp_{model}.npy       [B, L+1, d]   index 0 = embedding term, then one per MLP; towers read out by
+                                                pooling (SigLIP, EVA, CLIPA, CoCa): [B, L+2, d], the last entry
+                                                the pooling MLP and constants (docs/design.md section 1b)
   {dataset}_cls_attn_{model}.npy  [B, L, d]     CLS->CLS attention term, summed over heads
   {dataset}_labels.npy            [B]           (binary_waterbirds: [B, 2] = class, background)
 The parts of each image sum to its normalised embedding: attn.sum((1, 2)) + mlp.sum(1) = r / ||r||.

@@ -29,7 +29,11 @@ The Python API (docs/api.md)::
 Towers: ``Decomposer`` dispatches on the type of ``model.visual`` to a ``Tower`` implementation (``TOWERS``); a
 tower holds the fixed maps of its architecture and runs the forward that records the raw terms, and the
 ``Decomposer`` projects them through the frozen final LayerNorm into a ``Decomposition``. ``ViTTower`` handles
-open_clip's ``VisionTransformer`` with CLS-token pooling; every other tower raises ``UnsupportedModelError``.
+open_clip's ``VisionTransformer`` with CLS-token pooling; the ``PooledTower``s handle the towers read out by
+pooling (docs/design.md section 1b): ``TimmTower`` (open_clip's ``TimmModel`` with a timm ViT or Eva trunk:
+SigLIP, SigLIP 2, PE-Core, EVA01/02, MobileCLIP's ViTs) and ``OpenClipPooledTower`` (CLIPA's average pooling,
+CoCa's attentional pool); their ``mlp`` has one more entry, ``"pool"`` (the pooling MLP and the constants).
+Every other tower raises ``UnsupportedModelError``.
 
 The original ``hook_prs_logger`` API stays, as a thin adapter over a ``Decomposer`` (``PRSLogger``)::
 
@@ -54,9 +58,9 @@ import torch.nn.functional as F
 
 from utils.errors import InputError, UnsupportedModelError
 
-__all__ = ["Decomposer", "Decomposition", "HeadScore", "PRSLogger", "RawTerms", "Request", "TOWERS", "Tower",
-           "UnsupportedModelError", "ViTTower", "autocast_off", "check_supported", "decompose", "float32_tower",
-           "hook_prs_logger"]
+__all__ = ["Decomposer", "Decomposition", "HeadScore", "OpenClipPooledTower", "PRSLogger", "PooledTower", "RawTerms",
+           "Request", "TOWERS", "TimmTower", "Tower", "UnsupportedModelError", "ViTTower", "autocast_off",
+           "check_supported", "decompose", "float32_tower", "hook_prs_logger"]
 
 Spatial = Union[bool, str]  # False, True or "sum"
 
@@ -127,8 +131,8 @@ class HeadScore(NamedTuple):
 class Decomposition:
     """The direct contributions of a batch of images to their normalised embeddings (docs/design.md section 2).
 
-    Every tensor is float32 (or the engine's ``dtype``) on the engine's device. b images, L layers, H heads, N tokens (CLS first), d the
-    embedding dimension, L' = ``len(layers)``. The sum rule: ``total()`` = attn summed over every axis but d
+    Every tensor is float32 (or the engine's ``dtype``) on the engine's device. b images, L layers, H heads,
+    N tokens (CLS first), d the embedding dimension, L' = ``len(layers)``. The sum rule: ``total()`` = attn summed over every axis but d
     + attn_rest + mlp summed over its layers = ``representation / norm`` (up to float32 rounding).
 
     Attributes:
@@ -843,8 +847,9 @@ class TimmTower(PooledTower):
         trunk = visual.trunk
         kind = type(trunk).__name__
         if type(trunk) not in (VisionTransformer, Eva):
-            raise UnsupportedModelError(f"model '{name}': timm trunk {kind} ({_TIMM_REASONS.get(kind, 'not a plain ViT')})"
-                                        f"; supported: timm VisionTransformer and Eva")
+            why = _TIMM_REASONS.get(kind, "not a plain ViT")
+            raise UnsupportedModelError(f"model '{name}': timm trunk {kind} ({why}); supported: timm "
+                                        f"VisionTransformer and Eva")
         for i, block in enumerate(trunk.blocks):
             attn = getattr(block, "attn", None)
             ok = (type(block) is Block and type(attn) is Attention) or \
@@ -852,7 +857,8 @@ class TimmTower(PooledTower):
             if not ok:
                 raise UnsupportedModelError(f"model '{name}': block {i} is {type(block).__name__} with "
                                             f"{type(attn).__name__}; only timm's Block/Attention and EvaBlock")
-            if getattr(attn, "gate", None) is not None or getattr(attn, "num_kv_heads", attn.num_heads) != attn.num_heads:
+            kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
+            if getattr(attn, "gate", None) is not None or kv_heads != attn.num_heads:
                 raise UnsupportedModelError(f"model '{name}': block {i} has gated or grouped-query attention")
             _as_ln(attn.norm, f"block {i}'s inner attention norm", name)
         if getattr(trunk, "rope_mixed", False):
@@ -952,9 +958,10 @@ def _tower_class(model: nn.Module, name: str) -> type[Tower]:
 def check_supported(model: nn.Module, model_name: Optional[str] = None) -> None:
     """Raise ``UnsupportedModelError`` unless ``model.visual`` is an image tower we can decompose exactly.
 
-    Supported (``TOWERS``): ``open_clip.transformer.VisionTransformer`` with CLS-token pooling, standard
-    residual blocks (``nn.MultiheadAttention``), any MLP activation (GELU, QuickGELU, ...), with or without
-    layer scale.
+    Supported (``TOWERS``): ``open_clip.transformer.VisionTransformer`` with CLS-token pooling, average pooling
+    or CoCa's attentional pool, standard residual blocks (``nn.MultiheadAttention``), any MLP activation (GELU,
+    QuickGELU, ...), with or without layer scale; open_clip's ``TimmModel`` with a timm ``VisionTransformer`` or
+    ``Eva`` trunk (MAP head, token or average pooling). docs/towers.md lists every pretrained model.
     """
     _tower_class(model, model_name or type(model).__name__)
 
@@ -965,7 +972,7 @@ class Decomposer:
 
     ``Decomposer(model, device)(images, ...)`` -> ``Decomposition``. Nothing of a call is kept on the engine.
 
-    Numerics: the decomposition always runs in float32.
+    Numerics: the decomposition runs in float32 (``dtype=torch.float64``: in float64, for checks).
 
     - Autocast (CPU or CUDA) is disabled inside the constructor and the call, so an enclosing
       ``torch.autocast`` changes nothing.

@@ -253,8 +253,8 @@ def coverage_table() -> str:
     for m, t, reason in rows:
         v = (open_clip.get_model_config(m) or {}).get("vision_cfg", {})
         tower = v.get("timm_model_name") and f"timm `{v['timm_model_name']}` ({v.get('timm_pool', 'avg')} pool)"
-        tower = tower or ("ModifiedResNet" if isinstance(v.get("layers"), (list, tuple)) else
-                          f"VisionTransformer ({'attentional pool' if v.get('attentional_pool') else v.get('pool_type', 'tok') + ' pool'})")
+        pool = "attentional pool" if v.get("attentional_pool") else f"{v.get('pool_type', 'tok')} pool"
+        tower = tower or ("ModifiedResNet" if isinstance(v.get("layers"), (list, tuple)) else f"VisionTransformer ({pool})")
         lines.append(f"| {m} | {t} | {tower} | {'yes' if reason is None else 'no: ' + reason} |")
     return "\n".join(lines) + "\n"
 

@@ -121,7 +121,8 @@ def last_layers(arrays: dict, count: int, flag: str = "--num_of_last_layers") ->
 def check_decomposition(arrays: dict[str, np.ndarray], names: Optional[dict[str, str]] = None) -> None:
     """Raise ``InputError`` naming the file whose shape disagrees with the others.
 
-    ``arrays``: ``attn`` [B, K, H, d] and ``mlp`` [B, L+1, d] (or [B, L+2, d]), optionally ``num_layers`` (L), ``layers`` (the K stored layers; K = L
+    ``arrays``: ``attn`` [B, K, H, d] and ``mlp`` [B, L+1, d] (or [B, L+2, d]), optionally ``num_layers`` (L),
+    ``layers`` (the K stored layers; K = L
     without it), ``attn_rest`` [B, d] (needed when K < L), ``cls_attn`` [B, L, d], ``classifier`` [d, C], ``labels``.
     """
     names = names or {}
