@@ -510,13 +510,35 @@ class PooledTower(Tower):
     ``tok_norm`` (LayerNorm or ``None``), ``pool`` (``"attn"``, ``"token"`` or ``"avg"``), ``pool_start`` (the
     first token the pool reads), for ``"attn"``: ``pool_query`` ``[Hp, dhp]``, ``pool_k`` / ``pool_v``
     (``(weight [Hp*dhp, W], bias)``), ``pool_k_norm`` (a module on ``[b, Hp, N, dhp]`` or ``None``), ``pool_o``
-    (``(weight [D, Hp*dhp], bias)``), ``pool_scale``; ``pool_mlp`` (``a -> mlp(norm(a))`` or ``None``) and
+    (``(weight [D, Hp*dhp], bias)``), ``pool_scale``; ``pool_mlp`` (``a -> mlp(norm(a))`` or ``None``; for
+    ``map_mlp="gate"`` also ``pool_mlp_parts``: ``(norm LayerNorm or None, fc1, act, fc2)``) and
     ``chain``: a list of ``("ln", LayerNorm)`` / ``("lin", matrix [in, out], bias or None)``.
     """
 
     extra_terms = ("pool",)
     pool_mlp = None
+    pool_mlp_parts = None
     pool_k_norm = None
+    map_mlp = "lumped"  # or "gate": the pooling MLP split linearly over the terms (set by Decomposer)
+
+    def _gate(self, a: torch.Tensor):
+        """``map_mlp="gate"``: the pooling MLP ``m = fc2(act(fc1(norm(a))))`` made linear in ``a`` by freezing
+        ``norm``'s std and the activation's gate ``g = act(u) / u`` (u = fc1's output): ``m = J a + k``. Returns
+        ``(lin, k)``: ``lin(t) = t + J t`` for terms ``t`` [b, ..., D] and ``k`` [b, D]."""
+        norm, fc1, act, fc2 = self.pool_mlp_parts
+        u = fc1(norm(a) if norm is not None else a)  # [b, K]
+        g = torch.where(u == 0, torch.zeros_like(u), act(u) / torch.where(u == 0, torch.ones_like(u), u))
+        gamma, beta = _ln_params(norm, a.shape[-1], a)
+        sd = _std(a, norm.eps) if norm is not None else torch.ones_like(a[:, 0])
+
+        def lin(t: torch.Tensor) -> torch.Tensor:
+            view = (-1, *([1] * (t.dim() - 2)))
+            c = t - t.mean(-1, keepdim=True) if norm is not None else t
+            h = (gamma * c / sd.view(*view, 1)) @ fc1.weight.t()
+            return t + (g.view(g.shape[0], *view[1:], -1) * h) @ fc2.weight.t()
+
+        k = F.linear(g * (beta @ fc1.weight.t() + (fc1.bias if fc1.bias is not None else 0)), fc2.weight, fc2.bias)
+        return lin, k
 
     def _build(self) -> None:
         """Fold the fixed maps: the pool's value map ``pool_value`` [W, Hp, dhp] (final LN's gain and centring
@@ -669,7 +691,13 @@ class PooledTower(Tower):
             a = torch.einsum("bt,btw->bw", P[:, 0], xn)
         m_pool = self.pool_mlp(a) if self.pool_mlp is not None else torch.zeros_like(a)
         representation, stds = self._chain(a + m_pool)
-        out = lambda t: self._chain_lin(t, stds)  # noqa: E731
+        if self.map_mlp == "gate" and self.pool_mlp is not None:
+            lin, k = self._gate(a)
+            out = lambda t: self._chain_lin(lin(t), stds)  # noqa: E731
+            const = lin(self.pool_const.expand_as(a)) + k
+        else:
+            out = lambda t: self._chain_lin(t, stds)  # noqa: E731
+            const = self.pool_const + m_pool
 
         kept = L if layers is None else len(layers)
         slot = list(range(L)) if layers is None else [-1] * L
@@ -703,7 +731,7 @@ class PooledTower(Tower):
                 else:
                     attn_rest += heads.sum(1)
             cls_attn[:, l] = out(self._read_heads(self_o, alpha, l).sum(1) + bias / N)
-        mlps[:, L + 1] = self._chain_lin(self.pool_const + m_pool, stds, const=True)
+        mlps[:, L + 1] = self._chain_lin(const, stds, const=True)
         terms = {"attn": (attn, 0.0), "cls_attn": (cls_attn, 0.0), "mlp": (mlps, 0.0)}
         if attn_rest is not None:
             terms["attn_rest"] = (attn_rest, 0.0)
@@ -916,6 +944,11 @@ class TimmTower(PooledTower):
             self.pool_o, self.pool_scale = (ap.proj.weight, ap.proj.bias), ap.scale
             if ap.mlp is not None:
                 self.pool_mlp = lambda a: ap.mlp(ap.norm(a))
+                mlp = ap.mlp
+                if type(mlp).__name__ == "Mlp" and isinstance(mlp.norm, nn.Identity) and \
+                        float(mlp.act(torch.zeros(1, dtype=mlp.fc1.weight.dtype, device=device))) == 0:
+                    self.pool_mlp_parts = (_as_ln(ap.norm, "the attention pool's norm", "timm"), mlp.fc1, mlp.act,
+                                           mlp.fc2)
         else:
             self.pool = trunk.global_pool
             self.pool_start = 0 if self.pool == "token" or getattr(trunk, "pool_include_prefix", False) else prefix
@@ -991,6 +1024,10 @@ class Decomposer:
         model: an open_clip CLIP model (unmodified, from ``open_clip.create_model_and_transforms``).
         device: where the computation runs and the results live (default: the model's device).
         model_name: used in error messages.
+        dtype: ``torch.float32`` (default) or ``torch.float64`` (a float64 copy of the tower: checks to 1e-10).
+        map_mlp: for a MAP head (SigLIP, PE-Core), ``"lumped"`` (default): its MLP is one term, the last ``mlp``
+            entry; ``"gate"``: the MLP's input LayerNorm std and its activation's gate ``act(u)/u`` frozen, so that
+            it is linear, ``J a + k``, and ``J`` goes into every term (docs/design.md section 1b).
 
     Attributes:
         tower: the ``Tower`` implementation for ``model.visual`` (a ``ViTTower``: its fixed maps are public).
@@ -999,8 +1036,10 @@ class Decomposer:
     """
 
     def __init__(self, model: nn.Module, device: Optional[torch.device | str] = None,
-                 model_name: Optional[str] = None, dtype: torch.dtype = torch.float32):
+                 model_name: Optional[str] = None, dtype: torch.dtype = torch.float32, map_mlp: str = "lumped"):
         tower_class = _tower_class(model, model_name or type(model).__name__)
+        if map_mlp not in ("lumped", "gate"):
+            raise InputError(f"map_mlp={map_mlp!r}: expected 'lumped' or 'gate'")
         if dtype not in (torch.float32, torch.float64):
             raise InputError(f"Decomposer: dtype {dtype}; expected torch.float32 or torch.float64")
         self.dtype = dtype
@@ -1014,6 +1053,11 @@ class Decomposer:
                           f"{str(dtype).replace('torch.', '')} copy on {self.device} ({gib:.2f} GiB)", stacklevel=3)
         with autocast_off(self.device):
             self.tower = tower_class(self.visual, self.device)
+        if map_mlp == "gate":
+            if getattr(self.tower, "pool_mlp_parts", None) is None:
+                raise UnsupportedModelError(f"model '{model_name or type(model).__name__}': map_mlp='gate' needs a "
+                                            f"MAP head with a plain MLP (fc1, elementwise activation, fc2)")
+            self.tower.map_mlp = "gate"
         t = self.tower
         self.num_layers, self.num_heads, self.width, self.head_dim, self.out_dim = \
             t.num_layers, t.num_heads, t.width, t.head_dim, t.out_dim

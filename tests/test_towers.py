@@ -217,3 +217,43 @@ def test_sum_rule_real_size_random_init(name):
         ref = F.normalize(model.encode_image(x), dim=-1)
     d = Decomposer(model, "cpu", model_name=name)(x)
     torch.testing.assert_close(d.total(), ref, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- map_mlp="gate"
+@pytest.mark.parametrize("name", ["tiny-map", "tiny-map-tanh", "tiny-pe-core"])
+def test_gate_split_of_the_pooling_mlp(name):
+    """Every term t becomes t + J t with J = W2 diag(g) W1 diag(gamma / sigma) C, built here by hand per image;
+    the sum rule holds in float64."""
+    model, _ = tiny_model(name, seed=6)
+    model = model.double()
+    x = _images(model).double()
+    lumped = Decomposer(model, "cpu", dtype=torch.float64)(x, spatial=True)
+    gate = Decomposer(model, "cpu", dtype=torch.float64, map_mlp="gate")(x, spatial=True)
+    with torch.no_grad():
+        ref = F.normalize(model.encode_image(x), dim=-1)
+    torch.testing.assert_close(gate.total(), ref, atol=1e-10, rtol=0)
+    if name != "tiny-map":
+        return  # the hand-built J below is for a tower without a head after the pool
+    t, ap = model.visual.trunk, model.visual.trunk.attn_pool
+    D = ref.shape[-1]
+    for i in range(len(x)):
+        # a_i: the pooled vector before the MLP = every term but the pool entry, plus the constants
+        C = torch.eye(D, dtype=torch.float64) - 1.0 / D
+        with torch.no_grad():
+            a_i = (lumped.total()[i] - lumped.mlp[i, -1]) * lumped.norm[i]
+            const = (t.norm.bias @ ap.kv.weight[D:].T + ap.kv.bias[D:]) @ ap.proj.weight.T + ap.proj.bias
+            a_i = a_i + const
+            u = ap.mlp.fc1(ap.norm(a_i))
+            g = ap.mlp.act(u) / u
+            sd = (a_i.var(unbiased=False) + ap.norm.eps).sqrt()
+            J = ap.mlp.fc2.weight @ torch.diag(g) @ ap.mlp.fc1.weight @ torch.diag(ap.norm.weight / sd) @ C
+        expect = lumped.attn[i] + lumped.attn[i] @ J.T
+        torch.testing.assert_close(gate.attn[i], expect, atol=1e-12, rtol=0)
+        torch.testing.assert_close(gate.mlp[i, :-1], lumped.mlp[i, :-1] + lumped.mlp[i, :-1] @ J.T, atol=1e-12,
+                                   rtol=0)
+
+
+def test_gate_refused_without_a_map_head():
+    model, _ = tiny_model("tiny-eva02", seed=0)
+    with pytest.raises(UnsupportedModelError, match="map_mlp='gate' needs a MAP head"):
+        Decomposer(model, "cpu", map_mlp="gate")
