@@ -155,6 +155,14 @@ def test_conv_and_hybrid_configs_refused_with_the_reason(model, reason):
     assert reason in unsupported_reason(open_clip.get_model_config(model))
 
 
+def test_engine_refuses_a_convolutional_timm_trunk():
+    import open_clip
+
+    model = open_clip.create_model("tiny-convnext", pretrained=None)
+    with pytest.raises(UnsupportedModelError, match="timm trunk ConvNeXt .convolutional: no attention heads"):
+        Decomposer(model, "cpu", model_name="tiny-convnext")
+
+
 def test_second_order_effects_refuse_pooled_towers():
     from utils.neurons.effects import SecondOrderEffects
 
