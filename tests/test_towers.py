@@ -213,6 +213,12 @@ def test_scripts_run_on_a_map_tower(tmp_path):
     record = json.loads((tmp_path / "golden_mlp_tiny-map.npy.provenance.json").read_text())
     assert record["mlp_terms"] == ["embedding", "mlp.0", "mlp.1", "mlp.2", "pool"] and record["num_layers"] == 3
     assert list((tmp_path / "seg").glob("*/heatmaps.npy"))
+    code, out, err = run_inprocess("compute_prs.py", *base, "--dataset", "golden", "--data_path", GOLDEN / "images",
+                                   "--output_dir", tmp_path / "gate", "--map_mlp", "gate")
+    assert code == 0, err
+    gate = np.load(tmp_path / "gate" / "golden_attn_tiny-map.npy")
+    assert gate.shape == attn.shape and not np.allclose(gate, attn)
+    assert json.loads((tmp_path / "gate" / "golden_attn_tiny-map.npy.provenance.json").read_text())["map_mlp"] == "gate"
 
 
 # ----------------------------------------------------------------------------- real sizes (slow)
