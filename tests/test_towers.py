@@ -223,7 +223,8 @@ def test_scripts_run_on_a_map_tower(tmp_path):
 
 # ----------------------------------------------------------------------------- real sizes (slow)
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "ViT-SO400M-14-SigLIP-384", "EVA02-L-14"])
+@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "ViT-SO400M-14-SigLIP-384", "EVA02-L-14", "PE-Core-B-16",
+                                  "MobileCLIP-B", "coca_ViT-B-32", "ViT-L-14-CLIPA"])
 def test_sum_rule_real_size_random_init(name):
     model, _ = tiny_model(name, seed=0)
     x = _images(model, n=1)
