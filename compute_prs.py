@@ -2,7 +2,9 @@
 
 Writes, in --output_dir (paper 1 names; docs/design.md section 3):
   {dataset}_attn_{model}.npy      [B, L, H, d]  per layer and head, summed over source tokens
-  {dataset}_mlp_{model}.npy       [B, L+1, d]   index 0 = embedding term, then one per MLP
+  {dataset}_mlp_{model}.npy       [B, L+1, d]   index 0 = embedding term, then one per MLP; towers read out by
+                                                pooling (SigLIP, EVA, CLIPA, CoCa): [B, L+2, d], the last entry
+                                                the pooling MLP and constants (docs/design.md section 1b)
   {dataset}_cls_attn_{model}.npy  [B, L, d]     CLS->CLS attention term, summed over heads
   {dataset}_labels.npy            [B]           (binary_waterbirds: [B, 2] = class, background)
 The parts of each image sum to its normalised embedding: attn.sum((1, 2)) + mlp.sum(1) = r / ||r||.
@@ -48,6 +50,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", default=None, type=layer_list, metavar="LAYERS",
                         help="store the attention terms of these layers only, e.g. 28-31 or 0,5,28-31 (the others "
                              "summed into {dataset}_attn_rest_{model}.npy; see above). Default: every layer")
+    parser.add_argument("--map_mlp", default="lumped", choices=["lumped", "gate"],
+                        help="towers with a MAP head (SigLIP, PE-Core): 'lumped' keeps the pooling head's MLP as one "
+                             "term, the last mlp entry; 'gate' splits it exactly over every term by freezing its "
+                             "input LayerNorm's std and its activation's gate (docs/design.md section 1b)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     return parser
 
@@ -57,14 +63,15 @@ def main(args: argparse.Namespace) -> dict:
     ds = build_dataset(args.dataset, args.data_path)  # validate the data before loading any weights
     out = make_output_dir(args.output_dir)
     model, preprocess, _ = load_model_from_args(args)
-    engine = Decomposer(model, args.device, model_name=args.model)
+    engine = Decomposer(model, args.device, model_name=args.model, map_mlp=args.map_mlp)
     layers = kept_layers(args.layers, engine.num_layers, args.model)
     if args.layers is not None and layers is None:
         print(f"--layers {format_layers(args.layers)}: every layer of {args.model}; writing the full files")
     ds.transform = preprocess
     paths = {**prs_paths(out, args.dataset, args.model), "attn_rest": attn_rest_path(out, args.dataset, args.model),
              "labels": labels_path(out, args.dataset)}
-    written = decompose_dataset(engine, ds, paths, record=args_record(args), layers=layers, dtype=args.dtype,
+    record = args_record(args, **({"map_mlp": args.map_mlp} if args.map_mlp != "lumped" else {}))
+    written = decompose_dataset(engine, ds, paths, record=record, layers=layers, dtype=args.dtype,
                                 batch_size=args.batch_size, num_workers=args.num_workers, resume=args.resume,
                                 model_name=args.model, desc=f"compute_prs {args.model} {args.dataset}")
     if is_main_process():

@@ -8,6 +8,7 @@ weights).
 
     python bench/bench_prs.py --model ViT-B-16 --batch_size 64 --device cpu
     python bench/bench_prs.py --model ViT-H-14 --batch_size 128 --device cuda
+    python bench/bench_prs.py --model ViT-B-16-SigLIP --batch_size 4 --modes plain,prs,spatial_sum  # a pooled tower
 
 Modes: ``plain`` = ``model.encode_image``; ``prs`` = what compute_prs.py does per batch (``prs_hook.Decomposer``,
 copy of attn/mlp/cls_attn to host); ``spatial`` = the same with the per-token axis ([b, L, N, H, d], as the demo
@@ -48,6 +49,7 @@ def load_baseline(path: str):
     """Another ``prs_hook.py`` (e.g. an earlier commit's) as a module of its own."""
     spec = importlib.util.spec_from_file_location("baseline_prs_hook", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

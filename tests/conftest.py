@@ -22,7 +22,10 @@ GOLDEN_WEIGHTS = GOLDEN / "prsclip-tiny_seed0.safetensors"
 sys.path.insert(0, str(REPO))
 import open_clip  # noqa: E402
 
-open_clip.add_model_config(CONFIGS)  # prsclip-tiny(-quickgelu), tiny-ls, tiny-noln-p8, and unsupported ones
+open_clip.add_model_config(CONFIGS)  # prsclip-tiny(-quickgelu), tiny-ls, tiny-noln-p8, the pooled towers, ...
+from utils.models import register_timm_variants  # noqa: E402
+
+register_timm_variants(CONFIGS)  # the tiny timm trunks the tiny SigLIP / EVA / PE-Core configs name
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -32,7 +35,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if p.dim() == 1 and ("ln" in name or "gamma" in name) and name.endswith(("weight", "gamma")):
+            if p.dim() == 1 and ("ln" in name or "norm" in name or "gamma" in name) and \
+                    name.endswith(("weight", "gamma", "gamma_1", "gamma_2")):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             elif p.dim() <= 1 and not name.endswith(("class_embedding", "logit_scale")):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))

@@ -275,8 +275,6 @@ def test_finalize_follows_the_representation_it_is_given():
 
 # ----------------------------------------------------------------------------- unsupported towers
 @pytest.mark.parametrize("name,feature", [
-    ("tiny-avgpool", "average pooling"),
-    ("tiny-attnpool", "attention pooling"),
     ("tiny-qknorm", "qk_norm"),
     ("tiny-resnet", "ResNet"),
 ])

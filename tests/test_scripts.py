@@ -282,7 +282,7 @@ def test_ablations_missing_arrays_name_the_file(tmp_path):
     (["--dataset", "golden", "--data_path", "/nonexistent/dir"], "no such directory"),
     (["--dataset", "myfolder"], "--data_path is required"),
     (["--dataset", "sample", "--model", "ViT-B16"], "unknown open_clip model"),
-    (["--dataset", "sample", "--model", "tiny-attnpool", "--pretrained", "none"], "attention pooling"),
+    (["--dataset", "sample", "--model", "tiny-resnet", "--pretrained", "none"], "no attention heads to split"),
     (["--dataset", "sample", "--pretrained", "/no/such/weights.pt"], "not found"),
 ])
 def test_compute_prs_bad_input(tmp_path, extra, message):

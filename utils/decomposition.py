@@ -63,11 +63,13 @@ def decompose_dataset(model: torch.nn.Module | Decomposer, dataset, paths: Mappi
     missing = [k for k in needed if k not in paths]
     if missing:
         raise InputError(f"decompose_dataset: no output path for {', '.join(missing)}")
-    record = dict(record) if layers is None else dict(record, layers=layers)
+    # the mlp file's entries (an extra last "pool" entry for towers read out by pooling) and L, for its readers
+    record = dict(record, num_layers=L, mlp_terms=list(engine.mlp_labels))
+    record = record if layers is None else dict(record, layers=layers)
     if is_main_process():
         save_output(paths["labels"], np.asarray(dataset.labels), dict(record, num_images=len(dataset)))
     outputs = {"attn": Output(paths["attn"], (L if layers is None else len(layers), H, d), dtype),
-               "mlp": Output(paths["mlp"], (L + 1, d), dtype),
+               "mlp": Output(paths["mlp"], (len(engine.mlp_labels), d), dtype),
                "cls_attn": Output(paths["cls_attn"], (L, d), dtype)}
     if layers is not None:
         outputs["attn_rest"] = Output(paths["attn_rest"], (d,), dtype)

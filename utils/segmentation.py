@@ -44,8 +44,9 @@ EPS = np.spacing(1)  # the original's guard in pixAcc and IoU
 
 # ----------------------------------------------------------------------------- heatmaps
 def grid_and_patch(model: torch.nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
-    """``(grid_h, grid_w), (patch_h, patch_w)`` of an open_clip ViT image tower."""
+    """``(grid_h, grid_w), (patch_h, patch_w)`` of a ViT image tower (open_clip's, or a timm trunk's)."""
     v = model.visual
+    v = v.trunk.patch_embed if hasattr(v, "trunk") else v
     grid = tuple(int(g) for g in v.grid_size)
     patch = tuple(int(p) for p in v.patch_size)
     return grid, patch
@@ -68,13 +69,14 @@ def spatial_image_terms(engine, images: torch.Tensor, spatial: bool | str = "sum
     ``(r [b, d], image-token terms [b, n, d])``.
 
     The terms are summed over layers and heads (inside the forward with ``spatial="sum"``, the memory-light
-    mode; ``spatial=True`` builds ``[b, L, N, H, d]`` and sums here) and normalised by ``||r||``; token 0 (CLS)
-    is dropped.
+    mode; ``spatial=True`` builds ``[b, L, N, H, d]`` and sums here) and normalised by ``||r||``; the tokens
+    before the patch grid (CLS, registers: ``Decomposition.num_prefix_tokens``, none for SigLIP) are dropped.
     """
     if spatial not in (True, "sum"):
         raise InputError(f"spatial_image_terms: spatial={spatial!r}; expected True or 'sum'")
     d = engine(images, spatial=spatial)
-    terms = d.attn[:, 1:] if spatial == "sum" else d.attn[:, :, 1:].sum((1, 3))
+    p = d.num_prefix_tokens
+    terms = d.attn[:, p:] if spatial == "sum" else d.attn[:, :, p:].sum((1, 3))
     return d.representation, terms
 
 

@@ -49,7 +49,7 @@ def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch:
     out.setdefault("cls_attn", None)
     out["classifier"] = read_classifier(paths["classifier"], written_by=written_by[1])
     out["labels"] = class_column(load_array(paths["labels"], written_by[0], mmap=False))
-    num_layers = out["mlp"].shape[1] - 1 if out["mlp"].ndim == 3 else out["attn"].shape[1]
+    num_layers = mlp_num_layers(paths["mlp"], out["mlp"], out["attn"])
     out["layers"] = stored_layers(paths["attn"], out["attn"], num_layers)
     out["num_layers"] = num_layers
     out["attn_rest"] = None
@@ -68,6 +68,15 @@ def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch:
                      expected_from=f"--dataset {dataset}", allow_mismatch=allow_mismatch)
     out["paths"] = paths
     return out
+
+
+def mlp_num_layers(mlp_path: str | Path, mlp: np.ndarray, attn: np.ndarray) -> int:
+    """L of a decomposition: its provenance record's ``num_layers``; else ``mlp``'s [B, L+1, d] (files written
+    before towers read out by pooling, whose mlp is [B, L+2, d], were supported)."""
+    L = (read_provenance(mlp_path) or {}).get("num_layers")
+    if L is not None:
+        return int(L)
+    return mlp.shape[1] - 1 if mlp.ndim == 3 else attn.shape[1]
 
 
 def stored_layers(attn_path: str | Path, attn: np.ndarray, num_layers: int) -> list[int]:
@@ -112,7 +121,8 @@ def last_layers(arrays: dict, count: int, flag: str = "--num_of_last_layers") ->
 def check_decomposition(arrays: dict[str, np.ndarray], names: Optional[dict[str, str]] = None) -> None:
     """Raise ``InputError`` naming the file whose shape disagrees with the others.
 
-    ``arrays``: ``attn`` [B, K, H, d] and ``mlp`` [B, L+1, d], optionally ``layers`` (the K stored layers; K = L
+    ``arrays``: ``attn`` [B, K, H, d] and ``mlp`` [B, L+1, d] (or [B, L+2, d]), optionally ``num_layers`` (L),
+    ``layers`` (the K stored layers; K = L
     without it), ``attn_rest`` [B, d] (needed when K < L), ``cls_attn`` [B, L, d], ``classifier`` [d, C], ``labels``.
     """
     names = names or {}
@@ -121,9 +131,10 @@ def check_decomposition(arrays: dict[str, np.ndarray], names: Optional[dict[str,
     if attn.ndim != 4:
         raise InputError(f"{n('attn')}: expected [B, L, H, d], got shape {attn.shape}")
     B, K, H, d = attn.shape
-    L = mlp.shape[1] - 1 if arrays.get("layers") is not None and mlp.ndim == 3 else K
-    if mlp.shape != (B, L + 1, d):
-        raise InputError(f"{n('mlp')}: shape {mlp.shape} does not match attn {attn.shape} (expected {(B, L + 1, d)})")
+    L = arrays.get("num_layers") or (mlp.shape[1] - 1 if arrays.get("layers") is not None and mlp.ndim == 3 else K)
+    if mlp.ndim != 3 or mlp.shape[0] != B or mlp.shape[2] != d or mlp.shape[1] not in (L + 1, L + 2):
+        raise InputError(f"{n('mlp')}: shape {mlp.shape} does not match attn {attn.shape} (expected {(B, L + 1, d)}, "
+                         f"or {(B, L + 2, d)} for a tower read out by pooling)")
     if K < L and (arrays.get("attn_rest") is None or arrays["attn_rest"].shape != (B, d)):
         got = "missing" if arrays.get("attn_rest") is None else f"shape {arrays['attn_rest'].shape}"
         raise InputError(f"{n('attn_rest')}: {got}, expected {(B, d)} beside {n('attn')} of {K} of {L} layers")

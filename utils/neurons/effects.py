@@ -31,8 +31,8 @@ from typing import Optional
 
 import torch
 
-from prs_hook import Decomposer, Decomposition, autocast_off
-from utils.errors import InputError
+from prs_hook import Decomposer, Decomposition, ViTTower, autocast_off
+from utils.errors import InputError, UnsupportedModelError
 
 COEFFICIENT = 100.0  # the papers' scale factor on the normalised output
 
@@ -66,6 +66,10 @@ class SecondOrderEffects:
                  coefficient: float = COEFFICIENT, model_name: Optional[str] = None, cache_bytes: int = 2 ** 31):
         self.engine = model if isinstance(model, Decomposer) else Decomposer(model, device, model_name)
         self.tower = self.engine.tower  # its folded maps: head_out, head_bias, ls_2, ln_post_gain, ln_post_bias
+        if not isinstance(self.tower, ViTTower):
+            raise UnsupportedModelError(f"model '{model_name or type(model).__name__}': second-order effects need a "
+                                        f"CLS-token open_clip VisionTransformer; its tower is read out by pooling "
+                                        f"({type(self.tower).__name__}), which paper 2's maps do not cover yet")
         self.visual, self.device = self.engine.visual, self.engine.device
         L, H = self.engine.num_layers, self.engine.num_heads
         check_mlp_layer(mlp_layer, L)
