@@ -26,13 +26,12 @@ import argparse
 
 import numpy as np
 
-from prs_hook import Decomposer
-from utils.cli import (add_model_args, add_num_workers_arg, args_record, layer_list, load_model_from_args,
+from utils.cli import (add_model_args, add_num_workers_arg, args_record, layer_list, load_engine_from_args,
                        positive_int, run)
 from utils.datasets import build_dataset
-from utils.decomposition import decompose_dataset, kept_layers
+from utils.decomposition import decompose_dataset
 from utils.files.atomic import make_output_dir
-from utils.files.names import attn_rest_path, format_layers, labels_path, prs_paths
+from utils.files.names import attn_rest_path, labels_path, prs_paths
 from utils.files.streaming import init_distributed, is_main_process
 
 
@@ -62,11 +61,7 @@ def main(args: argparse.Namespace) -> dict:
     args.device = init_distributed(args.device)
     ds = build_dataset(args.dataset, args.data_path)  # validate the data before loading any weights
     out = make_output_dir(args.output_dir)
-    model, preprocess, _ = load_model_from_args(args)
-    engine = Decomposer(model, args.device, model_name=args.model, map_mlp=args.map_mlp)
-    layers = kept_layers(args.layers, engine.num_layers, args.model)
-    if args.layers is not None and layers is None:
-        print(f"--layers {format_layers(args.layers)}: every layer of {args.model}; writing the full files")
+    _, preprocess, engine, layers = load_engine_from_args(args)
     ds.transform = preprocess
     paths = {**prs_paths(out, args.dataset, args.model), "attn_rest": attn_rest_path(out, args.dataset, args.model),
              "labels": labels_path(out, args.dataset)}

@@ -303,6 +303,22 @@ def load_model_from_args(args: argparse.Namespace):
                       cache_dir=getattr(args, "cache_dir", None))
 
 
+def load_engine_from_args(args: argparse.Namespace):
+    """The model of ``add_model_args``'s flags and its ``prs_hook.Decomposer`` (``--map_mlp`` where the script has
+    it), with the layers ``--layers`` keeps (``None``: every layer; said when the flag lists them all):
+    ``(model, preprocess, engine, layers)``."""
+    from prs_hook import Decomposer
+    from utils.decomposition import kept_layers
+    from utils.files.names import format_layers
+
+    model, preprocess, _ = load_model_from_args(args)
+    engine = Decomposer(model, args.device, model_name=args.model, map_mlp=getattr(args, "map_mlp", "lumped"))
+    layers = kept_layers(getattr(args, "layers", None), engine.num_layers, args.model)
+    if getattr(args, "layers", None) is not None and layers is None:
+        print(f"--layers {format_layers(args.layers)}: every layer of {args.model}; writing the full files")
+    return model, preprocess, engine, layers
+
+
 RECORD_FLAGS = ("model", "pretrained", "force_quick_gelu", "dataset", "split", "data_path", "dtype")
 
 

@@ -29,13 +29,12 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from prs_hook import Decomposer
-from utils.cli import add_model_args, args_record, layer_list, load_model_from_args, run
+from utils.cli import add_model_args, args_record, layer_list, load_engine_from_args, run
 from utils.datasets import build_dataset, class_column
-from utils.decomposition import decompose_dataset, kept_layers
+from utils.decomposition import decompose_dataset
 from utils.errors import InputError
 from utils.files.atomic import make_output_dir
-from utils.files.names import format_layers, pclens_paths
+from utils.files.names import pclens_paths
 from utils.files.streaming import init_distributed, is_main_process
 from utils.scripts import add_cache_dir_arg, int_or_none, str2bool
 
@@ -132,11 +131,7 @@ def main(args: argparse.Namespace) -> dict:
     root = data_root(args.dataset, args.data_path)
     ds = build_dataset(args.dataset, root)  # validate the data before loading any weights
     make_output_dir(args.output_dir)
-    model, preprocess, _ = load_model_from_args(args)
-    engine = Decomposer(model, args.device, model_name=args.model)
-    layers = kept_layers(args.layers, engine.num_layers, args.model)
-    if args.layers is not None and layers is None:
-        print(f"--layers {format_layers(args.layers)}: every layer of {args.model}; writing the full files")
+    _, preprocess, engine, layers = load_engine_from_args(args)
     ds.transform = preprocess
     ds = select(ds) if select else ds
     written = decompose_dataset(
