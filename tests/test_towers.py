@@ -5,6 +5,7 @@ float64, the modes against each other, an independent float64 loop for the MAP h
 the refusals, and the coverage page (docs/towers.md)."""
 import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -213,6 +214,24 @@ def test_scripts_run_on_a_map_tower(tmp_path):
     record = json.loads((tmp_path / "golden_mlp_tiny-map.npy.provenance.json").read_text())
     assert record["mlp_terms"] == ["embedding", "mlp.0", "mlp.1", "mlp.2", "pool"] and record["num_layers"] == 3
     assert list((tmp_path / "seg").glob("*/heatmaps.npy"))
+    # TextSpan and PCLens on the last layer's heads, over the golden 40 texts embedded by this model
+    shutil.copy(GOLDEN / "textspan" / "texts.txt", tmp_path / "golden40.txt")
+    code, out, err = run_inprocess("compute_text_set_projection.py", *base, "--data_path", tmp_path / "golden40.txt",
+                                   "--output_dir", tmp_path)
+    assert code == 0, err
+    classifier, labels = np.load(tmp_path / "golden_classifier_tiny-map.npy"), np.load(tmp_path / "golden_labels.npy")
+    baseline = 100 * float(((attn.sum((1, 2)) + mlp.sum(1)) @ classifier).argmax(1).__eq__(labels).mean())
+    for algorithm in ("textspan", "pclens"):
+        code, out, err = run_inprocess("compute_complete_text_set.py", "--model", "tiny-map", "--dataset", "golden",
+                                       "--input_dir", tmp_path, "--output_dir", tmp_path / algorithm,
+                                       "--text_descriptions", "golden40", "--text_dir", tmp_path, "--device", "cpu",
+                                       "--num_of_last_layers", 1, "--texts_per_head", 3, "--w_ov_rank", 8,
+                                       "--algorithm", algorithm)
+        assert code == 0, err
+        found = [p for p in (tmp_path / algorithm).glob("*.json") if not p.name.endswith(".provenance.json")]
+        summary = json.loads(found[0].read_text())
+        assert [(h["layer"], h["head"]) for h in summary["heads"]] == [(2, h) for h in range(4)]
+        assert summary["accuracy"]["baseline"] == pytest.approx(baseline)
     code, out, err = run_inprocess("compute_prs.py", *base, "--dataset", "golden", "--data_path", GOLDEN / "images",
                                    "--output_dir", tmp_path / "gate", "--map_mlp", "gate")
     assert code == 0, err
