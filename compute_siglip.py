@@ -201,10 +201,11 @@ def main(args: argparse.Namespace) -> dict:
         written.append(paths["prs"])
         del prs
         if model is not None:  # open_clip: the engine's full decomposition, as compute_prs.py writes it
-            written += list(decompose_dataset(model, ds, prs_paths(out, args.dataset, args.model), record=record,
-                                              device=args.device, batch_size=args.batch_size,
-                                              num_workers=args.num_workers, resume=args.resume,
-                                              model_name=args.model, desc=f"compute_prs {args.model}").values())
+            prs_files = {**prs_paths(out, args.dataset, args.model), "labels": files["labels"]}
+            written += list(decompose_dataset(model, ds, prs_files, record=record, device=args.device,
+                                              batch_size=args.batch_size, num_workers=args.num_workers,
+                                              resume=args.resume, model_name=args.model,
+                                              desc=f"compute_prs {args.model}").values())
 
     text_features = cached(paths["text_features"], make_record(
         model=args.model, pretrained=args.pretrained, text_set=str(args.text_descriptions), num_texts=len(lines),
