@@ -12,8 +12,8 @@ zero-shot accuracy of four representations, in the original's words: the full re
 equal to the first). Then it embeds --text_descriptions, measures how orthogonal the pooling heads are and,
 with --compute_text_spans, prints the TextSpan texts of every pooling head.
 
-Writes, in --output_dir ({model}: the id with / as _, or a local folder's name; {text_set}: the stem of
---text_descriptions):
+Writes, in --output_dir ({model}: the id with / as _, a local folder's name or the open_clip name; {text_set}:
+the stem of --text_descriptions):
   {dataset}_zeroshot_weights_{model}.npy    [C, d]     zero-shot classifier, 80 templates (rows: classes)
   {dataset}_siglip_heads_{model}.npy        [N, H, d]  per pooling head, summed over tokens (streamed)
   {dataset}_siglip_mlp_{model}.npy          [N, d]     the pooling MLP's output (streamed)
@@ -90,7 +90,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="imagenet", type=str,
                         help="imagenet (its val split, as the original), CIFAR10, CIFAR100, sample, ...")
     parser.add_argument("--save_everything", action="store_true",
-                        help="also write the original's siglip_{model}_prs.pt")
+                        help="also write the original's siglip_{model}_prs.pt (open_clip models: and "
+                             "compute_prs.py's files)")
     add_num_workers_arg(parser)
     parser.add_argument("--output_dir", default="./output_dir", help="where to save")
     parser.add_argument("--device", default=default_device(), help=DEVICE_HELP)

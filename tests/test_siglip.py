@@ -226,8 +226,8 @@ OPEN_CLIP_TOWERS = ["tiny-map", "tiny-map-linear", "tiny-pe-core"]  # a linear p
 def open_clip_reference(model, pixels):
     """From the tower's own forward (``encode_image``): the tokens its ``AttentionPoolLatent`` reads (a pre-hook),
     per pooling head timm's own pool with the other heads' ``proj`` columns, ``proj``'s bias and the MLP removed,
-    the MLP's output (a hook), each through the trunk's and open_clip's heads with their biases zeroed: [B, H, D], [B, D]; and the
-    pooled output [B, D]."""
+    the MLP's output (a hook), each through the trunk's and open_clip's heads with their biases zeroed: [B, H, D],
+    [B, D]; the pooled output [B, D]; the tokens [B, T, W]."""
     visual = model.visual
     pool = visual.trunk.attn_pool
     seen = {}
