@@ -130,6 +130,20 @@ def independent_run(folder):
     return model, pooled, seen[0], torch.stack(weights), torch.as_tensor(ds.labels)
 
 
+def assert_printed_accuracies(stdout, pooled, mlp, b_o, fc2, weights, labels):
+    """The four accuracies printed in the original's wording, from the model's own pooled output [N, D], its MLP
+    term [N, D], the constant ``b_o`` [D], the MLP's output bias ``fc2`` [D] and the zero-shot weights [C, D]."""
+    n = len(labels)
+
+    def expect(features):
+        correct = int(((features @ weights.T).argmax(1) == labels).sum())
+        return f"{correct / n * 100:.2f}% ({correct}/{n})"
+
+    for what, features in [("representation", pooled), ("mlp", mlp + b_o), ("attention", pooled - mlp + fc2),
+                           ("attention + mlp", pooled)]:
+        assert f"Top-1 {what} accuracy: {expect(features)}" in stdout, (what, stdout)
+
+
 def siglip_args(siglip_dir, texts, out, *extra):
     return ["--model", str(siglip_dir), "--dataset", "sample", "--device", "cpu", "--batch_size", "4",
             "--num_workers", "0", "--output_dir", str(out), "--text_descriptions", str(texts), *extra]
@@ -168,13 +182,7 @@ def test_compute_siglip_end_to_end(siglip_dir, siglip_run):
     np.testing.assert_allclose(zs, weights.numpy(), atol=1e-5)
 
     # the four accuracies, printed in the original's wording, against the model's own outputs
-    def expect(features):
-        correct = int(((features @ weights.T).argmax(1) == labels).sum())
-        return f"{correct / n * 100:.2f}% ({correct}/{n})"
-
-    for what, features in [("representation", pooled), ("mlp", mlp + b_o), ("attention", pooled - mlp + fc2),
-                           ("attention + mlp", pooled)]:
-        assert f"Top-1 {what} accuracy: {expect(features)}" in stdout, (what, stdout)
+    assert_printed_accuracies(stdout, pooled, mlp, b_o, fc2, weights, labels)
     assert "Computing accuracy (attention + mlp for sanity check)..." in stdout
 
     # text features, orthogonality, TextSpan per pooling head
@@ -349,13 +357,7 @@ def test_compute_siglip_open_clip_end_to_end(open_clip_checkpoint, tmp_path):
     assert np.load(out / "descriptions_tiny-map.npy").shape == (len(TEXTS), D)
     assert np.load(out / "descriptions_tiny-map_orthogonalities.npy").shape == (H, H)
 
-    def expect(features):
-        correct = int(((features @ weights.T).argmax(1) == labels).sum())
-        return f"{correct / n * 100:.2f}% ({correct}/{n})"
-
-    for what, features in [("representation", pooled), ("mlp", mlp + b_o), ("attention", pooled - mlp + fc2),
-                           ("attention + mlp", pooled)]:
-        assert f"Top-1 {what} accuracy: {expect(features)}" in stdout, (what, stdout)
+    assert_printed_accuracies(stdout, pooled, mlp, b_o, fc2, weights, labels)
 
     # compute_prs.py's decomposition beside it: its sum rule on the normalised embedding
     attn, mlp_all = np.load(out / "sample_attn_tiny-map.npy"), np.load(out / "sample_mlp_tiny-map.npy")
