@@ -1,16 +1,19 @@
 """SigLIP's pooled image representation, decomposed: per pooling head, the MLP of the pooling head, and a constant.
 
-The original repository's last script ("Added siglip"), on transformers' own SigLIP (--model: a Hugging Face id
-such as google/siglip-so400m-patch14-384 or google/siglip-base-patch16-224, or a save_pretrained folder). Each
-image's pooled output splits exactly into the attention-pooling head's per-head outputs (summed over tokens),
-the pooling MLP's output and the out-projection's bias (utils/siglip.py, docs/siglip.md). It prints the
+The original repository's last script ("Added siglip"). --model is read by one of two libraries:
+  transformers: a Hugging Face id (google/siglip-so400m-patch14-384, google/siglip-base-patch16-224) or a
+    save_pretrained folder, when --pretrained is not given (the original's route: its classes, processor, tokenizer);
+  open_clip: an open_clip name (ViT-SO400M-14-SigLIP-384 --pretrained webli; --model_config for configs of your
+    own), hf-hub:timm/..., or any --model with --pretrained (open_clip's preprocess and tokenizer).
+Each image's pooled output splits exactly into the attention-pooling head's per-head outputs (summed over tokens),
+the pooling MLP's output and a constant, the out-projection's bias (utils/siglip.py, docs/siglip.md). It prints the
 zero-shot accuracy of four representations, in the original's words: the full representation; the MLP term
 (+ the bias); the attention term (+ the bias and the MLP's output bias); attention + MLP (the sanity check,
 equal to the first). Then it embeds --text_descriptions, measures how orthogonal the pooling heads are and,
 with --compute_text_spans, prints the TextSpan texts of every pooling head.
 
-Writes, in --output_dir ({model}: the id with / as _, or a local folder's name; {text_set}: the stem of
---text_descriptions):
+Writes, in --output_dir ({model}: the id with / as _, a local folder's name or the open_clip name; {text_set}:
+the stem of --text_descriptions):
   {dataset}_zeroshot_weights_{model}.npy    [C, d]     zero-shot classifier, 80 templates (rows: classes)
   {dataset}_siglip_heads_{model}.npy        [N, H, d]  per pooling head, summed over tokens (streamed)
   {dataset}_siglip_mlp_{model}.npy          [N, d]     the pooling MLP's output (streamed)
@@ -20,6 +23,8 @@ Writes, in --output_dir ({model}: the id with / as _, or a local folder's name; 
   {dataset}_siglip_accuracies_{model}.json  the four accuracies
   siglip_{model}_prs.pt                     with --save_everything: the original's file, {"attention_records":
                                             [N, 1, H, d], "mlp_records": [N, 1, d]}
+  {dataset}_{attn,mlp,cls_attn}_{model}.npy  with --save_everything, open_clip models: compute_prs.py's full
+                                            backbone decomposition (docs/towers.md)
   {text_set}_{model}.npy                    [T, d]     normalised text features, row i = line i
   {text_set}_{model}_orthogonalities.npy    [H, H]     mean |cos| of the centred pooling heads; and .pdf
   {text_set}_{model}_text_spans.txt, .json  with --compute_text_spans: the texts of each pooling head
@@ -41,17 +46,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import DEVICE_HELP, add_num_workers_arg, args_record, positive_int, run, say_wrote
+from utils.cli import (DEVICE_HELP, add_flags, add_num_workers_arg, args_record, load_model_from_args, model_flags,
+                       positive_int, run, say_wrote)
+from utils.decomposition import decompose_dataset
+from utils.errors import InputError
 from utils.datasets import build_dataset
 from utils.files.atomic import atomic_write, load_array, make_output_dir, save_figure
-from utils.files.names import siglip_paths
+from utils.files.names import prs_paths, siglip_paths
 from utils.files.provenance import make_record, reusable_output, save_output, write_provenance
 from utils.files.results import save_result
 from utils.files.streaming import init_distributed, is_main_process
 from utils.metrics import percent
-from utils.models import default_device
-from utils.siglip import (ACCURACIES, SiglipImageTransform, SiglipTextEncoder, SiglipTokenize,
-                          decompose_siglip_dataset, head_orthogonality, load_siglip, pooling_accuracies,
+from utils.models import default_device, register_model_config
+from utils.siglip import (ACCURACIES, decompose_siglip_dataset, head_orthogonality,
+                          is_open_clip_model, load_siglip, open_clip_pooled_model, pooling_accuracies,
                           pooling_head_stats)
 from utils.text.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames
 from utils.text.embeddings import encode_texts, zero_shot_classifier
@@ -70,12 +78,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", default=256, type=positive_int, help="batch size")
     parser.add_argument("--model", default="google/siglip-so400m-patch14-384", type=str,
-                        help="Hugging Face SigLIP id (from the cache or downloaded) or a save_pretrained folder")
+                        help="Hugging Face SigLIP id (from the cache or downloaded) or a save_pretrained folder "
+                             "(transformers); or an open_clip name or hf-hub:timm/... (open_clip)")
+    flags = model_flags()
+    parser.add_argument(*flags["pretrained"][0], **dict(
+        flags["pretrained"][1], default=None,
+        help="open_clip pretrained tag (webli), a checkpoint file, or 'none' (random init): loads --model with "
+             "open_clip (needed for open_clip names; default: none given)"))
+    add_flags(parser, {k: flags[k] for k in ("model_config", "force_quick_gelu")})
     parser.add_argument("--data_path", default=None, type=str, help="dataset root (not needed for 'sample')")
     parser.add_argument("--dataset", default="imagenet", type=str,
                         help="imagenet (its val split, as the original), CIFAR10, CIFAR100, sample, ...")
     parser.add_argument("--save_everything", action="store_true",
-                        help="also write the original's siglip_{model}_prs.pt")
+                        help="also write the original's siglip_{model}_prs.pt (open_clip models: and "
+                             "compute_prs.py's files)")
     add_num_workers_arg(parser)
     parser.add_argument("--output_dir", default="./output_dir", help="where to save")
     parser.add_argument("--device", default=default_device(), help=DEVICE_HELP)
@@ -119,6 +135,21 @@ def orthogonality_figure(orth: np.ndarray, title: str):
     return fig
 
 
+def load(args: argparse.Namespace) -> tuple:
+    """``(open_clip model or None, PooledImageModel)``: --model through open_clip or transformers
+    (``is_open_clip_model``)."""
+    register_model_config(args.model_config)
+    if not is_open_clip_model(args.model, args.pretrained):
+        return None, load_siglip(args.model, args.device).pooled_model()
+    if args.pretrained is None and not args.model.startswith(("hf-hub:", "local-dir:")):
+        import open_clip
+
+        raise InputError(f"--model {args.model}: an open_clip name needs --pretrained (its tags: "
+                         f"{open_clip.list_pretrained_tags_by_model(args.model) or 'none'}; 'none': random init)")
+    model, preprocess, tokenizer = load_model_from_args(args)
+    return model, open_clip_pooled_model(model, preprocess, tokenizer, args.model)
+
+
 def main(args: argparse.Namespace) -> dict:
     args.device = init_distributed(args.device)
     lines = read_text_set(args.text_descriptions, "--text_descriptions")  # before any work
@@ -127,33 +158,32 @@ def main(args: argparse.Namespace) -> dict:
     classnames = get_classnames(args.dataset)
     out = make_output_dir(args.output_dir)
     paths = siglip_paths(out, args.dataset, args.model, text_set)
-    parts = load_siglip(args.model, args.device)
+    model, pm = load(args)
     main_process = is_main_process()
     say = print if main_process else (lambda *a: None)
-    say("Model parameters:", f"{sum(p.numel() for p in parts.model.vision_model.parameters()):,}")
+    say("Model parameters:", f"{sum(p.numel() for p in pm.vision.parameters()):,}")
 
-    encoder, tokenize = SiglipTextEncoder(parts.model), SiglipTokenize(parts.tokenizer, parts.max_length)
+    encoder, tokenize = pm.text_encoder, pm.tokenize
     zeroshot = None
     if main_process:
         print(f"Computing zeroshot weights for {DATASET_NAMES.get(args.dataset, args.dataset)}...")
         zeroshot = cached(paths["zeroshot"], make_record(
-            model=args.model, dataset=args.dataset, classes=classnames, templates=len(OPENAI_IMAGENET_TEMPLATES),
-            max_length=parts.max_length), lambda: zero_shot_classifier(
+            model=args.model, pretrained=args.pretrained, dataset=args.dataset, classes=classnames,
+            templates=len(OPENAI_IMAGENET_TEMPLATES), max_length=pm.text_length), lambda: zero_shot_classifier(
                 encoder, tokenize, classnames, OPENAI_IMAGENET_TEMPLATES, args.device, args.batch_size).T.cpu().numpy(),
             "zeroshot weights")
 
-    ds.transform = SiglipImageTransform(parts.image_processor)
+    ds.transform = pm.transform
     record = args_record(args)
-    files = decompose_siglip_dataset(parts, ds, paths, record=record, device=args.device, batch_size=args.batch_size,
+    files = decompose_siglip_dataset(pm, ds, paths, record=record, device=args.device, batch_size=args.batch_size,
                                      num_workers=args.num_workers, resume=args.resume,
                                      desc=f"compute_siglip {Path(args.model).name} {args.dataset}")
     if not main_process:
         return {}
     heads, mlp, pooled = (load_array(files[k], "compute_siglip.py") for k in ("heads", "mlp", "pooled"))
     labels = np.asarray(load_array(files["labels"], "compute_siglip.py"))
-    head = parts.pooling_head
     counts = pooling_accuracies(heads, mlp, pooled, labels, zeroshot, np.load(files["constant"]),
-                                head.mlp.fc2.bias.detach().float().cpu().numpy())
+                                pm.pool.mlp_bias.cpu().numpy())
     total = len(labels)
     accuracies = {}
     for k in ACCURACIES:
@@ -171,9 +201,16 @@ def main(args: argparse.Namespace) -> dict:
         write_provenance(paths["prs"], dict(record, keys={k: list(v.shape) for k, v in prs.items()}))
         written.append(paths["prs"])
         del prs
+        if model is not None:  # open_clip: the engine's full decomposition, as compute_prs.py writes it
+            prs_files = {**prs_paths(out, args.dataset, args.model), "labels": files["labels"]}
+            written += list(decompose_dataset(model, ds, prs_files, record=record, device=args.device,
+                                              batch_size=args.batch_size, num_workers=args.num_workers,
+                                              resume=args.resume, model_name=args.model,
+                                              desc=f"compute_prs {args.model}").values())
 
     text_features = cached(paths["text_features"], make_record(
-        model=args.model, text_set=str(args.text_descriptions), num_texts=len(lines), max_length=parts.max_length),
+        model=args.model, pretrained=args.pretrained, text_set=str(args.text_descriptions), num_texts=len(lines),
+        max_length=pm.text_length),
         lambda: encode_texts(encoder, tokenize, lines, args.device, args.batch_size).cpu().numpy(), "text features")
     print(f"Text features shape: {text_features.shape}")
 

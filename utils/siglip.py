@@ -1,30 +1,34 @@
 """SigLIP's attention-pooling head, decomposed exactly (compute_siglip.py; the original repository's last commit).
 
-A SigLIP image tower (transformers' ``SiglipVisionModel``, or the vision half of a ``SiglipModel``) ends with a
-multihead attention-pooling head (``SiglipMultiheadAttentionPoolingHead``): a learned query (``probe``) attends
-over the post-LayerNorm tokens ``x`` [B, T, d], then ``mlp(layernorm(.))`` is added to the result:
+A SigLIP image tower ends with a multihead attention-pooling (MAP) head: transformers'
+``SiglipMultiheadAttentionPoolingHead`` (a ``SiglipVisionModel``, or the vision half of a ``SiglipModel``) or
+timm's ``AttentionPoolLatent`` (open_clip's SigLIP: a ``TimmModel``). A learned query attends over the
+post-LayerNorm tokens ``x`` [B, T, d], then ``mlp(norm(.))`` is added to the result:
 
     a = sum_h W_o[:, h] sum_t p[b, h, t] (W_v,h x_t + b_v,h) + b_o        p = softmax_t(q_h . k_h,t / sqrt(d_h))
-    pooled = a + mlp(layernorm(a))
+    pooled = post(a + mlp(norm(a)))
 
+(``post``: the linear maps after the pool, if any: timm's head, open_clip's projection; none in transformers.)
 The attention output is a sum over the pooling heads ``h`` (and over the tokens ``t``) of
 ``p[b, h, t] W_o[:, h] (W_v,h x_t + b_v,h)``: exactly, with no frozen statistics, since the pattern ``p`` is part of
 each term. So per image
 
-    pooled = sum_h heads[h] + mlp + constant,        constant = b_o (the out-projection's bias)
+    pooled = sum_h heads[h] + mlp + constant,        constant = post(b_o) (the out-projection's bias, mapped)
 
 with ``heads`` [B, H, d] (each head's output summed over tokens, its value bias included, as the original's hook
 ``pooling_head.attention.out.post`` summed over tokens), ``mlp`` [B, d] (the pooling MLP's output, its ``fc2``
-bias included) and the image-independent ``constant`` [d]. The MLP stays one lumped term, as in the original.
+bias included) and the image-independent ``constant`` [d]; ``post``'s linear part maps each term, its biases go
+into the constant. The MLP stays one lumped term, as in the original. One function computes the terms
+(``pooling_terms``) from one record of weights (``PoolingWeights``), read from either library
+(``pooling_weights``).
 
 Everything here takes tensors, paths and values and returns records; compute_siglip.py prints.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,8 +37,10 @@ import torch.nn.functional as F
 from utils.errors import InputError, UnsupportedModelError
 from utils.metrics import hits
 
-__all__ = ["PoolingTerms", "pooling_head_terms", "pooling_head_of", "SiglipParts", "load_siglip",
-           "SiglipImageTransform", "SiglipTextEncoder", "decompose_siglip_dataset", "SiglipTokenize", "ACCURACIES", "pooling_accuracies", "head_orthogonality",
+__all__ = ["PoolingTerms", "PoolingWeights", "pooling_weights", "pooling_terms", "pooling_head_terms",
+           "pooling_head_of", "SiglipParts", "load_siglip", "SiglipImageTransform", "SiglipTextEncoder",
+           "SiglipTokenize", "PooledImageModel", "open_clip_pooled_model", "is_open_clip_model",
+           "decompose_siglip_dataset", "ACCURACIES", "pooling_accuracies", "head_orthogonality",
            "pooling_head_stats"]
 
 
@@ -43,9 +49,10 @@ __all__ = ["PoolingTerms", "pooling_head_terms", "pooling_head_of", "SiglipParts
 class PoolingTerms:
     """The exact parts of a SigLIP pooled output (module docstring), float32 (float64 for a float64 model).
 
-    ``heads`` [B, H, d] per pooling head, summed over tokens (``spatial``: [B, T, H, d], per token);
-    ``mlp`` [B, d] the pooling MLP's output; ``constant`` [d] the out-projection's bias; ``pooled`` [B, d] their
-    sum as computed here (the model's ``pooler_output`` up to float rounding).
+    ``heads`` [B, H, D] per pooling head, summed over tokens (``spatial``: [B, T, H, D], per token);
+    ``mlp`` [B, D] the pooling MLP's output; ``constant`` [D] the out-projection's bias (and the biases of any linear
+    maps after the pool); ``pooled`` [B, D] their sum as computed here (the model's pooled output up to float
+    rounding).
     """
     heads: torch.Tensor
     mlp: torch.Tensor
@@ -53,9 +60,132 @@ class PoolingTerms:
     pooled: torch.Tensor
 
     def total(self) -> torch.Tensor:
-        """``heads`` summed (over tokens and heads) + ``mlp`` + ``constant``: [B, d], equal to ``pooled``."""
+        """``heads`` summed (over tokens and heads) + ``mlp`` + ``constant``: [B, D], equal to ``pooled``."""
         heads = self.heads.sum(1) if self.heads.ndim == 4 else self.heads
         return heads.sum(1) + self.mlp + self.constant
+
+
+@dataclass(frozen=True)
+class PoolingWeights:
+    """An attention-pooling head's weights, whichever library holds them (``pooling_weights``; tensors as the model
+    keeps them, cast by ``pooling_terms``). W: the token width, E = H * dh: the attention width, D: the output width.
+
+    ``query`` [H, dh]: the projected (and q-normed) learned query, image-independent; ``w_k``, ``w_v`` [E, W],
+    ``b_k``, ``b_v`` [E]; ``k_norm``: a module on each head's keys [..., dh] or None; ``scale``: of the scores;
+    ``w_o`` [D, E], ``b_o`` [D]; ``norm`` and ``mlp``: ``a + mlp(norm(a))``; ``post``: linear maps applied after
+    the pool, in order, ``(A [D', D], c [D'] or None)`` (``y = A x + c``: timm's head, open_clip's projection).
+    """
+    query: torch.Tensor
+    w_k: torch.Tensor
+    b_k: torch.Tensor
+    w_v: torch.Tensor
+    b_v: torch.Tensor
+    w_o: torch.Tensor
+    b_o: torch.Tensor
+    norm: torch.nn.Module
+    mlp: torch.nn.Module
+    scale: float
+    k_norm: Optional[torch.nn.Module] = None
+    post: tuple = ()
+
+    @property
+    def num_heads(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """D': the width of the pooled output (after ``post``)."""
+        return self.post[-1][0].shape[0] if self.post else self.w_o.shape[0]
+
+    def out(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """``post`` applied to ``x`` [..., D] (its biases only with ``bias``): [..., D']."""
+        for a, c in self.post:
+            x = x @ a.to(x.dtype).T + (c.to(x.dtype) if bias and c is not None else 0)
+        return x
+
+    @property
+    def constant(self) -> torch.Tensor:
+        """[D']: the image-independent term, ``post(b_o)`` (float32)."""
+        return self.out(self.b_o.detach().float())
+
+    @property
+    def mlp_bias(self) -> torch.Tensor:
+        """[D']: the MLP's output bias (``fc2.bias``) through ``post``'s linear part (float32)."""
+        b = self.mlp.fc2.bias
+        return self.out(b.detach().float() if b is not None else self.b_o.new_zeros(self.b_o.shape).float(),
+                        bias=False)
+
+
+def _zeros_if_none(b: Optional[torch.Tensor], n: int, like: torch.Tensor) -> torch.Tensor:
+    return b.detach() if b is not None else like.new_zeros(n)
+
+
+def _hf_weights(head: torch.nn.Module) -> PoolingWeights:
+    """transformers' ``SiglipMultiheadAttentionPoolingHead``: a ``probe`` and a ``torch.nn.MultiheadAttention``."""
+    attention = head.attention
+    d, H = attention.embed_dim, attention.num_heads
+    if not getattr(attention, "_qkv_same_embed_dim", False) or attention.in_proj_weight is None:
+        raise UnsupportedModelError("the pooling head's attention has separate q/k/v projections "
+                                    "(kdim/vdim != embed_dim); not supported")
+    if attention.bias_k is not None or attention.add_zero_attn:
+        raise UnsupportedModelError("the pooling head's attention adds key/value biases or zero attention "
+                                    "(add_bias_kv / add_zero_attn); not supported")
+    w_q, w_k, w_v = attention.in_proj_weight.detach().chunk(3)
+    b_q, b_k, b_v = _zeros_if_none(attention.in_proj_bias, 3 * d, w_q).chunk(3)
+    probe = head.probe.detach().reshape(-1, d)
+    if probe.shape[0] != 1:
+        raise UnsupportedModelError(f"the pooling head has {probe.shape[0]} probes; one is supported")
+    return PoolingWeights(query=(probe[0] @ w_q.T + b_q).view(H, d // H), w_k=w_k, b_k=b_k, w_v=w_v, b_v=b_v,
+                          w_o=attention.out_proj.weight.detach(),
+                          b_o=_zeros_if_none(attention.out_proj.bias, d, w_q), norm=head.layernorm, mlp=head.mlp,
+                          scale=(d // H) ** -0.5)
+
+
+def _timm_weights(pool: torch.nn.Module, post: Sequence[torch.nn.Module] = ()) -> PoolingWeights:
+    """timm's ``AttentionPoolLatent`` (one latent, no position embedding, with its MLP), then the linear modules
+    ``post`` (``nn.Linear``; ``nn.Identity`` and ``nn.Dropout`` are skipped)."""
+    if pool.latent_len != 1 or pool.pos_embed is not None or pool.mlp is None:
+        raise UnsupportedModelError(f"AttentionPoolLatent with latent_len={pool.latent_len}, "
+                                    f"pos_embed={'set' if pool.pos_embed is not None else None}, mlp="
+                                    f"{type(pool.mlp).__name__}: one latent, no position embedding and an MLP "
+                                    f"are supported")
+    H, dh = pool.num_heads, pool.head_dim
+    E = H * dh
+    q = pool.q(pool.latent.detach()).reshape(1, 1, H, dh).transpose(1, 2)  # timm's own q, then q_norm
+    w_kv = pool.kv.weight.detach()
+    b_kv = _zeros_if_none(pool.kv.bias, 2 * E, w_kv)
+    maps = []
+    for m in post:
+        if isinstance(m, torch.nn.Linear):
+            maps.append((m.weight.detach(), None if m.bias is None else m.bias.detach()))
+        elif not isinstance(m, (torch.nn.Identity, torch.nn.Dropout)):
+            raise UnsupportedModelError(f"{type(m).__name__} after the attention pool (only linear maps keep the "
+                                        f"decomposition exact)")
+    return PoolingWeights(query=pool.q_norm(q)[0, :, 0].detach(), w_k=w_kv[:E], b_k=b_kv[:E], w_v=w_kv[E:],
+                          b_v=b_kv[E:], w_o=pool.proj.weight.detach(),
+                          b_o=_zeros_if_none(pool.proj.bias, pool.proj.out_features, w_kv), norm=pool.norm,
+                          mlp=pool.mlp, scale=pool.scale,
+                          k_norm=None if isinstance(pool.k_norm, torch.nn.Identity) else pool.k_norm,
+                          post=tuple(maps))
+
+
+def pooling_weights(module: torch.nn.Module) -> PoolingWeights:
+    """The ``PoolingWeights`` of transformers' ``SiglipMultiheadAttentionPoolingHead`` (or a ``SiglipVisionModel``),
+    timm's ``AttentionPoolLatent``, or open_clip's ``TimmModel`` (its trunk's ``attn_pool``, then the trunk's
+    ``head`` and open_clip's ``head``: identities, dropouts or linear maps). ``UnsupportedModelError`` otherwise."""
+    if type(module).__name__ == "TimmModel":
+        trunk = module.trunk
+        pool = getattr(trunk, "attn_pool", None)
+        if type(pool).__name__ != "AttentionPoolLatent":
+            raise UnsupportedModelError(f"open_clip timm tower {type(trunk).__name__} pooled by "
+                                        f"{type(pool).__name__ if pool is not None else trunk.global_pool!r}: "
+                                        f"needs a MAP head (timm AttentionPoolLatent, SigLIP's)")
+        if not isinstance(trunk.fc_norm, torch.nn.Identity):
+            raise UnsupportedModelError(f"a {type(trunk.fc_norm).__name__} (fc_norm) after the attention pool")
+        return _timm_weights(pool, (trunk.head, *module.head.children()))
+    if type(module).__name__ == "AttentionPoolLatent":
+        return _timm_weights(module)
+    return _hf_weights(module if hasattr(module, "probe") else pooling_head_of(module))
 
 
 def pooling_head_of(vision: torch.nn.Module) -> torch.nn.Module:
@@ -68,19 +198,6 @@ def pooling_head_of(vision: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
-def _attention_parts(attention: torch.nn.MultiheadAttention, d: int):
-    """``(W_q, W_k, W_v, b_q, b_k, b_v)`` of a ``torch.nn.MultiheadAttention`` with one fused in-projection."""
-    if not getattr(attention, "_qkv_same_embed_dim", False) or attention.in_proj_weight is None:
-        raise UnsupportedModelError("the pooling head's attention has separate q/k/v projections "
-                                    "(kdim/vdim != embed_dim); not supported")
-    if attention.bias_k is not None or attention.add_zero_attn:
-        raise UnsupportedModelError("the pooling head's attention adds key/value biases or zero attention "
-                                    "(add_bias_kv / add_zero_attn); not supported")
-    w = attention.in_proj_weight
-    b = attention.in_proj_bias if attention.in_proj_bias is not None else w.new_zeros(3 * d)
-    return (*w.chunk(3), *b.chunk(3))
-
-
 def _call_in(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` with its parameters cast to ``x``'s dtype (the module itself is left as it is)."""
     params = {k: v.to(x.dtype) for k, v in module.named_parameters()}
@@ -88,41 +205,45 @@ def _call_in(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pooling_head_terms(head: torch.nn.Module, hidden: torch.Tensor, spatial: bool = False) -> PoolingTerms:
-    """Decompose a ``SiglipMultiheadAttentionPoolingHead`` applied to ``hidden`` [B, T, d] (the tower's tokens after
-    its final LayerNorm, ``last_hidden_state``) into per-pooling-head terms, the MLP term and the constant.
+def pooling_terms(w: PoolingWeights, tokens: torch.Tensor, spatial: bool = False) -> PoolingTerms:
+    """Decompose an attention-pooling head (``w``) applied to ``tokens`` [B, T, W] (what the pool reads: the
+    tower's tokens after its final LayerNorm) into per-pooling-head terms, the MLP term and the constant.
 
-    The attention is recomputed from the head's weights (its pattern from q and k, since the fused kernel does not
-    return it per head), in float32 whatever the model's dtype (float64 stays float64). ``spatial`` keeps the token
-    axis: ``heads`` [B, T, H, d] (memory B*T*H*d floats: meant for a few images).
+    The attention is recomputed from the weights (its pattern from q and k, since fused kernels do not return it
+    per head), in float32 whatever the model's dtype (float64 stays float64). ``spatial`` keeps the token axis:
+    ``heads`` [B, T, H, D] (memory B*T*H*D floats: meant for a few images). The linear maps ``w.post`` act on each
+    term; their biases go into the constant.
     """
-    attention = head.attention
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    x = hidden.to(dtype)
-    B, T, d = x.shape
-    H = attention.num_heads
-    dh = d // H
-    if attention.embed_dim != d:
-        raise InputError(f"hidden states of width {d}, the pooling head expects {attention.embed_dim}")
-    w_q, w_k, w_v, b_q, b_k, b_v = (p.to(dtype) for p in _attention_parts(attention, d))
-    probe = head.probe.to(dtype).reshape(-1, d)
-    if probe.shape[0] != 1:
-        raise UnsupportedModelError(f"the pooling head has {probe.shape[0]} probes; one is supported")
-    q = (probe[0] @ w_q.T + b_q).view(H, dh)  # the query does not depend on the image
-    k = (x @ w_k.T + b_k).view(B, T, H, dh)
-    v = (x @ w_v.T + b_v).view(B, T, H, dh)
-    p = torch.softmax(torch.einsum("hc,bthc->bht", q, k) / math.sqrt(dh), dim=-1)  # [B, H, T]
-    w_o = attention.out_proj.weight.to(dtype).view(d, H, dh)
-    b_o = attention.out_proj.bias
-    constant = b_o.to(dtype) if b_o is not None else x.new_zeros(d)
+    dtype = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    x = tokens.to(dtype)
+    B, T, W = x.shape
+    if w.w_k.shape[1] != W:
+        raise InputError(f"tokens of width {W}, the pooling head expects {w.w_k.shape[1]}")
+    H, dh = w.query.shape
+    cast = lambda t: t.to(x.device, dtype)  # noqa: E731
+    k = (x @ cast(w.w_k).T + cast(w.b_k)).view(B, T, H, dh)
+    if w.k_norm is not None:
+        k = _call_in(w.k_norm, k)
+    v = (x @ cast(w.w_v).T + cast(w.b_v)).view(B, T, H, dh)
+    p = torch.softmax(torch.einsum("hc,bthc->bht", cast(w.query), k) * w.scale, dim=-1)  # [B, H, T]
+    w_o = cast(w.w_o).view(-1, H, dh)
+    b_o = cast(w.b_o)
     if spatial:
-        heads = torch.einsum("bht,bthc,ehc->bthe", p, v, w_o)  # [B, T, H, d]
-        attn = heads.sum((1, 2)) + constant
+        heads = torch.einsum("bht,bthc,ehc->bthe", p, v, w_o)  # [B, T, H, D]
+        attn = heads.sum((1, 2)) + b_o
     else:
-        heads = torch.einsum("bhc,ehc->bhe", torch.einsum("bht,bthc->bhc", p, v), w_o)  # [B, H, d]
-        attn = heads.sum(1) + constant
-    mlp = _call_in(head.mlp, _call_in(head.layernorm, attn))
-    return PoolingTerms(heads=heads, mlp=mlp, constant=constant, pooled=attn + mlp)
+        heads = torch.einsum("bhc,ehc->bhe", torch.einsum("bht,bthc->bhc", p, v), w_o)  # [B, H, D]
+        attn = heads.sum(1) + b_o
+    mlp = _call_in(w.mlp, _call_in(w.norm, attn))
+    return PoolingTerms(heads=w.out(heads, bias=False), mlp=w.out(mlp, bias=False), constant=w.out(b_o),
+                        pooled=w.out(attn + mlp))
+
+
+def pooling_head_terms(head: torch.nn.Module, hidden: torch.Tensor, spatial: bool = False) -> PoolingTerms:
+    """``pooling_terms`` of a pooling head (anything ``pooling_weights`` reads: transformers' head, timm's
+    ``AttentionPoolLatent``, open_clip's ``TimmModel``) on ``hidden`` [B, T, W]: the tokens the pool reads
+    (transformers: ``last_hidden_state``; timm: ``forward_features`` without the prefix tokens it leaves out)."""
+    return pooling_terms(pooling_weights(head), hidden, spatial)
 
 
 # ----------------------------------------------------------------------------- the model, from transformers
@@ -146,6 +267,19 @@ class SiglipParts:
     @property
     def dim(self) -> int:
         return self.model.config.vision_config.hidden_size
+
+    def pooled_model(self) -> "PooledImageModel":
+        """The ``PooledImageModel`` compute_siglip.py runs: tokens ``last_hidden_state``, pooled ``pooler_output``,
+        the processor's pixels, the text tower padded to ``max_length``."""
+        vision = self.model.vision_model
+
+        def features(pixels: torch.Tensor) -> tuple:
+            out = vision(pixel_values=pixels)
+            return out.last_hidden_state, out.pooler_output
+
+        return PooledImageModel(vision, features, pooling_weights(self.pooling_head),
+                                SiglipImageTransform(self.image_processor), SiglipTextEncoder(self.model),
+                                SiglipTokenize(self.tokenizer, self.max_length), self.max_length)
 
 
 def _transformers():
@@ -188,6 +322,20 @@ def load_siglip(model_id: str, device: str | torch.device = "cpu") -> SiglipPart
     return SiglipParts(model, image_processor, tokenizer, int(model.config.text_config.max_position_embeddings))
 
 
+def is_open_clip_model(model: str, pretrained: Optional[str]) -> bool:
+    """Which library compute_siglip.py loads ``model`` with: open_clip when ``pretrained`` is given, the name
+    starts with ``hf-hub:`` or ``local-dir:``, or it is an open_clip model name (``open_clip.list_models()``,
+    registered configs included); transformers (``load_siglip``) otherwise: a Hugging Face id or a
+    ``save_pretrained`` folder."""
+    if pretrained is not None or model.startswith(("hf-hub:", "local-dir:")):
+        return True
+    if Path(model).is_dir():
+        return False
+    import open_clip
+
+    return model in open_clip.list_models()
+
+
 class SiglipImageTransform:
     """A dataset transform: a PIL image -> the processor's ``pixel_values`` [3, H, W] (picklable for workers)."""
 
@@ -222,37 +370,81 @@ class SiglipTextEncoder(torch.nn.Module):
         return self.text_model(**batch).pooler_output
 
 
+# ----------------------------------------------------------------------------- either library, as the script sees it
+@dataclass
+class PooledImageModel:
+    """What compute_siglip.py needs of a SigLIP, from either library (``SiglipParts.pooled_model``,
+    ``open_clip_pooled_model``).
+
+    ``vision``: the image tower (eval, on its device); ``features(pixels [B, 3, H, W]) -> (tokens [B, T, W],
+    pooled [B, D])``: the tokens the pool reads and the model's own pooled output (not normalised), from one
+    forward; ``pool``: its ``PoolingWeights``; ``transform``: a PIL image -> [3, H, W] (picklable, for workers);
+    ``text_encoder`` (with ``encode_text``) and ``tokenize``: the text tower and its tokenizer, as
+    ``utils.text.embeddings`` takes them; ``text_length``: the tokens per text.
+    """
+    vision: torch.nn.Module
+    features: Callable[[torch.Tensor], tuple]
+    pool: PoolingWeights
+    transform: Callable
+    text_encoder: torch.nn.Module
+    tokenize: Callable
+    text_length: int
+
+
+def open_clip_pooled_model(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
+                           name: str = "") -> PooledImageModel:
+    """An open_clip SigLIP (``utils.models.load_model``'s ``(model, preprocess, tokenizer)``): a ``TimmModel`` image
+    tower whose timm trunk pools with ``AttentionPoolLatent``. The tokens are the trunk's ``forward_features``
+    (after its final norm) less the prefix tokens the trunk's pool leaves out; the pooled output is the tower's
+    (``encode_image`` before normalisation). ``UnsupportedModelError`` naming ``name`` for any other tower."""
+    visual = model.visual
+    if type(visual).__name__ != "TimmModel":
+        raise UnsupportedModelError(f"model '{name}': image tower {type(visual).__name__}, not a timm tower with a "
+                                    f"MAP head (SigLIP's); compute_prs.py decomposes it")
+    try:
+        pool = pooling_weights(visual)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"model '{name}': {e}") from None
+    trunk = visual.trunk
+    start = 0 if getattr(trunk, "pool_include_prefix", True) else trunk.num_prefix_tokens  # timm's pool()
+
+    def features(pixels: torch.Tensor) -> tuple:
+        x = trunk.forward_features(pixels)
+        return x[:, start:], visual.head(trunk.forward_head(x))
+
+    return PooledImageModel(visual, features, pool, preprocess, model, tokenizer,
+                            int(getattr(tokenizer, "context_length", 0) or 0))
+
+
 # ----------------------------------------------------------------------------- a dataset, streamed
-def decompose_siglip_dataset(parts: SiglipParts, dataset, paths: Mapping[str, str | Path], *, record: Mapping,
+def decompose_siglip_dataset(pm: PooledImageModel, dataset, paths: Mapping[str, str | Path], *, record: Mapping,
                              device: str | torch.device = "cpu", batch_size: int = 256, num_workers: int = 0,
                              resume: bool = False, desc: str = "compute_siglip") -> dict[str, Path]:
-    """Decompose every image of ``dataset`` (yielding ``(pixel_values [3, H, W], label)``, with ``.labels``) and
+    """Decompose every image of ``dataset`` (yielding ``(pixels [3, H, W], label)``, with ``.labels``) and
     stream the terms to ``paths`` (``utils.files.names.siglip_paths``; resumable, torchrun-aware):
 
-    ``heads`` [N, H, d], ``mlp`` [N, d], ``pooled`` [N, d] (the model's own ``pooler_output``), and, written
-    first, ``labels`` [N] and ``constant`` [d] (the out-projection's bias). Per image
+    ``heads`` [N, H, D], ``mlp`` [N, D], ``pooled`` [N, D] (the model's own pooled output), and, written
+    first, ``labels`` [N] and ``constant`` [D] (``PoolingWeights.constant``). Per image
     ``heads.sum(0) + mlp + constant == pooled`` up to float32 rounding. Returns name -> path of the files.
     """
     from utils.files.provenance import save_output
     from utils.files.streaming import Output, is_main_process, stream_dataset
 
-    head, vision = parts.pooling_head, parts.model.vision_model
-    H, d = parts.num_heads, parts.dim
+    pool = pm.pool
+    H, d = pool.num_heads, pool.dim
     record = dict(record)
     if is_main_process():
         save_output(paths["labels"], np.asarray(dataset.labels), dict(record, num_images=len(dataset)))
-        constant = head.attention.out_proj.bias
-        save_output(paths["constant"], (constant.detach().float().cpu().numpy() if constant is not None
-                                        else np.zeros(d, np.float32)), record)
+        save_output(paths["constant"], pool.constant.cpu().numpy(), record)
     outputs = {"heads": Output(paths["heads"], (H, d)), "mlp": Output(paths["mlp"], (d,)),
                "pooled": Output(paths["pooled"], (d,))}
 
     @torch.no_grad()
     def compute(images, labels, start):
-        out = vision(pixel_values=images.to(device))
-        terms = pooling_head_terms(head, out.last_hidden_state)
+        tokens, pooled = pm.features(images.to(device))
+        terms = pooling_terms(pool, tokens)
         return {"heads": terms.heads.cpu().numpy(), "mlp": terms.mlp.cpu().numpy(),
-                "pooled": out.pooler_output.float().cpu().numpy()}
+                "pooled": pooled.float().cpu().numpy()}
 
     stream_dataset(dataset, outputs, compute, record=record, resume=resume, batch_size=batch_size,
                    num_workers=num_workers, desc=desc)
