@@ -16,14 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.errors import InputError
 from utils.cli import args_record, positive_int, run
-from utils.models import default_device
+from utils.errors import InputError
 from utils.files.atomic import atomic_save, atomic_write
 from utils.files.names import image_embeddings_path, image_mean_path
 from utils.files.provenance import provenance_path, write_provenance
-from utils.splice import DEFAULT_MODEL, load_backbone, resolve_backbone, splice_dataset
 from utils.files.streaming import Output, stream_dataset
+from utils.models import default_device
+from utils.splice import DEFAULT_MODEL, load_backbone, resolve_backbone, splice_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:

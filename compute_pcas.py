@@ -10,12 +10,12 @@ and orient it so that more than top_k_pca // 2 of them project positively. Write
 """
 import argparse
 
-from utils.errors import InputError
 from utils.cli import run
+from utils.errors import InputError
 from utils.files.atomic import load_array, make_output_dir
 from utils.files.names import second_order_paths
-from utils.neurons.pca import neuron_pcas, neurons_per_chunk
 from utils.files.provenance import derived_record, save_output
+from utils.neurons.pca import neuron_pcas, neurons_per_chunk
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -22,12 +22,11 @@ import numpy as np
 
 from utils.cli import add_model_args, add_num_workers_arg, args_record, load_model_from_args, positive_int, run
 from utils.datasets import build_second_order_dataset
-
 from utils.files.atomic import make_output_dir
 from utils.files.names import second_order_paths, split_labels_path
 from utils.files.provenance import save_output
-from utils.neurons.effects import COEFFICIENT, SecondOrderEffects
 from utils.files.streaming import Output, init_distributed, is_main_process, stream_dataset
+from utils.neurons.effects import COEFFICIENT, SecondOrderEffects
 
 
 def get_args_parser() -> argparse.ArgumentParser:

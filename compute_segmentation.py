@@ -50,17 +50,17 @@ import numpy as np
 import torch
 
 from prs_hook import Decomposer
+from utils.cli import (add_model_args, add_segmentation_args, args_record, finish_segmentation_run,
+                       load_model_from_args, run, segmentation_options)
 from utils.errors import InputError
-from utils.cli import add_model_args, add_segmentation_args, args_record, finish_segmentation_run, load_model_from_args, run, segmentation_options
-
-from utils.imagenet_segmentation import ImagenetSegmentation
-from utils.files.readers import load_classifier, load_layer_pcs
 from utils.files.atomic import make_output_dir
 from utils.files.names import neuron_segmentation_dir, pretrained_name, segmentation_files
 from utils.files.provenance import check_consistent, save_output
+from utils.files.readers import load_classifier, load_layer_pcs
+from utils.files.streaming import Output, init_distributed, is_main_process
+from utils.imagenet_segmentation import ImagenetSegmentation
 from utils.neurons.segmentation import evaluate_neuron_batch, neuron_layer_pairs, select_neurons
 from utils.segmentation import check_image_size, stream_segmentation
-from utils.files.streaming import Output, init_distributed, is_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -29,16 +29,16 @@ import argparse
 import torch
 
 from prs_hook import Decomposer
+from utils.cli import (add_model_args, add_segmentation_args, args_record, finish_segmentation_run,
+                       load_model_from_args, run, segmentation_options)
 from utils.errors import InputError
-from utils.cli import add_model_args, add_segmentation_args, args_record, finish_segmentation_run, load_model_from_args, run, segmentation_options
-
-from utils.imagenet_segmentation import ImagenetSegmentation
 from utils.files.atomic import make_output_dir
 from utils.files.names import classifier_path, pretrained_name, segmentation_dir
 from utils.files.provenance import check_consistent
 from utils.files.readers import read_classifier
-from utils.segmentation import check_image_size, evaluate_batch, stream_segmentation
 from utils.files.streaming import init_distributed, is_main_process
+from utils.imagenet_segmentation import ImagenetSegmentation
+from utils.segmentation import check_image_size, evaluate_batch, stream_segmentation
 
 
 def get_args_parser() -> argparse.ArgumentParser:

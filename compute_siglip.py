@@ -48,9 +48,9 @@ import torch
 
 from utils.cli import (DEVICE_HELP, add_flags, add_num_workers_arg, args_record, load_model_from_args, model_flags,
                        positive_int, run, say_wrote)
+from utils.datasets import build_dataset
 from utils.decomposition import decompose_dataset
 from utils.errors import InputError
-from utils.datasets import build_dataset
 from utils.files.atomic import atomic_write, load_array, make_output_dir, save_figure
 from utils.files.names import prs_paths, siglip_paths
 from utils.files.provenance import make_record, reusable_output, save_output, write_provenance
@@ -58,9 +58,8 @@ from utils.files.results import save_result
 from utils.files.streaming import init_distributed, is_main_process
 from utils.metrics import percent
 from utils.models import default_device, register_model_config
-from utils.siglip import (ACCURACIES, decompose_siglip_dataset, head_orthogonality,
-                          is_open_clip_model, load_siglip, open_clip_pooled_model, pooling_accuracies,
-                          pooling_head_stats)
+from utils.siglip import (ACCURACIES, decompose_siglip_dataset, head_orthogonality, is_open_clip_model, load_siglip,
+                          open_clip_pooled_model, pooling_accuracies, pooling_head_stats)
 from utils.text.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames
 from utils.text.embeddings import encode_texts, zero_shot_classifier
 from utils.text.sets import read_text_set

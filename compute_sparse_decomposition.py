@@ -40,22 +40,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.errors import InputError
-from utils.cli import add_mismatch_arg, add_model_args, add_num_workers_arg, load_model_from_args, positive_int, run, say_wrote
-
-from utils.neurons.ablations import accuracy_over_dataset
+from utils.cli import (add_mismatch_arg, add_model_args, add_num_workers_arg, load_model_from_args, positive_int, run,
+                       say_wrote)
 from utils.datasets import build_second_order_dataset, class_labels
-from utils.files.readers import load_classifier
+from utils.errors import InputError
 from utils.files.atomic import load_array, make_output_dir
 from utils.files.names import (find_input, find_text_set, pretrained_name, second_order_paths,
                                sparse_decomposition_files, sparse_decomposition_stem)
-from utils.neurons.pca import neuron_means
 from utils.files.provenance import check_consistent, derived_record, write_provenance
+from utils.files.readers import load_classifier
 from utils.files.results import save_result
+from utils.neurons.ablations import accuracy_over_dataset
 from utils.neurons.effects import COEFFICIENT, SecondOrderEffects
-from utils.neurons.sparse import (EVALUATIONS, NORMS, SOLVERS, build_text_dictionary, cosine_rows,
-                                        decompose, decomposition_json, plot_fit, reconstruction_logits,
-                                        save_sparse_npz, top_components)
+from utils.neurons.pca import neuron_means
+from utils.neurons.sparse import (EVALUATIONS, NORMS, SOLVERS, build_text_dictionary, cosine_rows, decompose,
+                                  decomposition_json, plot_fit, reconstruction_logits, save_sparse_npz, top_components)
 from utils.text.sets import read_text_set
 
 

@@ -14,12 +14,12 @@ import argparse
 
 import numpy as np
 
-from utils.errors import InputError
 from utils.cli import add_mismatch_arg, add_num_workers_arg, run, say_wrote
-from utils.files.readers import last_layers, load_decomposition
+from utils.errors import InputError
 from utils.files.atomic import load_array, make_output_dir
 from utils.files.names import specific_heads_stem
 from utils.files.provenance import derived_record
+from utils.files.readers import last_layers, load_decomposition
 from utils.files.results import save_result
 from utils.waterbirds import (GROUP_NAMES, ablate, best_random, check_heads, default_heads, group_accuracies,
                               head_logits, parse_heads, random_head_sets)

@@ -15,12 +15,12 @@ import argparse
 import os
 from pathlib import Path
 
-from utils.errors import InputError
 from utils.cli import add_splice_args, note, run, splice_settings
+from utils.errors import InputError
 from utils.files.atomic import atomic_write_text, make_output_dir
 from utils.files.provenance import write_provenance
-from utils.splice import decompose_image, decomposition_lines, load_inputs, read_image, splice_from_loaded, \
-    splice_record
+from utils.splice import (decompose_image, decomposition_lines, load_inputs, read_image, splice_from_loaded,
+                          splice_record)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import tqdm
 
-from utils.neurons import adversarial as adv
+from utils.cli import (HelpFormatter, add_mismatch_arg, add_model_args, add_num_workers_arg, args_record,
+                       load_model_from_args, positive_int, run)
 from utils.errors import InputError
-from utils.cli import HelpFormatter, add_mismatch_arg, add_model_args, add_num_workers_arg, args_record, load_model_from_args, positive_int, run
-
-from utils.files.names import pretrained_name
 from utils.files.atomic import atomic_write_json, atomic_write_text
+from utils.files.names import pretrained_name
 from utils.files.provenance import check_consistent, write_provenance
+from utils.neurons import adversarial as adv
 from utils.neurons.sparse import NORMS, SOLVERS
 
 PROMPTS_FILE = "prompts.json"

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.solvers.omp import omp  # noqa: E402
 from utils.neurons.sparse import build_text_dictionary  # noqa: E402
+from utils.solvers.omp import omp  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

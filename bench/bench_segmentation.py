@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prs_hook import Decomposer  # noqa: E402
 from utils.cli import add_model_args, load_model_from_args  # noqa: E402
-from utils.segmentation import (class_heatmaps, evaluate_batch, grid_and_patch,  # noqa: E402
-                                spatial_image_terms)
+from utils.segmentation import class_heatmaps, evaluate_batch, grid_and_patch, spatial_image_terms  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.text.textspan import (HeadStats, HeadStatsAccumulator, reconstruct, textspan_from_stats,  # noqa: E402
-                            textspan_reference_numpy)
+                                 textspan_reference_numpy)
 
 
 def head_data(i: int, B: int, d: int, signal_rank: int = 96, seed: int = 0) -> torch.Tensor:

@@ -21,8 +21,8 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, run_inprocess, run_script, tiny_model
+
 from prs_hook import Decomposer, hook_prs_logger
 from utils.cli import configure_torch
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 from torch.utils.data import Subset
 
-from conftest import tiny_model
 from prs_hook import Decomposer, Decomposition, ViTTower, decompose, hook_prs_logger
 from utils.datasets import SampleImages
 from utils.decomposition import decompose_dataset

@@ -5,7 +5,6 @@ import filecmp
 from pathlib import Path
 
 import torch
-
 from conftest import GOLDEN, TINY_ARGS, run_inprocess, run_killed
 from test_robustness import _error_line
 

@@ -14,8 +14,8 @@ import shlex
 import sys
 
 import pytest
-
 from conftest import REPO, run_inprocess
+
 from utils.cli import HelpFormatter, add_tf32_arg
 
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for p in [

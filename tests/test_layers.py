@@ -14,9 +14,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, free_port, run_inprocess
 from test_robustness import _error_line
+
 from utils.cli import layer_list
 from utils.files.names import format_layers
 
@@ -139,6 +139,7 @@ def test_bad_layers_exit_2_with_one_line(runs, tmp_path, value, message):
 
 def test_logger_refuses_layers_it_cannot_keep():
     from conftest import tiny_model
+
     from prs_hook import hook_prs_logger
 
     model, _ = tiny_model(MODEL)

@@ -12,11 +12,11 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONFIGS, GOLDEN, GOLDEN_WEIGHTS, run_inprocess
 from sklearn.metrics import precision_recall_curve
 
 import utils.segmentation as seg
 from utils.neurons.segmentation import NEURON_THRESHOLD
-from conftest import CONFIGS, GOLDEN, GOLDEN_WEIGHTS, run_inprocess
 
 GN = GOLDEN / "neuron_segmentation"
 GOLDEN_JSON = json.loads((GN / "neuron_segmentation.json").read_text())

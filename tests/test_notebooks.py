@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import CONFIGS, GOLDEN_WEIGHTS, REPO
 
 nbformat = pytest.importorskip("nbformat")
@@ -177,8 +176,8 @@ def test_demo_siglip_notebook(tmp_path):
     transformers = pytest.importorskip("transformers")
     import torch
     import torch.nn.functional as F
-
     from tiny_siglip import save_tiny_siglip
+
     from utils.datasets import SampleImages
 
     folder = tmp_path / "tiny-siglip"

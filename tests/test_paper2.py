@@ -12,7 +12,6 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, run_inprocess
 
 # paper 2's README, in its order (generate_adversarial_images.py has its own tests)

@@ -14,11 +14,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, run_inprocess
+
 from utils.errors import InputError
 from utils.text.textspan import (head_stats, pclens_from_stats, pclens_record, reconstruct, svd_data_approx,
-                            textspan_reference_numpy)
+                                 textspan_reference_numpy)
 
 GOLDEN_PRS = GOLDEN / "prs"
 MODEL = "prsclip-tiny"

@@ -5,14 +5,13 @@ import warnings
 
 import numpy as np
 import open_clip
-
-import utils.models
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import GOLDEN, tiny_model
+
 import prs_hook
+import utils.models
 from prs_hook import PRSLogger, UnsupportedModelError, check_supported, hook_prs_logger
 from utils.errors import InputError
 from utils.models import load_model

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import CONFIGS, GOLDEN_WEIGHTS, REPO
 
 README = (REPO / "README.md").read_text()

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Sequence
 
 import pytest
-
 from conftest import REPO, run_inprocess, run_killed
 
 import reproduce
@@ -31,7 +30,8 @@ from utils.errors import InputError
 from utils.files.provenance import read_provenance
 from utils.reproduce import plan as plan_module
 from utils.reproduce.plan import Settings, Step
-from utils.reproduce.report import Row, Section, build_section, find_published, load_published, read_key_values, render_markdown
+from utils.reproduce.report import (Row, Section, build_section, find_published, load_published, read_key_values,
+                                    render_markdown)
 from utils.reproduce.runner import identity, run_pipeline
 
 

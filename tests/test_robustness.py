@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import (CONFIGS, GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, cifar_fixture, free_port, run_inprocess,
                       run_killed)
 

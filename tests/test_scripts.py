@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from conftest import GOLDEN, TINY_ARGS, cifar_fixture as _cifar_fixture, run_inprocess, run_script
+from conftest import GOLDEN, TINY_ARGS
+from conftest import cifar_fixture as _cifar_fixture
+from conftest import run_inprocess, run_script
 
 
 class _Result:

@@ -7,13 +7,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import GOLDEN, GOLDEN_WEIGHTS, tiny_model
-from utils.neurons.ablations import ablation_logits
-from utils.files.readers import load_second_order_files
+
 from utils.files.names import find_classifier, find_input, find_text_set, second_order_paths
-from utils.neurons.pca import neuron_means, neuron_pcas
+from utils.files.readers import load_second_order_files
+from utils.neurons.ablations import ablation_logits
 from utils.neurons.effects import SecondOrderEffects, check_mlp_layer
+from utils.neurons.pca import neuron_means, neuron_pcas
 
 SO = GOLDEN / "second_order"
 STEM = "golden_train_mlps_prsclip-tiny-quickgelu_golden_1"

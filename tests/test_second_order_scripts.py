@@ -9,14 +9,14 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import CONFIGS, GOLDEN, GOLDEN_WEIGHTS, run_inprocess, run_script
 from PIL import Image
+from test_scripts import _Crashing as Crashing  # a dataset that raises at one item (a killed run)
+from test_second_order import original_style_ablations
 
 import compute_pcas
 import compute_second_order_ablations
 import compute_second_order_neuron_prs
-from conftest import CONFIGS, GOLDEN, GOLDEN_WEIGHTS, run_inprocess, run_script
-from test_scripts import _Crashing as Crashing  # a dataset that raises at one item (a killed run)
-from test_second_order import original_style_ablations
 
 SO = GOLDEN / "second_order"
 GOLDEN_STEM = "golden_train_mlps_prsclip-tiny-quickgelu_golden_1"

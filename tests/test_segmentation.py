@@ -8,10 +8,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN, TINY_ARGS, run_inprocess, run_script, tiny_model
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 import utils.segmentation as seg
-from conftest import GOLDEN, TINY_ARGS, run_inprocess, run_script, tiny_model
 from prs_hook import Decomposer
 from utils.imagenet_segmentation import ImagenetSegmentation, SegmentationFileError, resize_mask
 from utils.plots import find_textspan_file, parse_textspan_heads, topk_similar

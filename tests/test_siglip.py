@@ -18,13 +18,13 @@ pytest.importorskip("sentencepiece")
 transformers = pytest.importorskip("transformers")
 
 from conftest import run_inprocess, run_killed  # noqa: E402
+from tiny_siglip import HEADS, TEXT_LEN, TEXTS, D, randomize_, save_tiny_siglip, tiny_config  # noqa: E402
+
 from utils.datasets import SampleImages  # noqa: E402
-from utils.siglip import (SiglipImageTransform, head_orthogonality, pooling_accuracies,  # noqa: E402
-                          pooling_head_of, pooling_head_terms)
+from utils.siglip import (SiglipImageTransform, head_orthogonality, pooling_accuracies, pooling_head_of,  # noqa: E402
+                          pooling_head_terms)
 from utils.text.classnames import OPENAI_IMAGENET_TEMPLATES, get_classnames  # noqa: E402
 from utils.text.textspan import textspan_reference_numpy  # noqa: E402
-
-from tiny_siglip import D, HEADS, TEXT_LEN, TEXTS, randomize_, save_tiny_siglip, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +319,6 @@ def test_compute_siglip_open_clip_end_to_end(open_clip_checkpoint, tmp_path):
     """compute_siglip.py on an open_clip name (--model_config, --pretrained a checkpoint): the original's files and
     the four accuracies against the tower's own forward, and compute_prs.py's files beside them."""
     import open_clip
-
     from conftest import CONFIGS
 
     texts = tmp_path / "descriptions.txt"

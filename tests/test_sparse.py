@@ -13,11 +13,11 @@ import torch
 from sklearn.decomposition import SparseCoder
 from sklearn.linear_model import Lasso, orthogonal_mp_gram
 
-from utils.solvers.nnlasso import nnlasso_admm
-from utils.solvers.omp import omp
 from utils.files.names import sparse_decomposition_stem as output_stem
 from utils.neurons.sparse import (build_text_dictionary, cosine_rows, decompose, decomposition_json,
-                                        reconstruction_logits, save_sparse_npz, top_components)
+                                  reconstruction_logits, save_sparse_npz, top_components)
+from utils.solvers.nnlasso import nnlasso_admm
+from utils.solvers.omp import omp
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -14,10 +14,9 @@ import shutil
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import CONFIGS, GOLDEN, GOLDEN_WEIGHTS, run_script
 from sklearn.decomposition import SparseCoder
 from sklearn.linear_model import Lasso
-
-from conftest import CONFIGS, GOLDEN, GOLDEN_WEIGHTS, run_script
 
 SCRIPT = "compute_sparse_decomposition.py"
 MODEL, PRETRAINED = "prsclip-tiny-quickgelu", "prsclip-tiny_seed0"  # file-name parts

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import Lasso
-
 from conftest import CONFIGS, GOLDEN, GOLDEN_WEIGHTS, REPO, run_inprocess, run_killed
+from sklearn.linear_model import Lasso
 
 from utils.solvers.nnlasso import ScreenedADMM
 from utils.splice import (SPLICE, centre_concepts, decompose_classes, decompose_dataset, decompose_image,

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import GOLDEN, REPO, TINY_ARGS, run_inprocess, run_script
+
 from utils.text.textspan import svd_data_approx, textspan_reference_numpy
 
 IMAGES = GOLDEN / "images"

@@ -6,12 +6,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import GOLDEN, REPO, run_script
-from utils.text.sets import (HashMismatchError, Source, fetch_original, read_text_set, resolve_text_file)
-from utils.text.textspan import (HeadStatsAccumulator, head_stats, pclens_from_stats, reconstruct, svd_data_approx,
-                            text_span, textspan_from_stats, textspan_reference_numpy)
+
 from utils import waterbirds as wb
+from utils.text.sets import HashMismatchError, Source, fetch_original, read_text_set, resolve_text_file
+from utils.text.textspan import (HeadStatsAccumulator, head_stats, pclens_from_stats, reconstruct, svd_data_approx,
+                                 text_span, textspan_from_stats, textspan_reference_numpy)
 
 TS = GOLDEN / "textspan"
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import GOLDEN, REPO, run_inprocess, tiny_model
+
 from prs_hook import Decomposer, OpenClipPooledTower, TimmTower
 from utils.errors import UnsupportedModelError
 
@@ -151,6 +151,7 @@ def test_other_towers_refused_in_one_line(name, feature):
                                           ("MobileCLIP-S1", "FastViT"), ("RN50", "ModifiedResNet")])
 def test_conv_and_hybrid_configs_refused_with_the_reason(model, reason):
     import open_clip
+
     from utils.models import unsupported_reason
 
     assert reason in unsupported_reason(open_clip.get_model_config(model))

@@ -13,7 +13,6 @@ import numpy as np
 from utils.metrics import hits, percent
 
 
-
 def _chunks(B: int, size: int):
     for s in range(0, B, size):
         yield slice(s, min(B, s + size))

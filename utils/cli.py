@@ -34,7 +34,8 @@ from utils.errors import InputError
 from utils.models import default_device, load_model, register_model_config
 
 __all__ = ["run", "configure_torch", "add_tf32_arg", "positive_int", "layer_list", "add_model_args",
-           "load_model_from_args", "args_record", "add_text_set_args", "run_text_embeddings", "add_mismatch_arg", "add_segmentation_args", "say_wrote"]
+           "load_model_from_args", "args_record", "add_text_set_args", "run_text_embeddings", "add_mismatch_arg",
+           "add_segmentation_args", "say_wrote"]
 
 
 def positive_int(text: str) -> int:

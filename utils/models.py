@@ -20,10 +20,8 @@ import torch
 
 from prs_hook import UnsupportedModelError, check_supported
 from utils import LOG
-from utils.files.names import NO_WEIGHTS
 from utils.errors import InputError
-
-
+from utils.files.names import NO_WEIGHTS
 
 _DOWNLOAD_FAILED = "Failed to download weights"
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 import tqdm
 
+from utils.errors import InputError
 from utils.files.atomic import save_figure
 from utils.segmentation import overlay, unnormalize, upsample_patch_scores
-from utils.errors import InputError
 
 __all__ = ["parse_textspan_heads", "find_textspan_file", "text_maps", "centered", "plot_map_grid",
            "embed_heads", "topk_similar", "show_neighbours", "overlay", "unnormalize"]
@@ -84,8 +84,8 @@ def plot_map_grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], row_
     show it with ``IPython.display.display(fig)``.
     """
     import matplotlib.pyplot as plt
-    from matplotlib.colors import Normalize
     from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     allv = np.concatenate([np.asarray(m).ravel() for m in maps])
     if symmetric:

@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.errors import InputError
 from utils.datasets import class_column, load_rgb
-from utils.models import default_device, load_model, register_model_config
+from utils.errors import InputError
 from utils.files.names import NO_WEIGHTS, pretrained_name, splice_concepts_path
+from utils.models import default_device, load_model, register_model_config
 from utils.text.sets import EXTERNAL, SPLICE_FILES, TEXT_DIR, fetch_original
 
 __all__ = ["SPLICE", "load", "get_vocabulary", "get_preprocess", "get_tokenizer", "available_models",
@@ -147,8 +147,9 @@ def get_tokenizer(name: str):
 
 def get_preprocess(name: str, pretrained: Optional[str] = None):
     """The eval image transform of a backbone and its weights, built from the configs (no model is created)."""
-    import open_clip
     from dataclasses import asdict
+
+    import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
     bb = resolve_backbone(name, pretrained if pretrained is not None else

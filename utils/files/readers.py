@@ -11,13 +11,12 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from utils.errors import InputError
 from utils.datasets import class_column
+from utils.errors import InputError
 from utils.files.atomic import load_array
 from utils.files.names import (attn_rest_path, classifier_path, find_classifier, format_layers, labels_path,
                                layers_with_pcs, prs_paths, second_order_paths)
 from utils.files.provenance import check_consistent, read_provenance
-
 
 MODEL_FIELDS = ("model", "pretrained", "force_quick_gelu")  # files used together must share these
 DATA_FIELDS = ("dataset", "split", "data_path", "num_images")  # ... and per-image files these
@@ -33,7 +32,8 @@ def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch:
     model layer of each of the K entries, ascending), ``num_layers`` (L), ``attn_rest`` ([B, d], the attention
     layers not kept summed over heads; ``None`` when every layer is kept), ``mlp`` [B, L+1, d], ``cls_attn``
     [B, L, d], ``classifier`` [d, C], ``labels`` [B] (the class column for Waterbirds' [B, 2]) and ``paths``
-    (name -> file); with ``cls_attn=False`` that file is neither read nor required (``cls_attn`` is ``None``). Shapes must agree with each other and with the attn file's provenance record (its
+    (name -> file); with ``cls_attn=False`` that file is neither read nor required (``cls_attn`` is ``None``).
+    Shapes must agree with each other and with the attn file's provenance record (its
     ``layers``), and so must the files' records: the same model and weights everywhere, the same images in the
     per-image files, and a classifier made for ``dataset`` (``InputError`` unless ``allow_mismatch``).
     ``paths`` (attn, mlp, cls_attn, labels, classifier and optionally attn_rest -> file) overrides the file

@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from utils import LOG
 from utils.errors import InputError
-from utils.files.rows import StreamingArrays, finish_renames
 from utils.files.provenance import read_provenance, run_key, write_provenance
+from utils.files.rows import StreamingArrays, finish_renames
 
 __all__ = ["init_distributed", "rank_and_world", "is_main_process", "barrier", "stream_dataset", "Output"]
 

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 import tqdm
 
-from utils.metrics import hits, percent
 from utils import LOG
 from utils.datasets import build_second_order_dataset, class_labels
 from utils.errors import InputError
 from utils.files.provenance import derived_record
 from utils.files.readers import load_classifier, load_second_order_files
+from utils.metrics import hits, percent
 from utils.neurons.effects import COEFFICIENT, SecondOrderEffects
 from utils.neurons.pca import neuron_means
 

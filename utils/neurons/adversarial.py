@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from utils import DATA_DIR, LOG
-from utils.files import readers
 from utils.errors import InputError
-from utils.files.readers import LayerSpan
+from utils.files import readers
 from utils.files.atomic import atomic_write
 from utils.files.names import sparse_decomposition_stem
+from utils.files.readers import LayerSpan
 from utils.neurons.explore import read_decomposition
 from utils.text.embeddings import encode_texts
 

@@ -20,8 +20,8 @@ import torch
 
 from utils.errors import InputError
 from utils.files.atomic import load_array, save_figure
-from utils.neurons.pca import neuron_means
 from utils.files.provenance import derived_record, save_output
+from utils.neurons.pca import neuron_means
 
 __all__ = ["cached_neuron_means", "top_images", "read_decomposition", "image_centred_norms", "active_neurons",
            "concept_scores", "display_image", "plot_neuron", "plot_concepts"]

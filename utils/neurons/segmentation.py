@@ -12,7 +12,6 @@ import torch
 from utils.errors import InputError
 from utils.segmentation import _minmax, score_heatmaps, upsample_patch_scores
 
-
 NEURON_THRESHOLD = 0.5  # the original's fixed foreground threshold (quirk N3)
 
 

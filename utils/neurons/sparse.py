@@ -27,8 +27,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from utils.files.atomic import atomic_write
 from utils.errors import InputError
+from utils.files.atomic import atomic_write
 
 NORMS = ("per_dimension", "per_text")
 SOLVERS = ("omp", "nnlasso")

@@ -20,8 +20,8 @@ from utils.files.names import (ablations_stem, classifier_path, classifier_path_
                                specific_heads_stem, splice_decomposition_path, splice_weights_path, split_classes_path,
                                text_embeddings_path)
 from utils.reproduce.report import Row, Section, read_key_values
-from utils.text.sets import EXTERNAL, TEXT_DIR
 from utils.reproduce.smoke import SMOKE_DATA_NAMES, SMOKE_IMAGE_MEAN, SMOKE_MODEL, SMOKE_VOCABULARY, smoke_data
+from utils.text.sets import EXTERNAL, TEXT_DIR
 
 __all__ = ["DATA_FLAGS", "DEFAULT_MODELS", "Sizes", "PAPER", "SMOKE", "Settings", "Step", "Plan", "paper1", "paper2",
            "splice", "PIPELINES", "build", "select_steps"]
@@ -65,7 +65,8 @@ class Sizes:
 
 PAPER = Sizes()
 SMOKE = Sizes(text_dir=str(Path(SMOKE_VOCABULARY).parent), textspan_texts=Path(SMOKE_VOCABULARY).stem, texts_per_head=5,
-              waterbirds_heads="3.0,3.1,2.2", random_trials=3, sparse_texts=Path(SMOKE_VOCABULARY).stem, top_k_pca=3, components=4, mlp_layers=(1,),
+              waterbirds_heads="3.0,3.1,2.2", random_trials=3, sparse_texts=Path(SMOKE_VOCABULARY).stem, top_k_pca=3,
+              components=4, mlp_layers=(1,),
               segmentation_layers=(0, 1), top_neurons=5, image_size=64, device="cpu", batch_size=4, num_workers=0,
               splice_batch_size=8)
 

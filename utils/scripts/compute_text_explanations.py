@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from utils.cli import DEVICE_HELP, add_mismatch_arg, add_num_workers_arg, run
-from utils.models import default_device
-from utils.files.readers import load_decomposition
 from utils.files.atomic import atomic_write_text, make_output_dir
 from utils.files.names import classifier_path, pclens_explanations_path, pclens_paths
 from utils.files.provenance import derived_record, write_provenance
+from utils.files.readers import load_decomposition
+from utils.models import default_device
 from utils.text.completeness import CompletenessSettings, completeness
 from utils.text.textspan import pclens_from_stats, pclens_record, textspan_from_stats
 

@@ -30,8 +30,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from utils.metrics import hits
 from utils.errors import InputError
+from utils.metrics import hits
 
 __all__ = ["HeadStats", "HeadStatsAccumulator", "TextSpanResult", "PCLensResult", "head_stats",
            "textspan_from_stats", "pclens_from_stats", "pclens_record", "reconstruct", "text_span", "svd_data_approx",
