@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.cli import args_record, positive_int, run
+from utils.cli import DEVICE_HELP, add_num_workers_arg, args_record, positive_int, run, splice_weights
 from utils.errors import InputError
 from utils.files.atomic import atomic_save, atomic_write
 from utils.files.names import image_embeddings_path, image_mean_path
@@ -41,8 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the mean, .pt or .npy (default: {model}_{weights}_{dataset}_image_mean.pt)")
     parser.add_argument("-batch_size", "--batch_size", type=positive_int, default=256,
                         help="images per batch (default: %(default)s)")
-    parser.add_argument("--num_workers", type=int, default=8, help="data loader workers (default: %(default)s)")
-    parser.add_argument("-device", "--device", default=default_device(), help="torch device")
+    add_num_workers_arg(parser)
+    parser.add_argument("-device", "--device", default=default_device(), help=DEVICE_HELP)
     parser.add_argument("--resume", action="store_true", help="continue a killed run (same model and dataset)")
     parser.add_argument("--keep_embeddings", action="store_true", help="keep the normalised embeddings [N, d]")
     return parser
@@ -84,4 +84,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser())
+    run(main, get_args_parser(), weights=splice_weights)

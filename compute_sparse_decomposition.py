@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import (add_mismatch_arg, add_model_args, add_num_workers_arg, load_model_from_args, positive_int, run,
-                       say_wrote)
+from utils.cli import (add_mismatch_arg, add_model_args, add_num_workers_arg, load_model_from_args, model_weights,
+                       positive_int, run, say_wrote)
 from utils.datasets import build_second_order_dataset, class_labels
 from utils.errors import InputError
 from utils.files.atomic import load_array, make_output_dir
@@ -223,4 +223,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser(), weights=lambda args: args.evaluate)  # the model runs only to evaluate
+    # the model runs only to evaluate
+    run(main, get_args_parser(), weights=lambda args: model_weights(args) if args.evaluate else None)

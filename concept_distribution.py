@@ -19,7 +19,8 @@ import argparse
 
 import matplotlib
 
-from utils.cli import add_dataset_args, add_splice_args, dataset_settings, note, run, say_wrote, splice_settings
+from utils.cli import (add_dataset_args, add_splice_args, dataset_settings, note, run, say_wrote, splice_settings,
+                       splice_weights)
 from utils.files.atomic import atomic_write_json, atomic_write_text, make_output_dir
 from utils.files.names import concept_distribution_title
 from utils.files.provenance import write_provenance
@@ -71,4 +72,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser())
+    run(main, get_args_parser(), weights=splice_weights)

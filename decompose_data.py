@@ -15,7 +15,7 @@ same). See docs/splice.md.
 import argparse
 from pathlib import Path
 
-from utils.cli import add_dataset_args, add_splice_args, dataset_settings, note, run, splice_settings
+from utils.cli import add_dataset_args, add_splice_args, dataset_settings, note, run, splice_settings, splice_weights
 from utils.files.atomic import atomic_write_text
 from utils.files.names import splice_weights_path
 from utils.files.provenance import write_provenance
@@ -58,4 +58,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser())
+    run(main, get_args_parser(), weights=splice_weights)

@@ -15,7 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from utils.cli import add_splice_args, note, run, splice_settings
+from utils.cli import add_splice_args, note, run, splice_settings, splice_weights
 from utils.errors import InputError
 from utils.files.atomic import atomic_write_text, make_output_dir
 from utils.files.provenance import write_provenance
@@ -75,4 +75,4 @@ def main(args: argparse.Namespace) -> list:
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser())
+    run(main, get_args_parser(), weights=splice_weights)

@@ -413,6 +413,22 @@ def test_uncached_weights_fail_fast_and_create_nothing(tmp_path, hub):
     assert seconds < 30, seconds  # python + torch start-up included; the retries took ~50 s
 
 
+def test_splice_scripts_check_their_backbone_weights_first(tmp_path):
+    """SpLiCE's scripts name their backbone as [library:]model: its open_clip weights are checked before any work
+    (their --cache_dir holds concept embeddings and is not where weights are looked for)."""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    out = tmp_path / "out"
+    for cmd in (["decompose_image.py", "-path", str(tmp_path / "missing.png"), "-out_path", str(out)],
+                ["decompose_data.py", "-dataset", "sample", "-out_path", str(out / "d.txt"), "--cache_dir",
+                 str(tmp_path / "concepts")]):
+        res = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, res.stderr
+        line = _error_line(res.stderr)
+        assert "laion2b_s34b_b79k" in line and "ViT-B-32" in line and "not cached" in line, line
+        assert not out.exists() and not (tmp_path / "concepts").exists()
+
+
 def test_newcomer_mistakes_are_one_line_before_any_work(tmp_path, monkeypatch):
     """A CUDA device without a GPU, an output folder that cannot be written, CIFAR not downloaded without network,
     a truncated input file: one line each, exit 2, checked before any model is loaded or folder made."""

@@ -27,7 +27,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from utils import LOG
 from utils.errors import InputError
@@ -103,17 +103,36 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def loads_weights(args: argparse.Namespace) -> bool:
-    """Whether a script loads the model's weights: those with the model flags (``model_flags``) do."""
-    return hasattr(args, "force_quick_gelu")
+# What a run loads, for preflight's weights check: (open_clip model name, --pretrained, the weights' cache folder)
+Weights = Optional[tuple[str, Optional[str], Optional[str]]]
+
+
+def model_weights(args: argparse.Namespace) -> Weights:
+    """The weights of a script with the model flags (``model_flags``; its ``--cache_dir``, where it has one, is the
+    weights' cache); ``None`` for scripts without them."""
+    if not hasattr(args, "force_quick_gelu"):
+        return None
+    return args.model, args.pretrained, getattr(args, "cache_dir", None)
+
+
+def splice_weights(args: argparse.Namespace) -> Weights:
+    """The weights of SpLiCE's scripts: the backbone ``-model [library:]name --pretrained`` resolves to (their
+    ``--cache_dir`` holds concept embeddings, so the weights come from the default cache); ``None`` when
+    ``--from_weights`` reads a finished decomposition instead of running the model."""
+    if getattr(args, "from_weights", None):
+        return None
+    from utils.splice import resolve_backbone
+
+    backbone = resolve_backbone(args.model, args.pretrained)
+    return backbone.open_clip_name, backbone.pretrained, None
 
 
 def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
         argv: Sequence[str] | None = None, outputs: Sequence[str] = OUTPUT_FLAGS,
-        weights: Callable[[argparse.Namespace], bool] = loads_weights) -> None:
+        weights: Callable[[argparse.Namespace], Weights] = model_weights) -> None:
     """Parse the command line, set the shared numerics, check what every script shares (``preflight``: the
-    ``outputs`` flags name folders written into; ``weights(args)`` says whether this run loads weights), and call
-    ``main(args)`` (see the module docstring)."""
+    ``outputs`` flags name folders written into; ``weights(args)`` names the weights this run loads, ``None`` for
+    none), and call ``main(args)`` (see the module docstring)."""
     from utils.files.provenance import set_invocation
 
     add_tf32_arg(parser)
@@ -145,24 +164,17 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
         _end_distributed()
 
 
-def preflight(args: argparse.Namespace, outputs: Sequence[str] = OUTPUT_FLAGS, weights: bool = True) -> None:
+def preflight(args: argparse.Namespace, outputs: Sequence[str] = OUTPUT_FLAGS, weights: Weights = None) -> None:
     """The checks every script shares, before any work and before anything is written, each one line: the
-    ``--device`` is usable here, the weights ``--pretrained`` names are cached or can be downloaded (seconds, not
-    a minute of retries, when offline; only when ``weights``), and the folders of ``outputs`` can be created and
-    written."""
+    ``--device`` is usable here, the ``weights`` (model, pretrained, cache folder) are cached or can be downloaded
+    (seconds, not a minute of retries, when offline), and the folders of ``outputs`` can be created and written."""
     from utils.models import check_device, check_weights_available
 
     if getattr(args, "device", None):
         check_device(args.device)
-    model, pretrained = getattr(args, "model", None), getattr(args, "pretrained", None)
-    if isinstance(model, str) and ":" in model and not model.startswith(("hf-hub:", "local-dir:")):
-        from utils.splice import resolve_backbone  # SpLiCE's library:name backbones
-
-        backbone = resolve_backbone(model, pretrained)
-        model, pretrained = backbone.name, backbone.pretrained
-    if weights and model and pretrained:
+    if weights is not None:
         register_model_config(getattr(args, "model_config", None))
-        check_weights_available(model, pretrained, getattr(args, "cache_dir", None))
+        check_weights_available(*weights)
     for flag in outputs:
         if getattr(args, flag, None):
             check_writable_folder(getattr(args, flag), f"--{flag}")
