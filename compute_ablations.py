@@ -20,8 +20,8 @@ one study only (--figures_dir, --chunk: paper 1; the rest: paper 2) together wit
 import argparse
 
 from utils.ablations import mean_ablation_study
-from utils.cli import (MISMATCH_FLAG, Flag, add_flags, num_workers_flag, run, run_second_order_ablations, say_wrote,
-                       second_order_ablation_flags)
+from utils.cli import (MISMATCH_FLAG, Flag, HelpFormatter, add_flags, num_workers_flag, run, run_second_order_ablations,
+                       say_wrote, second_order_ablation_flags)
 from utils.errors import InputError
 from utils.files.atomic import make_output_dir
 from utils.files.names import ablations_stem
@@ -52,7 +52,7 @@ STUDIES = {1: mean_ablation_flags, 2: second_order_ablation_flags}
 def described(kwargs: dict) -> str:
     """A flag's help with its default written out (the combined parser suppresses defaults)."""
     text = (kwargs.get("help") or "").replace("%(default)s", str(kwargs.get("default")))
-    return text if "default" in text else f"{text} (default: {kwargs.get('default')})"
+    return text if HelpFormatter.STATED.search(text) else f"{text} (default: {kwargs.get('default')})"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -120,7 +120,7 @@ def plot_layer_curve(acc: dict, num_layers: int, title: str):
 
 
 def mean_ablations(args: argparse.Namespace) -> dict:
-    """Paper 1's study (the flags of ``paper1_parser``)."""
+    """Paper 1's study (the flags of ``mean_ablation_flags``)."""
     arrays = load_decomposition(args.input_dir, args.dataset, args.model, args.allow_mismatch)
     require_layers(arrays, range(arrays["num_layers"]), "the cumulative layer study of compute_ablations.py")
     res = mean_ablation_study(arrays["attn"], arrays["mlp"], arrays["cls_attn"], arrays["classifier"],

@@ -49,9 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prs_hook import Decomposer
 from utils.cli import (add_model_args, add_segmentation_args, args_record, finish_segmentation_run,
-                       load_model_from_args, run, segmentation_options)
+                       load_engine_from_args, run, segmentation_options)
 from utils.errors import InputError
 from utils.files.atomic import make_output_dir
 from utils.files.names import neuron_segmentation_dir, pretrained_name, segmentation_files
@@ -98,14 +97,13 @@ def main(args: argparse.Namespace) -> dict:
     pca_files, pcs = load_pcas(args)
     classifier, cls_file = load_classifier(args.classifier_dir, args.dataset, args.model, args.pretrained,
                                            pcs.shape[1], args.allow_mismatch)
-    model, preprocess, _ = load_model_from_args(args)
+    model, preprocess, engine, _ = load_engine_from_args(args)
     ds.transform = preprocess
     grid, patch = check_image_size(model, args.image_size, args.model)
     blocks = model.visual.transformer.resblocks
     outside = [layer for layer in args.mlp_layers if not 0 <= layer < len(blocks)]
     if outside:
         raise InputError(f"--mlp_layers: layer {outside[0]} out of range for {args.model} (0..{len(blocks) - 1})")
-    engine = Decomposer(model, args.device, model_name=args.model)
     neurons = len(pcs) // len(args.mlp_layers)
     for layer, f in zip(args.mlp_layers, pca_files):
         expected = [blocks[layer].mlp.c_proj.in_features, engine.out_dim]

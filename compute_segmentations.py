@@ -28,9 +28,8 @@ import argparse
 
 import torch
 
-from prs_hook import Decomposer
 from utils.cli import (add_model_args, add_segmentation_args, args_record, finish_segmentation_run,
-                       load_model_from_args, run, segmentation_options)
+                       load_engine_from_args, run, segmentation_options)
 from utils.errors import InputError
 from utils.files.atomic import make_output_dir
 from utils.files.names import classifier_path, pretrained_name, segmentation_dir
@@ -57,10 +56,9 @@ def main(args: argparse.Namespace) -> dict:
     ds = ImagenetSegmentation(args.data_path, image_size=args.image_size, mask_resize=args.mask_resize)
     cls_file = classifier_path(args.classifier_dir, args.classifier_dataset, args.model)
     classifier = read_classifier(cls_file)  # its size is checked against the model's once it is loaded
-    model, preprocess, _ = load_model_from_args(args)
+    model, preprocess, engine, _ = load_engine_from_args(args)
     ds.transform = preprocess
     grid, patch = check_image_size(model, args.image_size, args.model)
-    engine = Decomposer(model, args.device, model_name=args.model)
     if classifier.shape[0] != engine.out_dim:
         raise InputError(f"{cls_file}: classifier of shape {list(classifier.shape)}, but {args.model} embeds into "
                          f"{engine.out_dim} dimensions; expected [{engine.out_dim}, classes] (written for another "

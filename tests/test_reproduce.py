@@ -528,3 +528,19 @@ def test_identity_ignores_only_speed_flags():
     assert ident(a) == ["compute_prs.py", "--model", "M", "--dataset", "x"]
     assert ident(["/abs/compute_prs.py", "--model", "M", "--dataset", "y"]) != ident(a)
     assert ident(["compute_prs.py", "--model", "M", "--dataset", "x", "--dtype", "float16"]) != ident(a)
+
+
+def test_an_output_recorded_outside_a_script_is_not_up_to_date(tmp_path, monkeypatch):
+    """A record written by library code (a notebook: no command line, ``"command": null``) means the step has not
+    run: the check says so instead of reading a command from stdin."""
+    from utils.files.provenance import write_provenance
+    from utils.reproduce.plan import Step
+    from utils.reproduce.runner import up_to_date
+
+    out = tmp_path / "a.npy"
+    out.write_bytes(b"x")
+    write_provenance(out, {"command": None})
+    monkeypatch.setattr(sys, "stdin", io.StringIO("compute_prs.py --model m\n"))
+    step = Step("prs", "compute_prs.py", ["--model", "m"], [out])
+    assert not up_to_date(step, ["compute_prs.py", "--model", "m"], [], None)
+    assert sys.stdin.read() == "compute_prs.py --model m\n"  # untouched

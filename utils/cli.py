@@ -451,10 +451,12 @@ def finish_segmentation_run(ds, out: Path, args: argparse.Namespace, record: dic
     ``wrote`` line."""
     from utils.segmentation import finish_segmentation
 
+    from utils.files.names import segmentation_files
+
     result = finish_segmentation(ds, out, record, {**summary, "args": dict(vars(args))})
     print(result["result_txt"], end="")
-    say_wrote([f"{out}/"], f"(segmentation.json, {result['result_file']}, precision.npy, recall.npy, heatmaps.npy"
-                           f"{', images/' if args.save_img else ''})")
+    written = [p.name + ("/" if p.is_dir() else "") for p in segmentation_files(out).values() if p.exists()]
+    say_wrote([f"{out}/"], f"({', '.join([*written, Path(result['result_file']).name])})")
     return result
 
 

@@ -69,8 +69,9 @@ def up_to_date(step: Step, argv: Sequence[str], inputs: Sequence[Path], pretrain
             return False
         if not step.records:
             continue
-        record = read_provenance(path)
-        if record is None or identity(shlex.split(record.get("command", ""))[1:]) != identity(argv):
+        record = read_provenance(path) or {}
+        command = record.get("command")  # None: written outside a script (a notebook), so not by this step
+        if not command or identity(shlex.split(command)[1:]) != identity(argv):
             return False
         if provenance_path(path).stat().st_mtime < path.stat().st_mtime:
             return False
