@@ -463,6 +463,24 @@ def test_images_embedding_adds_the_layers_left_out(tmp_path):
                                full.sum((1, 2)) + mlp.sum(1), atol=1e-5)
 
 
+
+def test_images_embedding_of_a_pooled_tower(tmp_path):
+    """compute_images_embedding on a tower read out by pooling (its mlp file holds L + 2 terms): the sum is the
+    normalised embedding."""
+    from conftest import REPO
+
+    args = ["--model_config", str(REPO / "tests" / "configs"), "--model", "tiny-map", "--pretrained", "none"]
+    code, _, err = run_inprocess("utils/scripts/compute_activation_values.py", *args, "--dataset", "golden",
+                                 "--data_path", GOLDEN / "images", "--output_dir", tmp_path, "--num_workers", 0)
+    assert code == 0, err
+    assert np.load(tmp_path / "golden_mlp_tiny-map_seed_0.npy").shape[1] == 3 + 2
+    code, _, err = run_inprocess("utils/scripts/compute_images_embedding.py", "--dataset", "golden", "--model",
+                                 "tiny-map", "--output_dir", tmp_path)
+    assert code == 0, err
+    emb = np.load(tmp_path / "golden_embeddings_tiny-map_seed_0.npy")
+    assert emb.shape == (len(np.load(tmp_path / "golden_labels_tiny-map_seed_0.npy")), 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
 def test_component_intervention_against_a_direct_computation():
     """Removing one principal component of one head: the accuracy and the text cosines recomputed by hand from the
     edited head array (float64), on a decomposition built so that the removal changes predictions."""

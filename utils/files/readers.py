@@ -7,7 +7,7 @@ the file at fault.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, NamedTuple, Optional, Sequence
+from typing import Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -45,20 +45,10 @@ def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch:
     paths.setdefault("attn_rest", attn_rest_path(input_dir, dataset, model))
     names = {k: str(p) for k, p in paths.items()}
     kinds = ("attn", "mlp", "cls_attn") if cls_attn else ("attn", "mlp")
-    out = {k: load_array(paths[k], written_by[0]) for k in kinds}
-    out.setdefault("cls_attn", None)
+    out = load_attention_terms(paths, written_by[0])
+    out["cls_attn"] = load_array(paths["cls_attn"], written_by[0]) if cls_attn else None
     out["classifier"] = read_classifier(paths["classifier"], written_by=written_by[1])
     out["labels"] = class_column(load_array(paths["labels"], written_by[0], mmap=False))
-    num_layers = mlp_num_layers(paths["mlp"], out["mlp"], out["attn"])
-    out["layers"] = stored_layers(paths["attn"], out["attn"], num_layers)
-    out["num_layers"] = num_layers
-    out["attn_rest"] = None
-    if len(out["layers"]) < num_layers:
-        out["attn_rest"] = load_array(paths["attn_rest"], f"{written_by[0]} --layers")
-        rest_layers = (read_provenance(paths["attn_rest"]) or {}).get("layers", out["layers"])
-        if rest_layers != out["layers"]:
-            raise InputError(f"{paths['attn_rest']} was made with --layers {format_layers(rest_layers)} but "
-                             f"{paths['attn']} with --layers {format_layers(out['layers'])}; rerun compute_prs.py")
     check_decomposition(out, names)
     per_image = [paths[k] for k in (*kinds, "labels")]
     per_image += [paths["attn_rest"]] if out["attn_rest"] is not None else []
@@ -68,6 +58,24 @@ def load_decomposition(input_dir: str, dataset: str, model: str, allow_mismatch:
                      expected_from=f"--dataset {dataset}", allow_mismatch=allow_mismatch)
     out["paths"] = paths
     return out
+
+
+def load_attention_terms(paths: Mapping[str, str | Path], written_by: str = "compute_prs.py") -> dict:
+    """The parts of a decomposition's files that sum to the embedding: ``attn`` [B, K, H, d], ``mlp`` [B, L+1, d]
+    (or [B, L+2, d]), ``layers`` (the model layer of each of the K entries), ``num_layers`` (L) and ``attn_rest``
+    ([B, d], the layers not kept; ``None`` when every layer is kept, else checked to be made with the same
+    ``--layers``). ``paths``: attn, mlp, attn_rest -> file; ``written_by`` is named when a file is missing."""
+    attn, mlp = load_array(paths["attn"], written_by), load_array(paths["mlp"], written_by)
+    num_layers = mlp_num_layers(paths["mlp"], mlp, attn)
+    layers = stored_layers(paths["attn"], attn, num_layers)
+    rest = None
+    if len(layers) < num_layers:
+        rest = load_array(paths["attn_rest"], f"{written_by} --layers")
+        rest_layers = (read_provenance(paths["attn_rest"]) or {}).get("layers", layers)
+        if rest_layers != layers:
+            raise InputError(f"{paths['attn_rest']} was made with --layers {format_layers(rest_layers)} but "
+                             f"{paths['attn']} with --layers {format_layers(layers)}; rerun compute_prs.py")
+    return {"attn": attn, "mlp": mlp, "layers": layers, "num_layers": num_layers, "attn_rest": rest}
 
 
 def mlp_num_layers(mlp_path: str | Path, mlp: np.ndarray, attn: np.ndarray) -> int:

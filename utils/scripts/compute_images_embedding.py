@@ -13,10 +13,10 @@ from pathlib import Path
 
 from utils.cli import add_num_workers_arg, run, say_wrote
 from utils.decomposition import summed_embeddings
-from utils.files.atomic import load_array, make_output_dir
+from utils.files.atomic import make_output_dir
 from utils.files.names import pclens_embeddings_path, pclens_paths
 from utils.files.provenance import derived_record, save_output
-from utils.files.readers import stored_layers
+from utils.files.readers import load_attention_terms
 
 WRITER = "python -m utils.scripts.compute_activation_values"
 
@@ -36,12 +36,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> Path:
     paths = pclens_paths(args.input_dir or args.output_dir, args.dataset, args.model, args.seed)
-    attn, mlp = load_array(paths["attn"], WRITER), load_array(paths["mlp"], WRITER)
-    num_layers = mlp.shape[1] - 1
-    rest = None
-    if len(stored_layers(paths["attn"], attn, num_layers)) < num_layers:
-        rest = load_array(paths["attn_rest"], f"{WRITER} --layers")
-    embeddings = summed_embeddings(attn, mlp, rest)
+    terms = load_attention_terms(paths, WRITER)
+    rest = terms["attn_rest"]
+    embeddings = summed_embeddings(terms["attn"], terms["mlp"], rest)
     path = pclens_embeddings_path(make_output_dir(args.output_dir), args.dataset, args.model, args.seed)
     inputs = [paths["attn"], paths["mlp"], *([paths["attn_rest"]] if rest is not None else [])]
     save_output(path, embeddings, derived_record(inputs, seed=args.seed))
