@@ -52,8 +52,9 @@ from utils.datasets import build_dataset
 from utils.decomposition import decompose_dataset
 from utils.errors import InputError
 from utils.files.atomic import atomic_write, load_array, make_output_dir, save_figure
-from utils.files.names import prs_paths, siglip_paths
+from utils.files.names import prs_paths, siglip_model_name, siglip_paths
 from utils.files.provenance import make_record, reusable_output, save_output, write_provenance
+from utils.files.readers import MODEL_FIELDS
 from utils.files.results import save_result
 from utils.files.streaming import init_distributed, is_main_process
 from utils.metrics import percent
@@ -163,11 +164,12 @@ def main(args: argparse.Namespace) -> dict:
     say("Model parameters:", f"{sum(p.numel() for p in pm.vision.parameters()):,}")
 
     encoder, tokenize = pm.text_encoder, pm.tokenize
+    weights = {k: getattr(args, k) for k in MODEL_FIELDS}  # what the cached text-side arrays depend on
     zeroshot = None
     if main_process:
         print(f"Computing zeroshot weights for {DATASET_NAMES.get(args.dataset, args.dataset)}...")
         zeroshot = cached(paths["zeroshot"], make_record(
-            model=args.model, pretrained=args.pretrained, dataset=args.dataset, classes=classnames,
+            **weights, dataset=args.dataset, classes=classnames,
             templates=len(OPENAI_IMAGENET_TEMPLATES), max_length=pm.text_length), lambda: zero_shot_classifier(
                 encoder, tokenize, classnames, OPENAI_IMAGENET_TEMPLATES, args.device, args.batch_size).T.cpu().numpy(),
             "zeroshot weights")
@@ -201,15 +203,14 @@ def main(args: argparse.Namespace) -> dict:
         written.append(paths["prs"])
         del prs
         if model is not None:  # open_clip: the engine's full decomposition, as compute_prs.py writes it
-            prs_files = {**prs_paths(out, args.dataset, args.model), "labels": files["labels"]}
+            prs_files = {**prs_paths(out, args.dataset, siglip_model_name(args.model)), "labels": files["labels"]}
             written += list(decompose_dataset(model, ds, prs_files, record=record, device=args.device,
                                               batch_size=args.batch_size, num_workers=args.num_workers,
                                               resume=args.resume, model_name=args.model,
                                               desc=f"compute_prs {args.model}").values())
 
     text_features = cached(paths["text_features"], make_record(
-        model=args.model, pretrained=args.pretrained, text_set=str(args.text_descriptions), num_texts=len(lines),
-        max_length=pm.text_length),
+        **weights, text_set=str(args.text_descriptions), num_texts=len(lines), max_length=pm.text_length),
         lambda: encode_texts(encoder, tokenize, lines, args.device, args.batch_size).cpu().numpy(), "text features")
     print(f"Text features shape: {text_features.shape}")
 
