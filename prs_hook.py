@@ -198,7 +198,7 @@ class Decomposition:
         ``total() @ classifier``.
         """
         heads = self.head_terms()
-        w = torch.as_tensor(classifier).detach().to(heads.device, torch.float32)
+        w = torch.as_tensor(classifier).detach().to(heads.device, heads.dtype)
         d = heads.shape[-1]
         if w.dim() != 2 or w.shape[0] != d:
             raise InputError(f"head_logits: classifier of shape {list(w.shape)}; expected [d={d}, classes]")
@@ -1048,7 +1048,7 @@ class Decomposer:
         if self.visual is not model.visual:
             dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.visual.parameters()})
             devices = sorted({str(p.device) for p in model.visual.parameters()})
-            gib = sum(p.numel() for p in self.visual.parameters()) * 4 / 2 ** 30
+            gib = sum(p.numel() * p.element_size() for p in self.visual.parameters()) / 2 ** 30
             warnings.warn(f"Decomposer: the image tower is {'/'.join(dtypes)} on {'/'.join(devices)}; decomposing a "
                           f"{str(dtype).replace('torch.', '')} copy on {self.device} ({gib:.2f} GiB)", stacklevel=3)
         with autocast_off(self.device):

@@ -131,6 +131,21 @@ def test_head_logits_against_a_direct_einsum(tiny):
         engine(x, spatial="sum").head_logits(classifier)
 
 
+
+def test_head_logits_and_top_heads_of_a_float64_record(tiny):
+    """A float64 engine's record keeps float64 through head_logits (the classifier follows the record's dtype)."""
+    model, x, _ = tiny
+    with pytest.warns(UserWarning, match="float64 copy"):  # the float32 tower is copied, 8 bytes a value
+        engine = Decomposer(model, "cpu", dtype=torch.float64)
+    rec = engine(x.double())
+    classifier = torch.randn(32, 5, generator=torch.Generator().manual_seed(2))
+    logits = rec.head_logits(classifier)
+    assert logits.dtype == torch.float64
+    torch.testing.assert_close(logits, torch.einsum("blhd,dc->blhc", rec.attn, classifier.double()), atol=1e-12,
+                               rtol=0)
+    top = rec.top_heads(classifier[:, 0], k=3)
+    assert [h.score for h in top] == sorted((h.score for h in top), reverse=True) and len(top) == 3
+
 def _hand_built(attn: torch.Tensor, layers: tuple) -> Decomposition:
     b, _, H, d = attn.shape
     zeros = torch.zeros(b, d)

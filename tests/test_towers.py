@@ -50,6 +50,18 @@ def test_sum_rule_float32_and_float64(tower, mode):
     assert d.mlp.shape[1] == L + 2 and d.mlp_labels == ("embedding", *(f"mlp.{l}" for l in range(L)), "pool")
 
 
+
+def test_grid_and_patch_of_a_conv_stem():
+    """timm's HybridEmbed (MobileCLIP-B's conv stem) reports patch_size 1 on its 14 x 14 grid of a 224 image: the
+    pixels per token are 16, as segmentation needs them."""
+    from types import SimpleNamespace
+
+    from utils.segmentation import grid_and_patch
+
+    stem = SimpleNamespace(img_size=(224, 224), grid_size=(14, 14), patch_size=(1, 1))
+    model = SimpleNamespace(visual=SimpleNamespace(trunk=SimpleNamespace(patch_embed=stem)))
+    assert grid_and_patch(model) == ((14, 14), (16, 16))
+
 def test_modes_agree(tower):
     """Token-summed = spatial summed over tokens; "sum" = spatial summed over layers and heads; layers= keeps and
     sums; cls_attn is the same in every mode."""

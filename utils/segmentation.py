@@ -48,7 +48,8 @@ def grid_and_patch(model: torch.nn.Module) -> tuple[tuple[int, int], tuple[int, 
     v = model.visual
     v = v.trunk.patch_embed if hasattr(v, "trunk") else v
     grid = tuple(int(g) for g in v.grid_size)
-    patch = tuple(int(p) for p in v.patch_size)
+    # the pixels per token: a conv stem before the patches (timm's HybridEmbed, MobileCLIP) reports patch_size 1
+    patch = tuple(int(i) // g for i, g in zip(v.image_size if hasattr(v, "image_size") else v.img_size, grid))
     return grid, patch
 
 
