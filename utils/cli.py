@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from utils import LOG
 from utils.errors import InputError
+from utils.files.names import format_layers
 from utils.models import default_device, load_model, register_model_config
 
 __all__ = ["run", "configure_torch", "add_tf32_arg", "positive_int", "layer_list", "add_model_args",
@@ -316,13 +317,25 @@ def load_model_from_args(args: argparse.Namespace):
                       cache_dir=getattr(args, "cache_dir", None))
 
 
+def kept_layers(layers: Optional[Sequence[int]], num_layers: int, model_name: str) -> Optional[list[int]]:
+    """The attention layers to store: ``None`` for every layer (``layers`` is ``None`` or lists them all), else
+    ``layers`` as a list; ``InputError`` naming ``--layers`` when one is out of range (scripts with that flag)."""
+    if layers is None:
+        return None
+    bad = [l for l in layers if not 0 <= l < num_layers]
+    if bad:
+        raise InputError(f"--layers {format_layers(layers)}: {format_layers(bad)} out of range; {model_name} has "
+                         f"{num_layers} layers (0-{num_layers - 1})")
+    if len(set(layers)) == num_layers:
+        return None
+    return list(layers)
+
+
 def load_engine_from_args(args: argparse.Namespace):
     """The model of ``add_model_args``'s flags and its ``prs_hook.Decomposer`` (``--map_mlp`` where the script has
     it), with the layers ``--layers`` keeps (``None``: every layer; said when the flag lists them all):
     ``(model, preprocess, engine, layers)``."""
     from prs_hook import Decomposer
-    from utils.decomposition import kept_layers
-    from utils.files.names import format_layers
 
     model, preprocess, _ = load_model_from_args(args)
     engine = Decomposer(model, args.device, model_name=args.model, map_mlp=getattr(args, "map_mlp", "lumped"))

@@ -15,25 +15,10 @@ import torch
 
 from prs_hook import Decomposer
 from utils.errors import InputError
-from utils.files.names import format_layers
 from utils.files.provenance import save_output
 from utils.files.streaming import Output, is_main_process, stream_dataset
 
-__all__ = ["decompose_dataset", "kept_layers", "summed_embeddings"]
-
-
-def kept_layers(layers: Optional[Sequence[int]], num_layers: int, model_name: str) -> Optional[list[int]]:
-    """The attention layers to store: ``None`` for every layer (``layers`` is ``None`` or lists them all), else
-    ``layers`` as a list; ``InputError`` naming ``--layers`` when one is out of range."""
-    if layers is None:
-        return None
-    bad = [l for l in layers if not 0 <= l < num_layers]
-    if bad:
-        raise InputError(f"--layers {format_layers(layers)}: {format_layers(bad)} out of range; {model_name} has "
-                         f"{num_layers} layers (0-{num_layers - 1})")
-    if len(set(layers)) == num_layers:
-        return None
-    return list(layers)
+__all__ = ["decompose_dataset", "summed_embeddings"]
 
 
 def decompose_dataset(model: torch.nn.Module | Decomposer, dataset, paths: Mapping[str, str | Path], *,
@@ -58,7 +43,9 @@ def decompose_dataset(model: torch.nn.Module | Decomposer, dataset, paths: Mappi
     """
     engine = model if isinstance(model, Decomposer) else Decomposer(model, device, model_name)
     L, H, d = engine.num_layers, engine.num_heads, engine.out_dim
-    layers = kept_layers(layers, L, model_name or type(model).__name__)
+    if layers is not None:  # checked as the engine checks them; every layer: no attn_rest
+        layers = list(engine.request(layers=layers).layers)
+        layers = None if len(layers) == L else layers
     needed = ("attn", "mlp", "cls_attn", "labels") + (() if layers is None else ("attn_rest",))
     missing = [k for k in needed if k not in paths]
     if missing:
