@@ -28,7 +28,7 @@ file names: python -m utils.scripts.compute_text_explanations (docs/pclens.md).
 """
 import argparse
 
-from utils.cli import DEVICE_HELP, add_mismatch_arg, add_num_workers_arg, run, say_wrote
+from utils.cli import DEVICE_HELP, add_mismatch_arg, add_num_workers_arg, positive_int, run, say_wrote
 from utils.files.atomic import make_output_dir
 from utils.files.names import completeness_stem
 from utils.files.provenance import derived_record
@@ -55,14 +55,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_of_last_layers", type=int, default=4,
                         help="how many attention layers to replace (default %(default)s, as the paper commands; "
                              "original default 8)")
-    parser.add_argument("--w_ov_rank", type=int, default=80, help="rank of the span the texts are projected on")
-    parser.add_argument("--texts_per_head", type=int, default=20,
+    parser.add_argument("--w_ov_rank", type=positive_int, default=80,
+                        help="rank of the span the texts are projected on")
+    parser.add_argument("--texts_per_head", type=positive_int, default=20,
                         help="texts per head (default %(default)s, as the paper commands; original default 10). For "
                              "pclens: texts listed per pole of each principal component")
     parser.add_argument("--algorithm", default="textspan", choices=list(ALGORITHMS),
                         help="textspan (paper 1), pclens or its synonym svd_data_approx (PCLens), text_span "
                              "(PCLens' TextSpan variant); see above")
-    parser.add_argument("--max_text", type=int, default=80,
+    parser.add_argument("--max_text", type=positive_int, default=80,
                         help="pclens: at most this many principal components per head (PCLens' cap, default "
                              "%(default)s)")
     parser.add_argument("--device", default=default_device(), help=DEVICE_HELP)

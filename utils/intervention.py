@@ -18,6 +18,7 @@ import numpy as np
 from utils.decomposition import summed_embeddings
 from utils.errors import InputError
 from utils.metrics import hits, percent
+from utils.neurons.sparse import cosine_rows
 
 __all__ = ["InterventionResult", "remove_component", "component_intervention"]
 
@@ -29,6 +30,21 @@ def _unit(component: np.ndarray, d: int) -> np.ndarray:
         raise InputError(f"component of shape {list(np.shape(component))} (norm {norm:.3g}): expected a non-zero "
                          f"[{d}] vector")
     return v / norm
+
+
+def _removed(attn: np.ndarray, layer: int, head: int, component: np.ndarray, centre: bool
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The unit component ``v`` [d] and each image's coefficient along it [B] (``remove_component``'s)."""
+    if np.ndim(attn) != 4:
+        raise InputError(f"attn of shape {list(np.shape(attn))}: expected [B, K, H, d]")
+    B, K, H, d = attn.shape
+    if not (0 <= layer < K and 0 <= head < H):
+        raise InputError(f"head ({layer}, {head}): the attn array {list(attn.shape)} has {K} layers of {H} heads")
+    v = _unit(component, d)
+    x = np.asarray(attn[:, layer, head], np.float64)  # [B, d]
+    if centre:
+        x = x - x.mean(0)
+    return v, x @ v
 
 
 def remove_component(attn: np.ndarray, mlp: np.ndarray, layer: int, head: int, component: np.ndarray,
@@ -44,14 +60,7 @@ def remove_component(attn: np.ndarray, mlp: np.ndarray, layer: int, head: int, c
     Returns:
         (embeddings [B, d] float64 before any normalisation, coefficients [B]: the ``<x_i - mu, v>`` removed).
     """
-    B, K, H, d = attn.shape
-    if not (0 <= layer < K and 0 <= head < H):
-        raise InputError(f"head ({layer}, {head}): the attn array {list(attn.shape)} has {K} layers of {H} heads")
-    v = _unit(component, d)
-    x = np.asarray(attn[:, layer, head], np.float64)  # [B, d]
-    if centre:
-        x = x - x.mean(0)
-    coef = x @ v
+    v, coef = _removed(attn, layer, head, component, centre)
     return summed_embeddings(attn, mlp, attn_rest, dtype=np.float64) - coef[:, None] * v, coef
 
 
@@ -69,10 +78,6 @@ class InterventionResult:
     embeddings: np.ndarray
 
 
-def _cosine(e: np.ndarray, t: np.ndarray) -> np.ndarray:
-    return (e @ t) / (np.linalg.norm(e, axis=-1).clip(1e-300) * np.linalg.norm(t).clip(1e-300))
-
-
 def component_intervention(attn: np.ndarray, mlp: np.ndarray, classifier: np.ndarray, labels: np.ndarray,
                            layer: int, head: int, component: np.ndarray, text: Optional[np.ndarray] = None,
                            attn_rest: Optional[np.ndarray] = None, centre: bool = True) -> InterventionResult:
@@ -81,12 +86,13 @@ def component_intervention(attn: np.ndarray, mlp: np.ndarray, classifier: np.nda
     ``classifier`` [d, C] and ``labels`` [B]: the zero-shot accuracy of the embeddings before and after;
     ``text`` [d] (a text embedding): the cosine of each image embedding with it, before and after.
     """
-    after, coef = remove_component(attn, mlp, layer, head, component, attn_rest, centre)
+    v, coef = _removed(attn, layer, head, component, centre)
+    before = summed_embeddings(attn, mlp, attn_rest, dtype=np.float64)
+    after = before - coef[:, None] * v
     W = np.asarray(classifier, np.float64)
     if W.ndim != 2 or W.shape[0] != after.shape[1] or len(labels) != after.shape[0]:
         raise InputError(f"classifier {list(W.shape)} and labels [{len(labels)}] do not match the embeddings "
                          f"{list(after.shape)}")
-    before = after + coef[:, None] * _unit(component, after.shape[1])
     y = np.asarray(labels)
     B = len(y)
     sims = (None, None)
@@ -94,6 +100,7 @@ def component_intervention(attn: np.ndarray, mlp: np.ndarray, classifier: np.nda
         t = np.asarray(text, np.float64).reshape(-1)
         if t.shape != (after.shape[1],):
             raise InputError(f"text embedding of shape {list(np.shape(text))}: expected [{after.shape[1]}]")
-        sims = (_cosine(before, t), _cosine(after, t))
+        texts = np.broadcast_to(t, before.shape)
+        sims = (cosine_rows(before, texts), cosine_rows(after, texts))
     return InterventionResult(percent(hits(before @ W, y), B), percent(hits(after @ W, y), B), *sims,
                               coefficients=coef, embeddings=after)

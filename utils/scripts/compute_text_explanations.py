@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.cli import DEVICE_HELP, add_mismatch_arg, add_num_workers_arg, run
+from utils.cli import DEVICE_HELP, add_mismatch_arg, add_num_workers_arg, positive_int, run
 from utils.files.atomic import atomic_write_text, make_output_dir
 from utils.files.names import classifier_path, pclens_explanations_path, pclens_paths
 from utils.files.provenance import derived_record, write_provenance
@@ -57,10 +57,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "./utils/text_descriptions)")
     parser.add_argument("--dataset", type=str, default="imagenet", help="dataset name in file names")
     parser.add_argument("--num_of_last_layers", type=int, default=4, help="attention layers to replace (default 4)")
-    parser.add_argument("--text_per_princ_comp", type=int, default=5,
+    parser.add_argument("--text_per_princ_comp", type=positive_int, default=5,
                         help="texts listed per pole of each principal component (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the seed in the input and output names (default: %(default)s)")
-    parser.add_argument("--max_text", type=int, default=80,
+    parser.add_argument("--max_text", type=positive_int, default=80,
                         help="svd_data_approx: at most this many components per head; text_span: texts per head "
                              "(default %(default)s)")
     parser.add_argument("--algorithm", default="svd_data_approx", choices=["svd_data_approx", "text_span"],

@@ -126,7 +126,8 @@ def completeness(settings: CompletenessSettings, arrays: dict, paths: dict[str, 
     s = settings
     start = last_layers(arrays, s.num_of_last_layers)  # where the replaced layers begin in attn's layer axis
     if s.texts_per_head < 1 or s.w_ov_rank < 1 or s.max_text < 1:
-        raise InputError("--texts_per_head, --w_ov_rank and --max_text must be >= 1")
+        raise InputError(f"texts_per_head={s.texts_per_head}, w_ov_rank={s.w_ov_rank}, max_text={s.max_text}: each "
+                         f"must be >= 1")
     if B < 2:
         raise InputError(f"{paths['attn']}: TextSpan and PCLens need at least 2 images, the attn file has {B}")
     features, lines, emb_path = load_text_set(s.text_dir, s.text_set, s.input_dir, s.model, d)
