@@ -242,6 +242,15 @@ class Request:
     ln_stats: bool = False
     post_activations: tuple[int, ...] = ()
 
+    def slots(self, num_layers: int) -> tuple[int, list[int]]:
+        """``(kept, slot)``: how many layers ``attn`` keeps, and each layer's index in it (-1: into attn_rest)."""
+        if self.layers is None:
+            return num_layers, list(range(num_layers))
+        slot = [-1] * num_layers
+        for i, l in enumerate(self.layers):
+            slot[l] = i
+        return len(self.layers), slot
+
 
 @dataclasses.dataclass
 class RawTerms:
@@ -369,12 +378,9 @@ class ViTTower(Tower):
         x = v.ln_pre(x)
         b, N, W = x.shape
         L, H, dh, d, dev = self.num_layers, self.num_heads, self.head_dim, self.out_dim, self.device
-        spatial, layers = request.spatial, request.layers
+        spatial = request.spatial
         spatial_sum = spatial == "sum"
-        kept = L if layers is None else len(layers)
-        slot = list(range(L)) if layers is None else [-1] * L  # slot of each layer in attn; -1: into attn_rest
-        for i, l in enumerate(layers or ()):
-            slot[l] = i
+        kept, slot = request.slots(L)  # slot of each layer in attn; -1: into attn_rest
 
         def empty(*shape):
             return torch.empty(shape, dtype=x.dtype, device=dev)
@@ -648,7 +654,7 @@ class PooledTower(Tower):
         if request.attention_maps or request.ln_stats or request.post_activations:
             raise UnsupportedModelError(f"{type(self).__name__}: attention_maps, ln_stats and post_activations (the "
                                         f"second-order extras) need a CLS-token open_clip VisionTransformer")
-        spatial, layers = request.spatial, request.layers
+        spatial = request.spatial
         L, H = self.num_layers, self.num_heads
         x, rope = self.embed(x)
         x0, records = x, []
@@ -699,10 +705,7 @@ class PooledTower(Tower):
             out = lambda t: self._chain_lin(t, stds)  # noqa: E731
             const = self.pool_const + m_pool
 
-        kept = L if layers is None else len(layers)
-        slot = list(range(L)) if layers is None else [-1] * L
-        for i, l in enumerate(layers or ()):
-            slot[l] = i
+        kept, slot = request.slots(L)
         d = self.out_dim
         mlps = x.new_empty(b, L + 2, d)
         cls_attn = x.new_empty(b, L, d)

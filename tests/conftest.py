@@ -22,10 +22,10 @@ GOLDEN_WEIGHTS = GOLDEN / "prsclip-tiny_seed0.safetensors"
 sys.path.insert(0, str(REPO))
 import open_clip  # noqa: E402
 
-open_clip.add_model_config(CONFIGS)  # prsclip-tiny(-quickgelu), tiny-ls, tiny-noln-p8, the pooled towers, ...
-from utils.models import register_timm_variants  # noqa: E402
+from utils.models import register_model_config  # noqa: E402
 
-register_timm_variants(CONFIGS)  # the tiny timm trunks the tiny SigLIP / EVA / PE-Core configs name
+# prsclip-tiny(-quickgelu), tiny-ls, tiny-noln-p8, the pooled towers, ..., and the tiny timm trunks they name
+register_model_config(str(CONFIGS))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
