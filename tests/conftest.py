@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -110,21 +111,29 @@ def run_script(script: str, *args: str, check: bool = True, timeout: int = 600) 
     return res
 
 
+def script_module(script: str, name: Optional[str] = None):
+    """The script at ``script`` (from the repository root) loaded as a module named ``name`` (default: its stem),
+    registered in ``sys.modules`` unless that name is taken (dataclasses look their module up)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name or Path(script).stem, REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_inprocess(script: str, *args: str) -> tuple[int, str, str]:
     """Run a script's command line in this process (argv parsing, ``main``, error handling): (code, out, err).
 
     Same path as the command line (``utils.cli.run``) without paying Python + torch start-up per call.
     """
     import contextlib
-    import importlib.util
     import io
 
     from utils.cli import run
 
-    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = script_module(script)
     out, err, code = io.StringIO(), io.StringIO(), 0
     old_argv = sys.argv
     sys.argv = [script, *map(str, args)]

@@ -8,13 +8,11 @@ Scripts added later are picked up by the globs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import shlex
-import sys
 
 import pytest
-from conftest import REPO, run_inprocess
+from conftest import REPO, run_inprocess, script_module
 
 from utils.cli import HelpFormatter, add_tf32_arg
 
@@ -25,12 +23,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def parser_of(script: str) -> argparse.ArgumentParser:
-    name = f"_help_{script.replace('/', '_')[:-3]}"
-    spec = importlib.util.spec_from_file_location(name, REPO / script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # (dataclasses look their module up)
-    spec.loader.exec_module(module)
-    parser = module.get_args_parser()
+    parser = script_module(script, f"_help_{script.replace('/', '_')[:-3]}").get_args_parser()
     add_tf32_arg(parser)
     return parser
 
@@ -104,9 +97,5 @@ def test_docs_have_commands():
 def test_every_flag_in_the_docs_exists(script):
     parser = parser_of(script)
     known = {o for a in parser._actions for o in a.option_strings}
-    if script == "reproduce.py":  # its first word is the paper; the flags follow it
-        known |= {o for sub in parser._subparsers._group_actions if hasattr(sub, "choices")
-                  for p in (sub.choices or {}).values() for a in p._actions for o in a.option_strings} \
-            if parser._subparsers else set()
     missing = [(doc, flag) for doc, s, flags in doc_commands() if s == script for flag in flags if flag not in known]
     assert not missing, f"{script}: flags in the docs that --help does not know: {missing}"

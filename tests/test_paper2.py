@@ -12,7 +12,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GOLDEN, GOLDEN_WEIGHTS, REPO, TINY_ARGS, run_inprocess
+from conftest import GOLDEN, GOLDEN_WEIGHTS, TINY_ARGS, run_inprocess, script_module
 
 # paper 2's README, in its order (generate_adversarial_images.py has its own tests)
 README_COMMANDS = """\
@@ -34,15 +34,6 @@ def _argv(line: str, tmp: Path) -> list[str]:
     return shlex.split(line)[1:]
 
 
-def _module(script: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("line", README_COMMANDS, ids=[l.split()[1] + ("+evaluate" if "--evaluate" in l else "")
                                                         for l in README_COMMANDS])
 def test_readme_command_parses_and_fails_cleanly(line, tmp_path, monkeypatch):
@@ -50,7 +41,7 @@ def test_readme_command_parses_and_fails_cleanly(line, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     argv = _argv(line, tmp_path)
-    args = _module(argv[0]).get_args_parser().parse_args(argv[1:])
+    args = script_module(argv[0]).get_args_parser().parse_args(argv[1:])
     assert args.model == "ViT-B-32" and args.pretrained == "openai"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, never the network
     code, _, err = run_inprocess(*argv)
@@ -97,7 +88,7 @@ def test_classifier_projection_uses_quickgelu_text_tower(tmp_path):
 
 
 def test_classifier_projection_help_names_the_gelu_deviation():
-    text = _module("compute_classifier_projection.py").get_args_parser().format_help()
+    text = script_module("compute_classifier_projection.py").get_args_parser().format_help()
     assert "QuickGELU" in text and "exact GELU" in text and "{dataset}_classifier_{model}_{pretrained}.npy" in text
     assert "(default: ViT-B-32)" in text and "(default: openai)" in text
 
@@ -116,6 +107,6 @@ def test_ablations_flags_of_neither_study(flags, named, tmp_path):
 
 
 def test_ablations_help_explains_both():
-    text = _module("compute_ablations.py").get_args_parser().format_help()
+    text = script_module("compute_ablations.py").get_args_parser().format_help()
     for s in ("Paper 1", "Paper 2", "--figures_dir", "--mlp_layer", "both studies", "ViT-H-14", "ViT-B-32"):
         assert s in text, s
